@@ -1,0 +1,106 @@
+"""Aggregating the classifier's logits over N reconstructions into one prediction — pure functions.
+
+The paper's robust aggregation (section 4.5; appendix B) is the normalised doubly-exponential product
+
+    P_i = (1/Z) ∏_α exp(exp(l_i^α))  =  softmax_i(S),   S_i = Σ_α exp(l_i^α),
+
+where l_i^α is the logit of class i on reconstruction α. The alternatives of the later version's
+aggregation ablation (appendix B.2, Tables 4 and 5) are logit averaging, probability averaging and the
+majority vote. Every function maps logits (N, B, C) to *scores* (B, C) whose argmax is the prediction
+and which attacks can use as logits: finite, and (except for the vote) differentiable.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def doubly_exponential_scores(logits: torch.Tensor) -> torch.Tensor:
+    """S_i = Σ_α exp(l_i^α). logits (N, B, C) → S (B, C); softmax(S) is the paper's P."""
+    return torch.exp(logits).sum(dim=0)
+
+
+def log_odds_from_scores(scores: torch.Tensor) -> torch.Tensor:
+    """log P_i − log(1 − P_i) for P = softmax(scores), computed stably.
+
+    log P_i = S_i − logsumexp_j S_j and log(1 − P_i) = logsumexp_{j≠i} S_j − logsumexp_j S_j, so the
+    log-odds are S_i − logsumexp_{j≠i} S_j: no division, no log of 0, finite with ties and with very
+    large or very peaked scores.
+
+    Args:
+        scores: (B, C), C ≥ 2.
+    Returns:
+        (B, C) log-odds, monotone in P_i per row (same argmax as P).
+    """
+    c = scores.shape[-1]
+    eye = torch.eye(c, dtype=torch.bool, device=scores.device)
+    # others[b, i, j] = S_j for j ≠ i, −inf on the diagonal.
+    others = scores.unsqueeze(-2).expand(*scores.shape[:-1], c, c).masked_fill(eye, float("-inf"))
+    return scores - torch.logsumexp(others, dim=-1)
+
+
+def dexp_probabilities(logits: torch.Tensor) -> torch.Tensor:
+    """The paper's P (B, C) from logits (N, B, C)."""
+    return torch.softmax(doubly_exponential_scores(logits), dim=-1)
+
+
+def dexp_aggregate(logits: torch.Tensor) -> torch.Tensor:
+    """Paper's robust aggregation as attack-ready scores: the log-odds of P. (N, B, C) → (B, C).
+
+    Computed in float32 at least: S = Σ exp(l) stays finite for logits up to about 80.
+    """
+    s = doubly_exponential_scores(logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits)
+    return log_odds_from_scores(s)
+
+
+def logit_mean_aggregate(logits: torch.Tensor) -> torch.Tensor:
+    """Logit averaging (Table 4, "L.A."): mean over reconstructions. (N, B, C) → (B, C)."""
+    return logits.mean(dim=0)
+
+
+def prob_mean_aggregate(logits: torch.Tensor) -> torch.Tensor:
+    """Probability averaging (Table 4, "P.A."): log of the mean softmax, stably. (N, B, C) → (B, C)."""
+    n = logits.shape[0]
+    return torch.logsumexp(torch.log_softmax(logits, dim=-1), dim=0) - math.log(n)
+
+
+def vote_aggregate(logits: torch.Tensor) -> torch.Tensor:
+    """Majority vote (Table 5): log of the vote fractions, smoothed so scores stay finite.
+
+    Deliberately non-differentiable (argmax): its input gradient is zero almost everywhere. It is the
+    negative control of the gradient-health check — its robust accuracy is gradient obfuscation.
+    Ties go to the lowest class index (argmax).
+    """
+    n, _, c = logits.shape
+    votes = torch.nn.functional.one_hot(logits.argmax(dim=-1), c).sum(dim=0).to(logits.dtype)  # (B, C)
+    # The graph is cut by argmax; adding 0·logits keeps the output attached so attacks see exact zeros.
+    return torch.log((votes + 1e-3) / (n + 1e-3 * c)) + 0.0 * logits.sum(dim=0)
+
+
+AGGREGATIONS = {
+    "dexp": dexp_aggregate,
+    "logit": logit_mean_aggregate,
+    "prob": prob_mean_aggregate,
+    "vote": vote_aggregate,
+}
+
+
+def aggregate(logits: torch.Tensor, method: str = "dexp") -> torch.Tensor:
+    """Dispatch by name ("dexp", "logit", "prob", "vote"). (N, B, C) → (B, C) scores."""
+    try:
+        return AGGREGATIONS[method](logits)
+    except KeyError:
+        raise ValueError(f"unknown aggregation '{method}' (choose from {', '.join(AGGREGATIONS)})") from None
+
+
+def probabilities(scores: torch.Tensor, method: str = "dexp") -> torch.Tensor:
+    """Class probabilities from the scores of ``aggregate`` (for display: predict, reports)."""
+    if method == "dexp":
+        # log-odds → P: P_i = σ(log-odds_i) exactly; renormalise to absorb rounding.
+        p = torch.sigmoid(scores)
+        return p / p.sum(dim=-1, keepdim=True)
+    if method == "vote":
+        return torch.exp(scores) / torch.exp(scores).sum(dim=-1, keepdim=True)
+    return torch.softmax(scores, dim=-1)

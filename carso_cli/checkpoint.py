@@ -1,0 +1,263 @@
+"""Weights on disk: safetensors with metadata, atomic writes, strict loading, run directories.
+
+Rules: everything carso writes is safetensors (or JSON/TOML text), written to a temporary file and
+renamed into place, so an interrupted write never leaves a truncated file. Foreign ``.pt``/``.pth``
+files are read with ``torch.load(..., weights_only=True)`` only: a checkpoint can never run code.
+Loading is strict: a key or shape mismatch names the first mismatching keys.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from carso_cli.errors import CheckpointError
+
+# ----------------------------------------------------------------------------------------------
+# Atomic writes
+# ----------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success it is fsynced and renamed onto ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------
+# safetensors
+# ----------------------------------------------------------------------------------------------
+
+
+def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Atomically write ``tensors`` (made contiguous, on CPU) with a string→string metadata header."""
+    clean = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    with atomic_path(path) as tmp:
+        save_file(clean, str(tmp), metadata=metadata)
+
+
+def load_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of a safetensors file; a clear CheckpointError if missing/truncated/foreign."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as fh:
+            metadata = fh.metadata() or {}
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    except Exception as err:  # safetensors raises its own error types and OSError; all mean "unreadable"
+        raise CheckpointError(
+            f"{path} is not a readable safetensors file (truncated, damaged or another format): {err}"
+        ) from None
+    return tensors, metadata
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as fh:
+            return fh.metadata() or {}
+    except Exception as err:
+        raise CheckpointError(f"{path} is not a readable safetensors file: {err}") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# State dicts from any supported file
+# ----------------------------------------------------------------------------------------------
+
+_NESTED_KEYS = ("state_dict", "model", "model_state_dict", "net")
+_PREFIXES = ("module.", "_orig_mod.", "model.")
+
+
+def _strip_prefixes(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    changed = True
+    while changed and sd:
+        changed = False
+        for prefix in _PREFIXES:
+            if all(k.startswith(prefix) for k in sd):
+                sd = {k[len(prefix):]: v for k, v in sd.items()}
+                changed = True
+    return sd
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """A flat state dict from ``.safetensors`` or a torch ``.pt``/``.pth`` file.
+
+    Torch files are loaded with ``weights_only=True``; nested ``state_dict`` / ``model`` entries are
+    unwrapped and ``module.`` (DataParallel/DDP) and ``_orig_mod.`` (torch.compile) prefixes stripped.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"file not found: {path}")
+    if path.suffix == ".safetensors":
+        sd, _ = load_tensors(path)
+    else:
+        try:
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            raise CheckpointError(
+                f"{path}: refused to load — it needs code execution to unpickle, and carso only loads "
+                f"plain weights (torch.load weights_only=True). Re-save it as a state dict. ({err})"
+            ) from None
+        except Exception as err:
+            raise CheckpointError(f"{path} is not a readable torch checkpoint: {err}") from None
+        while isinstance(obj, dict):
+            nested = next((k for k in _NESTED_KEYS if k in obj and isinstance(obj[k], dict)), None)
+            if nested is None:
+                break
+            obj = obj[nested]
+        if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+            raise CheckpointError(f"{path} does not hold a state dict of tensors")
+        sd = dict(obj)
+    return _strip_prefixes(sd)
+
+
+def load_into(module: nn.Module, state_dict: dict[str, torch.Tensor], what: str = "weights") -> None:
+    """Strict ``load_state_dict`` with an error that names the first mismatching keys and shapes."""
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    shapes = [
+        f"{k} (file {tuple(state_dict[k].shape)}, model {tuple(v.shape)})"
+        for k, v in expected.items()
+        if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {', '.join(missing[:5])}{' …' if len(missing) > 5 else ''}")
+    if unexpected:
+        problems.append(f"unexpected keys: {', '.join(unexpected[:5])}{' …' if len(unexpected) > 5 else ''}")
+    if shapes:
+        problems.append(f"shape mismatch: {', '.join(shapes[:3])}{' …' if len(shapes) > 3 else ''}")
+    if problems:
+        raise CheckpointError(f"{what} do not match the model — " + "; ".join(problems))
+    module.load_state_dict(state_dict, strict=True)
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------
+# Run directories
+# ----------------------------------------------------------------------------------------------
+
+RUNS_ROOT = Path("runs")
+CONFIG_FILE = "config.toml"
+CLASSIFIER_FILE = "classifier.safetensors"
+CLASSIFIER_REF_FILE = "classifier.json"  # {"path": ..., "sha256": ...} when weights are not copied
+PURIFIER_FILE = "purifier.safetensors"  # inference bundle: condition encoder + decoder
+METRICS_FILE = "metrics.jsonl"
+
+
+def new_run_dir(name: str, root: str | Path = RUNS_ROOT) -> Path:
+    """A fresh ``root/NAME-YYYYmmdd-HHMMSS`` directory (suffixed if that exists)."""
+    root = Path(root)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    base = root / f"{name}-{stamp}"
+    run = base
+    k = 1
+    while run.exists():
+        run = Path(f"{base}-{k}")
+        k += 1
+    run.mkdir(parents=True)
+    return run
+
+
+def is_run_dir(path: Path) -> bool:
+    return (path / CONFIG_FILE).is_file()
+
+
+def latest_run(root: str | Path = RUNS_ROOT, require: str | None = PURIFIER_FILE) -> Path:
+    """The most recently modified run directory under ``root`` (holding ``require`` if given)."""
+    root = Path(root)
+    runs = [p for p in root.glob("*") if p.is_dir() and is_run_dir(p) and (require is None or (p / require).is_file())]
+    if not runs:
+        what = f" with a {require}" if require else ""
+        raise CheckpointError(
+            f"no run directory{what} under ./{root} — train one (carso train-purifier / carso demo) "
+            "or pass --run DIR"
+        )
+    return max(runs, key=lambda p: (p / (require or CONFIG_FILE)).stat().st_mtime)
+
+
+def resolve_run(run: str | Path | None, require: str | None = PURIFIER_FILE) -> Path:
+    """``--run DIR`` if given (checked), else the latest run under ./runs."""
+    if run is None:
+        return latest_run(require=require)
+    path = Path(run)
+    if not path.is_dir():
+        raise CheckpointError(f"run directory not found: {path}")
+    if not is_run_dir(path):
+        raise CheckpointError(f"{path} is not a carso run directory (no {CONFIG_FILE})")
+    if require and not (path / require).is_file():
+        raise CheckpointError(f"{path} has no {require} (is its training finished?)")
+    return path
+
+
+def write_classifier_reference(run: Path, classifier_path: Path) -> None:
+    atomic_write_json(
+        run / CLASSIFIER_REF_FILE,
+        {"path": str(Path(classifier_path).resolve()), "sha256": sha256_file(classifier_path)},
+    )
+
+
+def classifier_path_of(run: Path) -> Path:
+    """The classifier weights of a run: its own copy, or the referenced file (sha256-checked)."""
+    own = run / CLASSIFIER_FILE
+    if own.is_file():
+        return own
+    ref = run / CLASSIFIER_REF_FILE
+    if not ref.is_file():
+        raise CheckpointError(f"{run} has neither {CLASSIFIER_FILE} nor {CLASSIFIER_REF_FILE}")
+    info = json.loads(ref.read_text())
+    path = Path(info["path"])
+    if not path.is_file():
+        raise CheckpointError(f"{run}: the classifier it refers to is gone: {path}")
+    if sha256_file(path) != info.get("sha256"):
+        raise CheckpointError(f"{run}: the classifier file {path} changed since training (sha256 differs)")
+    return path

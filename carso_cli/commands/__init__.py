@@ -1,0 +1,1 @@
+"""One module per subcommand: a library function ``run(...)`` and a thin Typer ``cli(...)``."""

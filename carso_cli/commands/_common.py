@@ -1,0 +1,52 @@
+"""Options and helpers shared by the subcommands (kept here so every command spells them alike)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import torch
+import typer
+
+from carso_cli.config import Config, load_config, parse_override
+from carso_cli.errors import CarsoError
+
+PresetOpt = Annotated[
+    str, typer.Option("--preset", "-p", help="Preset name (cifar10, cifar100, tinyimagenet, smoke) or path to a .toml.")
+]
+SetOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--set", help="Override any preset value: section.key=value (repeatable), e.g. training.epochs=3."),
+]
+RunOpt = Annotated[
+    Optional[Path], typer.Option("--run", help="Run directory (default: the most recent under ./runs).")
+]
+DeviceOpt = Annotated[
+    Optional[str], typer.Option("--device", help="cuda, cuda:N or cpu (default: cuda when available).")
+]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed.")]
+DataRootOpt = Annotated[Path, typer.Option("--data-root", help="Where datasets live / are downloaded.")]
+GpusOpt = Annotated[int, typer.Option("--gpus", min=1, help="Processes to run (torchrun); with --device cpu, gloo on CPU.")]
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """``None`` → cuda if available else cpu; a cuda device that is absent is a clear error."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise CarsoError(f"unknown device '{name}' (use cpu, cuda or cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CarsoError("--device cuda was asked for, but CUDA is not available on this machine")
+    return device
+
+
+def load_preset(preset: str, sets: list[str] | None = None, **explicit: Any) -> Config:
+    """The preset with ``--set`` overrides, then explicit options (``training.epochs=…``; None = keep)."""
+    overrides: dict[str, Any] = {}
+    for text in sets or []:
+        key, value = parse_override(text)
+        overrides[key] = value
+    overrides.update({k: v for k, v in explicit.items() if v is not None})
+    return load_config(preset, overrides)

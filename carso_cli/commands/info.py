@@ -1,0 +1,82 @@
+"""``carso info``: a preset's modules, representation layers, sizes and parameter counts (a dry run)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from rich.table import Table
+
+from carso_cli.commands._common import PresetOpt, SetOpt, load_preset
+from carso_cli.config import Config
+from carso_cli.models import Purifier, build_classifier, purifier_spec_for
+
+
+@dataclass
+class ModuleSize:
+    name: str
+    shape: str
+    parameters: int
+    used_at_inference: bool
+
+
+def _count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def run(cfg: Config) -> tuple[list[ModuleSize], list[tuple[str, tuple[int, ...]]]]:
+    """Module sizes of the preset's classifier and purifier, built on the meta device (no memory)."""
+    with torch.device("meta"):
+        classifier = build_classifier(cfg)
+    spec = purifier_spec_for(cfg, classifier)
+    with torch.device("meta"):
+        purifier = Purifier(spec)
+    assert purifier.input_encoder is not None and purifier.joint_encoder is not None
+    enc = purifier.condition_encoder
+    rows = [
+        ModuleSize("classifier (WideResNet-%d-%d)" % (cfg.classifier.depth, cfg.classifier.width),
+                   f"{cfg.data.channels}×{cfg.data.image_size}×{cfg.data.image_size} → {cfg.data.num_classes}",
+                   _count(classifier), True),
+        ModuleSize("purifier.input_encoder (Table 6)", f"→ {purifier.input_encoder.out_features}",
+                   _count(purifier.input_encoder), False),
+        ModuleSize(f"purifier.condition_encoder.layerwise ×{len(spec.layers)} (Tables 8/9)",
+                   f"→ {enc.in_features}", sum(_count(m) for m in enc.layerwise), True),
+        ModuleSize("purifier.condition_encoder.fc (Table 10)",
+                   f"{enc.in_features} → {spec.fcrepr}", _count(enc.fc), True),
+        ModuleSize("purifier.joint_encoder (Table 11)",
+                   f"{purifier.input_encoder.out_features}+{spec.fcrepr} → 2×{spec.fjoint}",
+                   _count(purifier.joint_encoder), False),
+        ModuleSize("purifier.decoder (Tables 12/13)",
+                   f"{spec.fjoint}+{spec.fcrepr} → {spec.channels}×{spec.image_size}×{spec.image_size}",
+                   _count(purifier.decoder), True),
+    ]
+    layers = [(name, tuple(shape)) for name, shape in zip(spec.layers, spec.layer_shapes)]
+    return rows, layers
+
+
+def cli(preset: PresetOpt = "cifar10", set_: SetOpt = None) -> None:
+    """Show a preset's modules, representation layers and parameter counts (nothing is trained)."""
+    from carso_cli.cli import console
+
+    cfg = load_preset(preset, set_)
+    rows, layers = run(cfg)
+    table = Table(title=f"carso info — preset '{cfg.name}' ({cfg.description})")
+    table.add_column("module")
+    table.add_column("shape")
+    table.add_column("parameters", justify="right")
+    table.add_column("inference", justify="center")
+    for r in rows:
+        table.add_row(r.name, r.shape, f"{r.parameters:,}", "✓" if r.used_at_inference else "training only")
+    purifier_total = sum(r.parameters for r in rows[1:])
+    inference_total = sum(r.parameters for r in rows[1:] if r.used_at_inference)
+    table.add_section()
+    table.add_row("purifier total", "", f"{purifier_total:,}", "")
+    table.add_row("purifier at inference", "", f"{inference_total:,}", "")
+    console.print(table)
+    lt = Table(title=f"representation: {len(layers)} layers (execution order)")
+    lt.add_column("#", justify="right")
+    lt.add_column("layer")
+    lt.add_column("C×H×W")
+    for i, (name, shape) in enumerate(layers):
+        lt.add_row(str(i), name, "×".join(map(str, shape)))
+    console.print(lt)
