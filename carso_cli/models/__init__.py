@@ -30,6 +30,7 @@ __all__ = [
     "load_purifier",
     "LoadedRun",
     "load_run",
+    "write_run",
     "set_eval_frozen",
 ]
 
@@ -109,3 +110,22 @@ def load_run(run: str | Path | None = None, device: str | torch.device = "cpu") 
     if purifier.spec.num_classes != cfg.data.num_classes:
         raise CheckpointError(f"{run_dir}: purifier and config disagree on the number of classes")
     return LoadedRun(run_dir, cfg, classifier, purifier)
+
+
+def write_run(run_dir: str | Path, cfg: Config, classifier: nn.Module | str | Path, purifier: Purifier) -> Path:
+    """Write a complete run directory: resolved config, classifier weights, purifier inference bundle.
+
+    ``classifier`` is a module (its weights are copied into the run) or a path to a weights file
+    (referenced by path and sha256, not copied). Every file is written atomically.
+    """
+    from carso_cli.config import config_to_toml
+
+    run = Path(run_dir)
+    run.mkdir(parents=True, exist_ok=True)
+    ckpt.atomic_write_text(run / ckpt.CONFIG_FILE, config_to_toml(cfg))
+    if isinstance(classifier, nn.Module):
+        ckpt.save_tensors(run / ckpt.CLASSIFIER_FILE, classifier.state_dict(), {"format": "carso-classifier"})
+    else:
+        ckpt.write_classifier_reference(run, Path(classifier))
+    save_purifier(run / ckpt.PURIFIER_FILE, purifier, inference_only=True)
+    return run
