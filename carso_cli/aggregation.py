@@ -17,6 +17,9 @@ import math
 import torch
 
 
+_SCORE_LIMIT = 1e30
+
+
 def doubly_exponential_scores(logits: torch.Tensor) -> torch.Tensor:
     """S_i = Σ_α exp(l_i^α). logits (N, B, C) → S (B, C); softmax(S) is the paper's P."""
     return torch.exp(logits).sum(dim=0)
@@ -35,6 +38,9 @@ def log_odds_from_scores(scores: torch.Tensor) -> torch.Tensor:
         (B, C) log-odds, monotone in P_i per row (same argmax as P).
     """
     c = scores.shape[-1]
+    # The log-odds are shift-invariant; shifting by the row maximum first keeps S_i − S_j exact when
+    # the scores are huge (e.g. 8·e^60), where the unshifted subtraction would round to 0.
+    scores = scores - scores.max(dim=-1, keepdim=True).values.detach()
     eye = torch.eye(c, dtype=torch.bool, device=scores.device)
     # others[b, i, j] = S_j for j ≠ i, −inf on the diagonal.
     others = scores.unsqueeze(-2).expand(*scores.shape[:-1], c, c).masked_fill(eye, float("-inf"))
@@ -49,10 +55,14 @@ def dexp_probabilities(logits: torch.Tensor) -> torch.Tensor:
 def dexp_aggregate(logits: torch.Tensor) -> torch.Tensor:
     """Paper's robust aggregation as attack-ready scores: the log-odds of P. (N, B, C) → (B, C).
 
-    Computed in float32 at least: S = Σ exp(l) stays finite for logits up to about 80.
+    Computed in float64 (a negligible (N, B, C) tensor) so that S = Σ exp(l) is finite and exact
+    enough for logits up to several hundred; returned in the logits' dtype (float32 at least).
     """
-    s = doubly_exponential_scores(logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits)
-    return log_odds_from_scores(s)
+    out_dtype = torch.promote_types(logits.dtype, torch.float32)
+    log_odds = log_odds_from_scores(doubly_exponential_scores(logits.double()))
+    # Beyond logits of ~88 the log-odds themselves exceed float32; at ±1e30 P is 0 or 1 to any
+    # precision, so clamping there changes no prediction and keeps every score finite.
+    return log_odds.clamp(-_SCORE_LIMIT, _SCORE_LIMIT).to(out_dtype)
 
 
 def logit_mean_aggregate(logits: torch.Tensor) -> torch.Tensor:
