@@ -1,0 +1,179 @@
+"""ℓ∞ white-box attacks as pure functions: FGSM, PGD (purifier training) and PGD+EoT (evaluation).
+
+Every attack works in [0, 1] pixel space (normalisation lives inside the models), is untargeted,
+maximises the cross-entropy summed over the batch and returns a detached tensor clipped to [0, 1].
+
+``model`` is any callable ``x (B, C, H, W) → logits (B, classes)``. The gradient is taken with
+``torch.autograd.grad`` with respect to the input only, so the model's parameters never accumulate
+``.grad``, and no autograd graph survives from one step to the next. The attacks never change the
+model's train/eval mode: the caller decides (purifier training puts the classifier in eval mode and
+freezes it, section 4.4; evaluation puts the whole CARSO model in eval mode).
+
+``eps`` and ``step_size`` may be a float or a per-example tensor of shape (B,): one call can then
+attack the groups of an adversarially-balanced batch (section 4.4) at ε/2 and ε together.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+Model = Callable[[Tensor], Tensor]
+# callback(step, x_adv): called after each PGD step (e.g. for a progress bar); step counts from 0.
+StepCallback = Callable[[int, Tensor], None]
+
+
+def _per_example(value: float | Tensor, x: Tensor, what: str) -> float | Tensor:
+    """A float, or a tensor broadcastable against ``x``: (B,) → (B, 1, 1, 1) on x's device/dtype."""
+    if not isinstance(value, Tensor):
+        return float(value)
+    if value.numel() == 1:
+        return float(value.item())
+    if value.dim() != 1 or value.shape[0] != x.shape[0]:
+        raise ValueError(f"{what} must be a float or a tensor of shape ({x.shape[0]},), got {tuple(value.shape)}")
+    return value.to(device=x.device, dtype=x.dtype).view(-1, *([1] * (x.dim() - 1)))
+
+
+def input_gradient(model: Model, x: Tensor, y: Tensor) -> Tensor:
+    """∇ₓ Σᵢ CE(model(xᵢ), yᵢ) for x (B, C, H, W), y (B,); the parameters get no gradient.
+
+    The loss is computed in float32 even when the caller runs the model under autocast.
+    """
+    x = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        logits = model(x)
+        loss = F.cross_entropy(logits.float(), y, reduction="sum")
+        (grad,) = torch.autograd.grad(loss, x)
+    return grad
+
+
+def _project(x_adv: Tensor, x: Tensor, eps: float | Tensor) -> Tensor:
+    """Onto the ℓ∞ ε-ball around x, then onto the image box [0, 1]."""
+    # The same operations as torchattacks' PGD, so the two agree bit for bit.
+    delta = torch.clamp(x_adv - x, min=-eps, max=eps)
+    return torch.clamp(x + delta, 0.0, 1.0)
+
+
+def _uniform_start(x: Tensor, eps: float | Tensor, generator: torch.Generator | None) -> Tensor:
+    """x + U(-ε, ε) noise, clipped to [0, 1]; drawn from ``generator`` (on its own device) if given."""
+    device = generator.device if generator is not None else x.device
+    noise = torch.rand(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
+    return torch.clamp(x + (2.0 * noise - 1.0) * eps, 0.0, 1.0)
+
+
+def fgsm(model: Model, x: Tensor, y: Tensor, eps: float | Tensor) -> Tensor:
+    """Fast Gradient Sign Method (Goodfellow et al. 2015): x + ε·sign(∇ₓ CE), clipped to [0, 1].
+
+    Args:
+        model: x → logits.
+        x: clean inputs (B, C, H, W) in [0, 1].
+        y: true labels (B,).
+        eps: ℓ∞ radius, a float or a per-example tensor (B,).
+
+    Returns:
+        Adversarial inputs (B, C, H, W), detached.
+    """
+    x = x.detach()
+    eps_ = _per_example(eps, x, "eps")
+    grad = input_gradient(model, x, y)
+    return torch.clamp(x + eps_ * grad.sign(), 0.0, 1.0).detach()
+
+
+def _pgd_loop(
+    model: Model,
+    x: Tensor,
+    y: Tensor,
+    eps: float | Tensor,
+    steps: int,
+    step_size: float | Tensor,
+    eot_iterations: int,
+    random_start: bool,
+    generator: torch.Generator | None,
+    callback: StepCallback | None,
+) -> Tensor:
+    if steps < 0 or eot_iterations < 1:
+        raise ValueError(f"need steps ≥ 0 and eot_iterations ≥ 1, got {steps} and {eot_iterations}")
+    x = x.detach()
+    eps_ = _per_example(eps, x, "eps")
+    alpha = _per_example(step_size, x, "step_size")
+    x_adv = _uniform_start(x, eps_, generator) if random_start else x.clone()
+    for step in range(steps):
+        # Expectation over Transformation: each iteration is a fresh forward of a stochastic model;
+        # the sign of the summed gradient equals the sign of the EoT-averaged gradient.
+        grad = input_gradient(model, x_adv, y)
+        for _ in range(eot_iterations - 1):
+            grad += input_gradient(model, x_adv, y)
+        x_adv = _project(x_adv + alpha * grad.sign(), x, eps_).detach()
+        if callback is not None:
+            callback(step, x_adv)
+    return x_adv
+
+
+def pgd(
+    model: Model,
+    x: Tensor,
+    y: Tensor,
+    eps: float | Tensor,
+    steps: int,
+    step_size: float | Tensor,
+    random_start: bool = True,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Projected Gradient Descent (Madry et al. 2018), ℓ∞.
+
+    Starts from a uniform random point in the ε-ball (if ``random_start``), then takes ``steps`` sign
+    steps of ``step_size`` on the summed cross-entropy, projecting onto the ε-ball and [0, 1] after each.
+
+    Args:
+        model: x → logits.
+        x: clean inputs (B, C, H, W) in [0, 1].
+        y: true labels (B,).
+        eps: ℓ∞ radius, a float or a per-example tensor (B,).
+        steps: number of gradient steps.
+        step_size: size of each sign step, a float or a per-example tensor (B,).
+        random_start: start from x + U(-ε, ε) instead of x.
+        generator: source of the random start (reproducible attacks).
+
+    Returns:
+        Adversarial inputs (B, C, H, W), detached, with ‖x_adv − x‖∞ ≤ ε.
+    """
+    return _pgd_loop(model, x, y, eps, steps, step_size, 1, random_start, generator, None)
+
+
+def pgd_eot(
+    model: Model,
+    x: Tensor,
+    y: Tensor,
+    eps: float | Tensor,
+    steps: int,
+    step_size: float | Tensor,
+    eot_iterations: int,
+    random_start: bool = False,
+    generator: torch.Generator | None = None,
+    callback: StepCallback | None = None,
+) -> Tensor:
+    """PGD with Expectation over Transformation, the evaluation attack of Lee & Kim (2024).
+
+    The paper's settings (Table 14) are 200 steps of size 0.007 with 20 EoT iterations. At each step
+    the gradient of the cross-entropy is averaged over ``eot_iterations`` fresh forward passes of the
+    (stochastic) model, and a sign step is taken, followed by projection onto the ε-ball and [0, 1].
+
+    Args:
+        model: x → logits; may be stochastic (CARSO draws new latents on each call).
+        x: clean inputs (B, C, H, W) in [0, 1].
+        y: true labels (B,).
+        eps: ℓ∞ radius, a float or a per-example tensor (B,).
+        steps: number of gradient steps.
+        step_size: size of each sign step.
+        eot_iterations: forward/backward passes averaged per step.
+        random_start: start from x + U(-ε, ε) instead of x.
+        generator: source of the random start.
+        callback: ``callback(step, x_adv)`` after each step (progress reporting).
+
+    Returns:
+        Adversarial inputs (B, C, H, W) after the last step, detached.
+    """
+    return _pgd_loop(model, x, y, eps, steps, step_size, eot_iterations, random_start, generator, callback)
