@@ -89,6 +89,8 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 # (command name, module): each module defines ``cli``. Order = order in ``carso --help``.
 COMMANDS: list[tuple[str, str]] = [
     ("info", "carso_cli.commands.info"),
+    ("predict", "carso_cli.commands.predict"),
+    ("convert", "carso_cli.commands.convert"),
 ]
 
 for _name, _module in COMMANDS:
