@@ -1,0 +1,318 @@
+"""``carso eval``: clean and robust accuracy of the classifier and of CARSO (the paper's Table 2).
+
+The classifier alone is attacked by the standard AutoAttack, CARSO end-to-end by the randomized one
+(APGD-CE + APGD-DLR with EoT), both through pyautoattack (section 5.1); ``--attack pgd-eot`` runs the
+PGD+EoT pipeline of Lee & Kim 2024 instead (Table 14). The machinery — seeding, resume, sharding —
+lives in ``carso_cli/evaluation.py``.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import torch
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from carso_cli import distributed
+from carso_cli import evaluation as ev
+from carso_cli import checkpoint as ckpt
+from carso_cli.commands._common import DataRootOpt, DeviceOpt, GpusOpt, SeedOpt, resolve_device
+from carso_cli.config import parse_eps
+from carso_cli.errors import CarsoError
+
+
+# "--run-dir" is what the torchrun workers get: torchrun's own parser takes "--run" for an ambiguous
+# abbreviation of its "--run-path" and stops.
+RunOpt = Annotated[
+    Optional[Path], typer.Option("--run", "--run-dir", help="Run directory (default: the most recent under ./runs).")
+]
+
+
+class Attack(str, Enum):
+    autoattack = "autoattack"
+    pgd_eot = "pgd-eot"
+    none = "none"
+
+
+class Target(str, Enum):
+    both = "both"
+    classifier = "classifier"
+    carso = "carso"
+
+
+class Aggregation(str, Enum):
+    dexp = "dexp"
+    logit = "logit"
+    prob = "prob"
+    vote = "vote"
+
+
+class Precision(str, Enum):
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+
+
+def format_eps(eps: float) -> str:
+    """8/255 when ε is a multiple of 1/255, else the float."""
+    k = round(eps * 255)
+    return f"{k}/255" if abs(k / 255 - eps) < 1e-9 else f"{eps:g}"
+
+
+def build_settings(
+    cfg: Any, *, attack: str, target: str, eps: str | float | None, n_examples: int | None, dataset_size: int,
+    batch_size: int, samples: int | None, aggregation: str | None, seed: int, repeats: int,
+    steps: int | None, eot: int | None, queries: int, precision: str = "float32",
+) -> ev.EvalSettings:
+    """EvalSettings from the options; the preset supplies ε, samples, aggregation, steps and EoT."""
+    eps_value = cfg.attacks.eps if eps is None else parse_eps(eps, "--eps")
+    if n_examples is not None and n_examples < 1:
+        raise CarsoError(f"--n-examples must be at least 1, got {n_examples}")
+    n = dataset_size if n_examples is None else min(n_examples, dataset_size)
+    agg = aggregation or cfg.inference.aggregation
+    if agg not in ("dexp", "logit", "prob", "vote"):
+        raise CarsoError(f"unknown aggregation '{agg}'")
+    s = ev.EvalSettings(
+        attack=attack,
+        targets=list(ev.TARGETS) if target == "both" else [target],
+        eps=eps_value,
+        n_examples=n,
+        batch_size=batch_size,
+        samples=cfg.inference.samples if samples is None else samples,
+        aggregation=agg,
+        seed=seed,
+        repeats=repeats,
+        aa_steps=100 if steps is None else steps,  # section 5.1: 100 steps
+        aa_eot=cfg.attacks.randaa_eot_iterations if eot is None else eot,
+        square_queries=queries,
+        pgd_steps=cfg.attacks.pgd_eot_steps if steps is None else steps,
+        pgd_step_size=cfg.attacks.pgd_eot_step_size,
+        pgd_eot=cfg.attacks.pgd_eot_iterations if eot is None else eot,
+        precision=precision,
+        dataset=cfg.data.dataset,
+    )
+    if s.samples < 0:
+        raise CarsoError(f"--samples must be ≥ 0, got {s.samples}")
+    s.validate()
+    return s
+
+
+def run(
+    run_dir: Path | None = None,
+    *,
+    attack: str = "autoattack",
+    target: str = "both",
+    eps: str | float | None = None,
+    n_examples: int | None = None,
+    batch_size: int = 64,
+    samples: int | None = None,
+    aggregation: str | None = None,
+    device: str | None = None,
+    seed: int = 0,
+    resume: bool = False,
+    repeats: int = 10,
+    steps: int | None = None,
+    eot: int | None = None,
+    queries: int = 5000,
+    name: str | None = None,
+    data_root: Path = Path("data"),
+    precision: str = "float32",
+    console: Console | None = None,
+    show_progress: bool = True,
+) -> ev.EvalOutcome:
+    """Evaluate a run; returns the outcome (results on the main process). Prints when ``console`` is given."""
+    from carso_cli.data import build_dataset
+    from carso_cli.models import load_run
+
+    ctx = distributed.setup(resolve_device(device))
+    try:
+        loaded = load_run(run_dir, ctx.device)
+        cfg = loaded.cfg
+        if ctx.is_main:
+            dataset = build_dataset(cfg, "test", root=str(data_root))
+        distributed.barrier(ctx)  # rank 0 downloads first, the others then read
+        if not ctx.is_main:
+            dataset = build_dataset(cfg, "test", root=str(data_root))
+        s = build_settings(
+            cfg, attack=attack, target=target, eps=eps, n_examples=n_examples, dataset_size=len(dataset),
+            batch_size=batch_size, samples=samples, aggregation=aggregation, seed=seed, repeats=repeats,
+            steps=steps, eot=eot, queries=queries, precision=precision,
+        )
+        if s.precision == "bfloat16" and ctx.device.type != "cuda":
+            raise CarsoError("--precision bfloat16 needs a CUDA device")
+        s.classifier_sha256 = ckpt.sha256_file(ckpt.classifier_path_of(loaded.run))
+        s.purifier_sha256 = ckpt.sha256_file(loaded.run / ckpt.PURIFIER_FILE)
+        carso = loaded.carso(samples=s.samples, aggregation=s.aggregation) if "carso" in s.targets else None
+        classifier = loaded.classifier
+        for p in classifier.parameters():
+            p.requires_grad_(False)
+        classifier.eval()
+        store = ev.ResultsStore(loaded.run / "eval" / (name or s.attack), s.to_json(), resume)
+        out = console if ctx.is_main else None
+        if out is not None:
+            out.print(
+                f"[bold]carso eval[/] {loaded.run} — {s.n_examples} examples of {cfg.data.dataset} ({s.split}), "
+                f"attack {s.attack}, ε = {format_eps(s.eps)}, {s.samples} samples, {s.aggregation} aggregation, "
+                f"{ctx.world_size} process(es) on {ctx.device}",
+                highlight=False,
+            )
+            _print_estimate(out, classifier, carso, dataset, s, cfg.data.num_classes, ctx)
+        progress = _progress(out) if (out is not None and show_progress) else None
+        if progress is not None:
+            progress.start()
+        try:
+            outcome = ev.evaluate(classifier, carso, dataset, s, store, ctx, run=loaded.run, progress=progress,
+                                  console=out)
+        finally:
+            if progress is not None:
+                progress.stop()
+        if out is not None and outcome.results is not None:
+            if resume:
+                out.print(f"resumed: {outcome.resumed} batch(es) found on disk, {outcome.computed} computed")
+            render(outcome.results, out)
+            out.print(f"results: {outcome.path}", highlight=False)
+        return outcome
+    finally:
+        distributed.teardown()
+
+
+def _progress(console: Console) -> Progress:
+    return Progress(
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
+    )
+
+
+def _print_estimate(console: Console, classifier: torch.nn.Module, carso: torch.nn.Module | None, dataset: Any,
+                    s: ev.EvalSettings, num_classes: int, ctx: distributed.DistContext) -> None:
+    """One line: a rough wall-time estimate; a warning (not a stop) when it is long."""
+    if s.attack == "none":
+        return
+    x, y = ev.load_examples(dataset, range(min(s.batch_size, s.n_examples, 4)))
+    seconds = ev.estimate_seconds(classifier, carso, x.to(ctx.device), y.to(ctx.device), s, num_classes,
+                                  ctx.world_size)
+    text = f"rough estimate: {ev.format_duration(seconds)}"
+    if seconds > 3600:
+        hint = "" if ctx.device.type == "cuda" else " on the CPU; a GPU is much faster"
+        console.print(
+            f"[yellow]warning: this evaluation may take {ev.format_duration(seconds)}{hint}. Reduce it with "
+            "--n-examples, --steps, --eot or --repeats, or spread it with --gpus; it can be interrupted and "
+            "continued with --resume.[/]",
+            highlight=False,
+        )
+    else:
+        console.print(f"[dim]{text}[/]", highlight=False)
+
+
+def _pct(m: dict[str, Any] | None) -> str:
+    if m is None:
+        return "—"
+    return f"{100 * m['accuracy']:.2f}% ({m['correct']}/{m['total']})"
+
+
+def render(results: dict[str, Any], console: Console) -> None:
+    """Table 2's columns and, for CARSO, the re-classification report."""
+    s = results["settings"]
+    metrics = results["metrics"]
+    columns = [c for c, _ in ev.COLUMNS if c in metrics or c in ("AT/Cl", "C/Cl", "AT/AA", "C/randAA", "PGD+EoT")]
+    t = Table(title=f"accuracy (Table 2) — ε = {format_eps(s['eps'])}, {results['n_examples']} examples")
+    for c in columns:
+        t.add_column(c, justify="right")
+    t.add_row(*[_pct(metrics.get(c)) for c in columns])
+    console.print(t)
+    report = results.get("reclassification") or {}
+    if report:
+        r = Table(title=f"CARSO re-classified {s['repeats']}× per example (stochastic: {s['samples']} samples)")
+        r.add_column("")
+        r.add_column("single draw", justify="right")
+        r.add_column("mean ± std over draws", justify="right")
+        r.add_column("worst case (all draws right)", justify="right")
+        for name, v in report.items():
+            r.add_row(name, f"{100 * v['single']:.2f}%", f"{100 * v['mean']:.2f} ± {100 * v['std']:.2f}%",
+                      f"{100 * v['worst']:.2f}%")
+        console.print(r)
+    warnings = results.get("library_warnings") or []
+    if warnings:
+        console.print(f"[yellow]{len(warnings)} distinct warning(s) from the attack library (in the results file)[/]")
+
+
+def relaunch_args(**opts: Any) -> list[str]:
+    """The ``carso eval`` command line for the torchrun workers (from the parsed options)."""
+    from carso_cli.cli import debug_enabled
+
+    args = ["--debug"] if debug_enabled() else []
+    args.append("eval")
+    for key, value in opts.items():
+        if value is None or value is False:
+            continue
+        flag = "--run-dir" if key == "run" else "--" + key.replace("_", "-")
+        if value is True:
+            args.append(flag)
+        else:
+            args += [flag, str(value.value if isinstance(value, Enum) else value)]
+    return args
+
+
+def cli(
+    run: RunOpt = None,
+    attack: Annotated[Attack, typer.Option("--attack", help="autoattack: standard AA on the classifier, randAA on CARSO (section 5.1); pgd-eot: Lee & Kim 2024 (Table 14); none: clean only.")] = Attack.autoattack,
+    target: Annotated[Target, typer.Option("--target", help="Which model(s) to evaluate.")] = Target.both,
+    eps: Annotated[Optional[str], typer.Option("--eps", help="ℓ∞ radius: a fraction like 8/255 or a float in [0, 1] (default: the preset's).")] = None,
+    n_examples: Annotated[Optional[int], typer.Option("--n-examples", help="First N test examples (default: all).")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Examples per batch (CARSO runs samples× as many images).")] = 64,
+    samples: Annotated[Optional[int], typer.Option("--samples", help="Reconstructions per input (default: the preset's, 8).")] = None,
+    aggregation: Annotated[Optional[Aggregation], typer.Option("--aggregation", help="dexp (paper), logit, prob or vote (default: the preset's).")] = None,
+    gpus: GpusOpt = 1,
+    device: DeviceOpt = None,
+    seed: SeedOpt = 0,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted evaluation of the same name, skipping finished batches.")] = False,
+    repeats: Annotated[int, typer.Option("--repeats", help="Re-classify each clean and adversarial example this many times (CARSO).")] = 10,
+    steps: Annotated[Optional[int], typer.Option("--steps", help="Attack steps (default: 100 for AutoAttack, the preset's for PGD+EoT).")] = None,
+    eot: Annotated[Optional[int], typer.Option("--eot", help="EoT iterations (default: the preset's).")] = None,
+    queries: Annotated[int, typer.Option("--queries", help="Square attack queries in the standard AutoAttack.")] = 5000,
+    name: Annotated[Optional[str], typer.Option("--name", help="Results go to RUN/eval/NAME (default: the attack's name).")] = None,
+    data_root: DataRootOpt = Path("data"),
+    precision: Annotated[Precision, typer.Option("--precision", help="bfloat16 autocast for CARSO on CUDA (faster; float32 is the reference).")] = Precision.float32,
+) -> None:
+    """Clean and robust accuracy of the classifier and of CARSO (the paper's Table 2)."""
+    from carso_cli.cli import console
+
+    if distributed.should_relaunch(gpus):
+        dev = resolve_device(device)
+        if dev.type == "cuda" and gpus > torch.cuda.device_count():
+            raise CarsoError(f"--gpus {gpus}: only {torch.cuda.device_count()} CUDA device(s) here")
+        argv = relaunch_args(
+            run=run, attack=attack, target=target, eps=eps, n_examples=n_examples, batch_size=batch_size,
+            samples=samples, aggregation=aggregation, device=device, seed=seed, resume=resume, repeats=repeats,
+            steps=steps, eot=eot, queries=queries, name=name, data_root=data_root, precision=precision,
+        )
+        code = distributed.relaunch(gpus, argv)
+        if code != 0:
+            raise typer.Exit(code)
+        return
+    run_fn(
+        run, attack=attack.value, target=target.value, eps=eps, n_examples=n_examples, batch_size=batch_size,
+        samples=samples, aggregation=aggregation.value if aggregation else None, device=device, seed=seed,
+        resume=resume, repeats=repeats, steps=steps, eot=eot, queries=queries, name=name, data_root=data_root,
+        precision=precision.value, console=console,
+    )
+
+
+run_fn = run  # ``cli`` has a parameter named ``run`` (the option --run)
