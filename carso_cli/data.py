@@ -339,6 +339,7 @@ def _list_images(folder: Path) -> list[Path]:
 
 
 def _tinyimagenet(cfg: Config, split: str, root: Path, download: bool, transform: Transform | None) -> Dataset:
+    _pil_mode(cfg.data.channels)  # fail now, not inside a loader worker
     base = tinyimagenet_dir(root)
     expected = "wnids.txt, train/<wnid>/images/*.JPEG and val/images + val/val_annotations.txt"
     if not (base / "wnids.txt").is_file():
@@ -397,6 +398,7 @@ def imagefolder_path(dataset: str) -> Path:
 def _imagefolder(cfg: Config, split: str, transform: Transform | None) -> Dataset:
     from torchvision.datasets.folder import find_classes, make_dataset
 
+    _pil_mode(cfg.data.channels)  # fail now, not inside a loader worker
     base = imagefolder_path(cfg.data.dataset)
     candidates = ["train"] if split == "train" else ["val", "test"]
     folder = next((base / c for c in candidates if (base / c).is_dir()), None)
@@ -470,8 +472,11 @@ def dataset_class_names(cfg: Config, root: Path | str = "data") -> list[str] | N
             return find_classes(str(train))[0]
         except (FileNotFoundError, OSError):
             return None
-    from carso_cli.classnames import class_names  # imported lazily: the names are a convenience
+    # Imported lazily: the names are a convenience, and classnames is the one place that spells them.
+    from carso_cli.classnames import class_names, tinyimagenet_class_names
 
+    if dataset == "tinyimagenet":
+        return tinyimagenet_class_names(tinyimagenet_dir(Path(root).expanduser()))
     return class_names(dataset, Path(root))
 
 
