@@ -91,6 +91,9 @@ COMMANDS: list[tuple[str, str]] = [
     ("info", "carso_cli.commands.info"),
     ("predict", "carso_cli.commands.predict"),
     ("convert", "carso_cli.commands.convert"),
+    ("eval", "carso_cli.commands.evaluate"),
+    ("sanity", "carso_cli.commands.sanity"),
+    ("extract", "carso_cli.commands.extract"),
 ]
 
 for _name, _module in COMMANDS:

@@ -314,6 +314,7 @@ class GradientStats:
     nonfinite_entries: int = 0
     gradients: int = 0  # examples × draws
     bad_gradients: int = 0  # entirely zero, or with a non-finite entry (useless for a sign step)
+    excluded: int = 0  # gradients left out because the loss is flat by construction (DLR, label 3rd)
 
     def __add__(self, other: GradientStats) -> GradientStats:
         return GradientStats(*(a + b for a, b in zip(astuple(self), astuple(other))))
@@ -346,25 +347,46 @@ LOSSES = {
 }
 
 
-def input_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss: str = "ce") -> torch.Tensor:
-    """∇ₓ Σ loss(model(x), y): (B, C, H, W) — "ce" or "dlr", the losses of randAA's two APGD runs."""
+def input_gradient(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss: str = "ce", return_scores: bool = False,
+) -> Any:
+    """∇ₓ Σ loss(model(x), y): (B, C, H, W) — "ce" or "dlr", the losses of randAA's two APGD runs.
+
+    With ``return_scores`` also the model's scores (B, classes) of that same forward.
+    """
     x = x.detach().clone().requires_grad_(True)
     with torch.enable_grad():
-        value = LOSSES[loss](model(x).float(), y).sum()
+        scores = model(x).float()
+        value = LOSSES[loss](scores, y).sum()
         (grad,) = torch.autograd.grad(value, x, allow_unused=True)
-    return torch.zeros_like(x) if grad is None else grad.detach()
+    grad = torch.zeros_like(x) if grad is None else grad.detach()
+    return (grad, scores.detach()) if return_scores else grad
+
+
+def label_rank(scores: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """0-based rank of the label among the scores (0 = predicted). (B, C), (B,) → (B,)."""
+    return (scores > scores.gather(1, y[:, None])).sum(dim=1)
 
 
 def gradient_health(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, indices: Sequence[int], *, draws: int, seed: int,
     loss: str = "ce",
 ) -> GradientStats:
-    """Count zero / non-finite gradient entries and useless gradients over ``draws`` stochastic draws."""
+    """Count zero / non-finite gradient entries and useless gradients over ``draws`` stochastic draws.
+
+    For DLR, examples whose label is ranked third are left out (and counted in ``excluded``): there the
+    loss is −(z_y − z_π1)/(z_π1 − z_π3) ≡ 1, flat by construction of the loss, not by the model.
+    """
     sampler = ExampleSeededSampler(seed, STREAM_GRADIENTS).bind(indices)
     stats = GradientStats()
     with seeded_latents(model, sampler):
         for _ in range(draws):
-            g = input_gradient(model, x, y, loss).flatten(1)
+            g, scores = input_gradient(model, x, y, loss, return_scores=True)
+            g = g.flatten(1)
+            if loss == "dlr":
+                keep = label_rank(scores, y) != 2
+                stats.excluded += int((~keep).sum())
+                g = g[keep]
             finite = torch.isfinite(g)
             zero = g == 0
             stats.entries += g.numel()
@@ -797,7 +819,7 @@ def evaluate(
                 x, y = load_examples(dataset, rng)
                 x, y = x.to(device), y.to(device)
                 if progress is not None:
-                    progress.reset(calls, total=None, visible=True,
+                    progress.reset(calls, total=expected_calls(s), visible=True,
                                    description=f"batch {k + 1}/{len(batches)} — forward passes")
                 tick = (lambda: progress.advance(calls)) if progress is not None else None
                 t0 = time.time()
@@ -864,6 +886,26 @@ def load_examples(dataset: Any, indices: range) -> tuple[torch.Tensor, torch.Ten
 # --------------------------------------------------------------------------------------------------
 # Cost estimate (a warning before a run that would take days)
 # --------------------------------------------------------------------------------------------------
+
+
+def expected_calls(s: EvalSettings) -> int | None:
+    """Forward passes ``evaluate_batch`` makes through the attacked models (None when unknown).
+
+    randAA: the library's clean pass and two checks, then per APGD run one clean pass, (steps + 1)
+    EoT-averaged gradients and a final pass (an upper bound: APGD-DLR is skipped when nothing is left).
+    The standard version's count depends on how many examples each attack leaves: unknown.
+    """
+    total = 0
+    if "classifier" in s.targets:
+        if s.attack == "autoattack":
+            return None
+        total += s.pgd_steps if s.attack == "pgd-eot" else 0
+    if "carso" in s.targets:
+        if s.attack == "autoattack":
+            total += 3 + 2 * (2 + s.aa_eot * (s.aa_steps + 1))
+        elif s.attack == "pgd-eot":
+            total += s.pgd_steps * s.pgd_eot
+    return total or None
 
 
 def passes_per_example(s: EvalSettings, num_classes: int) -> tuple[float, float]:

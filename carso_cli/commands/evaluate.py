@@ -136,6 +136,8 @@ def run(
     from carso_cli.models import load_run
 
     ctx = distributed.setup(resolve_device(device))
+    if ctx.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input sizes per batch: let cuDNN pick its fastest kernels
     try:
         loaded = load_run(run_dir, ctx.device)
         cfg = loaded.cfg

@@ -1,0 +1,440 @@
+"""``carso sanity``: the checks an honest robustness claim needs, as a pass/fail checklist.
+
+1. **large-eps** — CARSO under the randomized AutoAttack at ε = 0.95 must be at most chance (1/C)
+   plus a tolerance (the paper's Table 3): otherwise the attack is not working, not the defence.
+2. **gradients** — input gradients of randAA's losses (CE and DLR) over examples and stochastic draws:
+   the fraction of entries that are zero or non-finite, and of gradients that are useless for a sign
+   step (entirely zero, or with a non-finite entry). Majority-vote aggregation fails here (the later
+   version's Table 5: > 99 % of its gradients are zero or NaN); the paper's aggregation passes.
+3. **monotonic** — robust accuracy under short PGD+EoT does not rise with ε beyond noise.
+4. **eot** — agreement (cosine) of two independent EoT gradient estimates; a warning when low.
+5. **blackbox** — neither the Square attack nor a transfer attack (PGD against the classifier alone, fed
+   to CARSO) is markedly stronger than the end-to-end white-box attack (the same PGD+EoT budget):
+   if one were, the white-box gradients would be masked.
+
+Every stochastic draw is seeded per example (``evaluation.ExampleSeededSampler``).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import torch
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from carso_cli import checkpoint as ckpt
+from carso_cli import evaluation as ev
+from carso_cli.commands._common import DataRootOpt, DeviceOpt, RunOpt, SeedOpt, resolve_device
+from carso_cli.config import parse_eps
+from carso_cli.errors import CarsoError
+
+CHECKS = ("large-eps", "gradients", "monotonic", "eot", "blackbox")
+SANITY_FORMAT = "carso-sanity/1"
+
+
+@dataclass
+class SanitySettings:
+    """What the checks run with; thresholds included (all stored in the JSON report)."""
+
+    checks: list[str] = field(default_factory=lambda: list(CHECKS))
+    n_examples: int = 256
+    batch_size: int = 64
+    samples: int = 8
+    aggregation: str = "dexp"
+    seed: int = 0
+    # 1. large ε: randAA at ε = 0.95 (Table 3), APGD steps and EoT iterations.
+    large_eps: float = 0.95
+    aa_steps: int = 20
+    aa_eot: int = 20
+    chance_tolerance: float = 0.05
+    # 2. gradient health.
+    draws: int = 4
+    max_bad_entries: float = 0.5
+    max_bad_gradients: float = 0.1
+    # 3./5. short PGD+EoT (the white-box reference) and its ε sweep.
+    eps: float = 8 / 255
+    eps_list: list[float] = field(default_factory=lambda: [2 / 255, 4 / 255, 8 / 255, 16 / 255])
+    steps: int = 20
+    step_size: float = 0.007
+    eot: int = 5
+    monotonic_tolerance: float = 0.05
+    # 4. EoT stability.
+    min_eot_cosine: float = 0.5
+    # 5. black-box attacks.
+    queries: int = 1000
+    blackbox_tolerance: float = 0.05
+
+
+@dataclass
+class CheckResult:
+    key: str
+    title: str
+    status: str  # "pass", "fail", "warn"
+    measured: str
+    threshold: str
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SanityReport:
+    run: Path
+    settings: SanitySettings
+    checks: list[CheckResult]
+    wall_time_s: float
+    path: Path | None = None
+
+    @property
+    def passed(self) -> bool:
+        return all(c.status != "fail" for c in self.checks)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": SANITY_FORMAT,
+            "run": str(self.run),
+            "passed": self.passed,
+            "settings": asdict(self.settings),
+            "checks": [asdict(c) for c in self.checks],
+            "wall_time_s": round(self.wall_time_s, 3),
+            "versions": ev.library_versions(),
+        }
+
+
+def noise(p: float, q: float, n: int) -> float:
+    """Two standard errors of the difference of two accuracies p, q measured on n examples each."""
+    return 2.0 * math.sqrt(max(p * (1 - p) + q * (1 - q), 0.0) / max(n, 1))
+
+
+def parse_checks(text: str | None) -> list[str]:
+    if text is None or text.strip() in ("", "all"):
+        return list(CHECKS)
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    for name in names:
+        if name not in CHECKS:
+            raise CarsoError(f"unknown check '{name}' (choose from {', '.join(CHECKS)}, or 'all')")
+    return names
+
+
+def parse_eps_list(text: str) -> list[float]:
+    values = [parse_eps(t.strip(), "--eps-list") for t in text.split(",") if t.strip()]
+    if len(values) < 2 or any(b <= a for a, b in zip(values, values[1:])):
+        raise CarsoError("--eps-list needs at least two increasing values, e.g. 2/255,4/255,8/255,16/255")
+    return values
+
+
+Batches = list[tuple[torch.Tensor, torch.Tensor, range]]
+
+
+class Checker:
+    """Runs the checks on one CARSO model and its classifier over fixed batches of examples."""
+
+    def __init__(self, carso: torch.nn.Module, classifier: torch.nn.Module, batches: Batches,
+                 s: SanitySettings, num_classes: int, device: torch.device,
+                 tick: Callable[[str], None] | None = None) -> None:
+        self.carso = carso
+        self.classifier = classifier
+        self.batches = batches
+        self.s = s
+        self.num_classes = num_classes
+        self.device = device
+        self.n = sum(len(idx) for _, _, idx in batches)
+        self.tick = tick or (lambda _label: None)
+        self._clean: list[torch.Tensor] | None = None
+        self._pgd: dict[float, float] = {}
+
+    # shared pieces ---------------------------------------------------------------------------------
+
+    def clean(self) -> list[torch.Tensor]:
+        """CARSO's single-draw clean correctness per batch (robust flags are ANDed with it)."""
+        if self._clean is None:
+            self._clean = [ev.draw_flags(self.carso, x, y, idx, self.s.seed, ev.STREAM_CLEAN)[0]
+                           for x, y, idx in self.batches]
+        return self._clean
+
+    def pgd_accuracy(self, eps: float) -> float:
+        """Robust accuracy of CARSO under short PGD+EoT at ``eps`` (single seeded draw)."""
+        if eps not in self._pgd:
+            correct = 0
+            for (x, y, idx), clean in zip(self.batches, self.clean()):
+                x_adv = ev.pgd_eot_examples(self.carso, x, y, idx, eps=eps, steps=self.s.steps,
+                                            step_size=self.s.step_size, eot=self.s.eot, seed=self.s.seed)
+                flags = ev.draw_flags(self.carso, x_adv, y, idx, self.s.seed, ev.STREAM_ADV)[0] & clean
+                correct += int(flags.sum())
+                self.tick(f"PGD+EoT ε={eps:.4f}")
+            self._pgd[eps] = correct / self.n
+        return self._pgd[eps]
+
+    # the five checks -------------------------------------------------------------------------------
+
+    def large_eps(self) -> CheckResult:
+        s = self.s
+        correct = 0
+        warnings: list[str] = []
+        for k, ((x, y, idx), clean) in enumerate(zip(self.batches, self.clean())):
+            res = ev.autoattack_flags(self.carso, x, y, eps=s.large_eps, version="rand",
+                                      seed=ev.example_seed(s.seed, "sanity", idx[0], bits=31),
+                                      device=self.device, steps=s.aa_steps, eot=s.aa_eot)
+            correct += int((res.flags & clean).sum())
+            warnings += res.warnings
+            self.tick("randAA at large ε")
+        acc = correct / self.n
+        limit = 1.0 / self.num_classes + s.chance_tolerance
+        return CheckResult(
+            "large-eps", f"randAA at ε = {s.large_eps:g} ≤ chance",
+            "pass" if acc <= limit else "fail", f"{100 * acc:.2f}%", f"≤ {100 * limit:.2f}%",
+            {"accuracy": acc, "correct": correct, "total": self.n, "chance": 1.0 / self.num_classes,
+             "limit": limit, "library_warnings": sorted(set(warnings))},
+        )
+
+    def gradients(self) -> CheckResult:
+        s = self.s
+        stats = {loss: ev.GradientStats() for loss in ev.LOSSES}
+        for x, y, idx in self.batches:
+            for loss in ev.LOSSES:
+                stats[loss] = stats[loss] + ev.gradient_health(self.carso, x, y, idx, draws=s.draws, seed=s.seed,
+                                                               loss=loss)
+            self.tick("gradient health")
+        healthy = {loss: st.bad_entry_fraction <= s.max_bad_entries and st.bad_gradient_fraction <= s.max_bad_gradients
+                   for loss, st in stats.items()}
+        # An attack with one healthy loss still works (randAA runs both): fail only when none is;
+        # warn when one is masked (e.g. CE saturating on very confident scores).
+        status = "pass" if all(healthy.values()) else "warn" if any(healthy.values()) else "fail"
+        measured = ", ".join(
+            f"{loss.upper()} {100 * st.bad_entry_fraction:.1f}% / {100 * st.bad_gradient_fraction:.1f}%"
+            for loss, st in stats.items()
+        )
+        return CheckResult(
+            "gradients", "gradient health", status, measured,
+            f"≤ {100 * s.max_bad_entries:.0f}% entries / ≤ {100 * s.max_bad_gradients:.0f}% grads",
+            {loss: {**st.to_json(), "healthy": healthy[loss]} for loss, st in stats.items()},
+        )
+
+    def monotonic(self) -> CheckResult:
+        s = self.s
+        accs = [self.pgd_accuracy(e) for e in s.eps_list]
+        rises = []
+        for (e0, a0), (e1, a1) in zip(zip(s.eps_list, accs), zip(s.eps_list[1:], accs[1:])):
+            allowed = s.monotonic_tolerance + noise(a0, a1, self.n)
+            if a1 - a0 > allowed:
+                rises.append({"from_eps": e0, "to_eps": e1, "rise": a1 - a0, "allowed": allowed})
+        measured = " → ".join(f"{100 * a:.1f}%" for a in accs)
+        return CheckResult(
+            "monotonic", "ε-monotonicity (PGD+EoT)", "fail" if rises else "pass", measured,
+            f"rise ≤ {100 * s.monotonic_tolerance:.0f}% + noise",
+            {"eps": s.eps_list, "accuracy": accs, "rises": rises, "steps": s.steps, "eot": s.eot},
+        )
+
+    def eot(self) -> CheckResult:
+        s = self.s
+        cos: dict[str, list[torch.Tensor]] = {loss: [] for loss in ev.LOSSES}
+        for x, y, idx in self.batches:
+            for loss in ev.LOSSES:
+                cos[loss].append(ev.eot_agreement(self.carso, x, y, idx, eot=s.eot, seed=s.seed, loss=loss))
+            self.tick("EoT stability")
+        means = {loss: float(torch.cat(v).mean()) for loss, v in cos.items()}
+        low = [loss for loss, m in means.items() if m < s.min_eot_cosine]
+        return CheckResult(
+            "eot", "EoT stability (cosine)", "warn" if low else "pass",
+            ", ".join(f"{loss.upper()} {m:.3f}" for loss, m in means.items()), f"≥ {s.min_eot_cosine:g} (warning only)",
+            {"mean_cosine": means, "min_cosine": {k: float(torch.cat(v).min()) for k, v in cos.items()},
+             "low": low, "hint": "raise --eot (EoT iterations) if low" if low else ""},
+        )
+
+    def blackbox(self) -> CheckResult:
+        from carso_cli.attacks import pgd
+
+        s = self.s
+        white = self.pgd_accuracy(s.eps)
+        square = transfer = 0
+        warnings: list[str] = []
+        for (x, y, idx), clean in zip(self.batches, self.clean()):
+            res = ev.autoattack_flags(self.carso, x, y, eps=s.eps, version="custom", attacks=["square"],
+                                      seed=ev.example_seed(s.seed, "square", idx[0], bits=31), device=self.device,
+                                      square_queries=s.queries)
+            square += int((res.flags & clean).sum())
+            warnings += res.warnings
+            # Transfer: the same PGD budget against the classifier alone, then fed to CARSO.
+            gen = torch.Generator().manual_seed(ev.example_seed(s.seed, "transfer", idx[0], bits=31))
+            x_t = pgd(self.classifier, x, y, s.eps, s.steps, s.step_size, random_start=True, generator=gen)
+            transfer += int((ev.draw_flags(self.carso, x_t, y, idx, s.seed, ev.STREAM_ADV)[0] & clean).sum())
+            self.tick("black-box attacks")
+        acc_sq, acc_tr = square / self.n, transfer / self.n
+        stronger = []
+        for name, acc in (("square", acc_sq), ("transfer", acc_tr)):
+            allowed = s.blackbox_tolerance + noise(white, acc, self.n)
+            if white - acc > allowed:
+                stronger.append({"attack": name, "accuracy": acc, "white_box": white, "allowed": allowed})
+        return CheckResult(
+            "blackbox", "white-box vs black-box", "fail" if stronger else "pass",
+            f"white {100 * white:.1f}%, square {100 * acc_sq:.1f}%, transfer {100 * acc_tr:.1f}%",
+            f"≥ white − {100 * s.blackbox_tolerance:.0f}% − noise",
+            {"white_box": white, "square": acc_sq, "transfer": acc_tr, "eps": s.eps, "queries": s.queries,
+             "stronger": stronger, "library_warnings": sorted(set(warnings))},
+        )
+
+
+def run(
+    run_dir: Path | None = None,
+    *,
+    settings: SanitySettings | None = None,
+    device: str | None = None,
+    data_root: Path = Path("data"),
+    out: Path | None = None,
+    console: Console | None = None,
+) -> SanityReport:
+    """Run the selected checks on a run directory; writes the JSON report (default RUN/sanity.json)."""
+    from carso_cli.data import build_dataset
+    from carso_cli.models import load_run
+
+    started = time.time()
+    dev = resolve_device(device)
+    loaded = load_run(run_dir, dev)
+    s = settings or SanitySettings()
+    if s.n_examples < 1 or s.batch_size < 1 or s.draws < 1 or s.steps < 1 or s.eot < 1 or s.aa_steps < 1 \
+            or s.aa_eot < 1 or s.queries < 1:
+        raise CarsoError("--n-examples, --batch-size, --draws, --steps, --eot, --aa-steps, --aa-eot and "
+                         "--queries must be at least 1")
+    if s.aggregation not in ("dexp", "logit", "prob", "vote"):
+        raise CarsoError(f"unknown aggregation '{s.aggregation}'")
+    dataset = build_dataset(loaded.cfg, "test", root=str(data_root))
+    n = min(s.n_examples, len(dataset))
+    s.n_examples = n
+    carso = loaded.carso(samples=s.samples, aggregation=s.aggregation)
+    classifier = loaded.classifier
+    for p in classifier.parameters():
+        p.requires_grad_(False)
+    classifier.eval()
+    batches: Batches = []
+    for rng in ev.batch_ranges(n, s.batch_size):
+        x, y = ev.load_examples(dataset, rng)
+        batches.append((x.to(dev), y.to(dev), rng))
+    if console is not None:
+        console.print(
+            f"[bold]carso sanity[/] {loaded.run} — {n} examples, {s.samples} samples, {s.aggregation} aggregation, "
+            f"checks: {', '.join(s.checks)}", highlight=False,
+        )
+    progress = None
+    if console is not None:
+        from carso_cli.commands.evaluate import _progress
+
+        progress = _progress(console)
+    results: list[CheckResult] = []
+    with ev.library_logging(console):
+        if progress is not None:
+            progress.start()
+        try:
+            task = progress.add_task("sanity", total=None) if progress is not None else None
+
+            def tick(label: str) -> None:
+                if progress is not None:
+                    progress.update(task, description=label, advance=1)
+
+            checker = Checker(carso, classifier, batches, s, loaded.cfg.data.num_classes, dev, tick)
+            for key in CHECKS:
+                if key in s.checks:
+                    results.append(getattr(checker, key.replace("-", "_"))())
+        finally:
+            if progress is not None:
+                progress.stop()
+    report = SanityReport(loaded.run, s, results, time.time() - started)
+    report.path = Path(out) if out is not None else loaded.run / "sanity.json"
+    ckpt.atomic_write_text(report.path, ev.dumps_compact(report.to_json()))
+    if console is not None:
+        render(report, console)
+    return report
+
+
+STATUS = {"pass": "[green]✓ pass[/]", "fail": "[bold red]✗ FAIL[/]", "warn": "[yellow]! warn[/]"}
+
+
+def render(report: SanityReport, console: Console) -> None:
+    t = Table(title=f"sanity checks — {report.settings.aggregation} aggregation, {report.settings.n_examples} examples")
+    t.add_column("#", justify="right")
+    t.add_column("check")
+    t.add_column("status")
+    t.add_column("measured")
+    t.add_column("threshold")
+    for i, c in enumerate(report.checks, 1):
+        t.add_row(str(CHECKS.index(c.key) + 1), c.title, STATUS[c.status], c.measured, c.threshold)
+    console.print(t)
+    verdict = "[green]all checks passed[/]" if report.passed else "[bold red]some checks failed[/]"
+    console.print(f"{verdict} — report: {report.path}", highlight=False)
+
+
+class Aggregation(str, Enum):
+    dexp = "dexp"
+    logit = "logit"
+    prob = "prob"
+    vote = "vote"
+
+
+def cli(
+    run: RunOpt = None,
+    n_examples: Annotated[int, typer.Option("--n-examples", help="First N test examples.")] = 256,
+    samples: Annotated[Optional[int], typer.Option("--samples", help="Reconstructions per input (default: the preset's).")] = None,
+    aggregation: Annotated[Optional[Aggregation], typer.Option("--aggregation", help="dexp (paper), logit, prob or vote (default: the preset's).")] = None,
+    checks: Annotated[Optional[str], typer.Option("--checks", help=f"Comma-separated subset of: {', '.join(CHECKS)} (default: all).")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Examples per batch.")] = 64,
+    eps: Annotated[Optional[str], typer.Option("--eps", help="ε of the black-box comparison (default: the preset's).")] = None,
+    eps_list: Annotated[str, typer.Option("--eps-list", help="Increasing ε values of the monotonicity check.")] = "2/255,4/255,8/255,16/255",
+    large_eps: Annotated[Optional[str], typer.Option("--large-eps", help="ε of the large-ε check (default: the preset's sanity_eps, 0.95).")] = None,
+    steps: Annotated[Optional[int], typer.Option("--steps", help="Short PGD+EoT steps (default: min(preset, 20)).")] = None,
+    eot: Annotated[Optional[int], typer.Option("--eot", help="EoT iterations of PGD+EoT and of the stability check (default: min(preset, 5)).")] = None,
+    aa_steps: Annotated[int, typer.Option("--aa-steps", help="APGD steps of the large-ε randAA.")] = 20,
+    aa_eot: Annotated[Optional[int], typer.Option("--aa-eot", help="EoT iterations of the large-ε randAA (default: the preset's).")] = None,
+    draws: Annotated[int, typer.Option("--draws", help="Stochastic draws per example in the gradient check.")] = 4,
+    queries: Annotated[int, typer.Option("--queries", help="Square attack queries.")] = 1000,
+    chance_tolerance: Annotated[float, typer.Option("--chance-tolerance", help="Large-ε accuracy may exceed chance by this much.")] = 0.05,
+    max_bad_entries: Annotated[float, typer.Option("--max-bad-entries", help="Largest fraction of zero/non-finite gradient entries.")] = 0.5,
+    max_bad_gradients: Annotated[float, typer.Option("--max-bad-gradients", help="Largest fraction of useless gradients.")] = 0.1,
+    monotonic_tolerance: Annotated[float, typer.Option("--monotonic-tolerance", help="Allowed accuracy rise with ε, beyond noise.")] = 0.05,
+    min_eot_cosine: Annotated[float, typer.Option("--min-eot-cosine", help="Warn below this EoT-gradient agreement.")] = 0.5,
+    blackbox_tolerance: Annotated[float, typer.Option("--blackbox-tolerance", help="How much stronger a black-box attack may be, beyond noise.")] = 0.05,
+    out: Annotated[Optional[Path], typer.Option("--out", help="JSON report (default: RUN/sanity.json).")] = None,
+    device: DeviceOpt = None,
+    seed: SeedOpt = 0,
+    data_root: DataRootOpt = Path("data"),
+) -> None:
+    """Checks an honest robustness claim needs (large ε, gradients, ε-monotonicity, EoT, black-box)."""
+    from carso_cli.cli import console
+    from carso_cli.config import load_config
+
+    cfg = load_config(ckpt.resolve_run(run) / ckpt.CONFIG_FILE)
+    a = cfg.attacks
+    s = SanitySettings(
+        checks=parse_checks(checks),
+        n_examples=n_examples,
+        batch_size=batch_size,
+        samples=cfg.inference.samples if samples is None else samples,
+        aggregation=aggregation.value if aggregation else cfg.inference.aggregation,
+        seed=seed,
+        large_eps=a.sanity_eps if large_eps is None else parse_eps(large_eps, "--large-eps"),
+        aa_steps=aa_steps,
+        aa_eot=a.randaa_eot_iterations if aa_eot is None else aa_eot,
+        chance_tolerance=chance_tolerance,
+        draws=draws,
+        max_bad_entries=max_bad_entries,
+        max_bad_gradients=max_bad_gradients,
+        eps=a.eps if eps is None else parse_eps(eps, "--eps"),
+        eps_list=parse_eps_list(eps_list),
+        steps=min(a.pgd_eot_steps, 20) if steps is None else steps,
+        step_size=a.pgd_eot_step_size,
+        eot=min(a.pgd_eot_iterations, 5) if eot is None else eot,
+        monotonic_tolerance=monotonic_tolerance,
+        min_eot_cosine=min_eot_cosine,
+        queries=queries,
+        blackbox_tolerance=blackbox_tolerance,
+    )
+    report = run_fn(run, settings=s, device=device, data_root=data_root, out=out, console=console)
+    if not report.passed:
+        raise typer.Exit(1)
+
+
+run_fn = run

@@ -1,0 +1,112 @@
+"""``carso eval`` through the CLI: the table, the results file, ε parsing, resume and sharding."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from carso_cli.cli import app
+
+runner = CliRunner()
+
+# Reduced attacks (the paper's settings are the defaults): a few steps, one EoT iteration.
+FAST = ["--steps", "2", "--eot", "1", "--repeats", "2", "--queries", "10", "--device", "cpu"]
+
+
+def _eval(run: Path, *args: str) -> tuple[int, str]:
+    result = runner.invoke(app, ["eval", "--run", str(run), *FAST, *args])
+    return result.exit_code, result.output
+
+
+def _results(run: Path, name: str) -> dict:
+    return json.loads((run / "eval" / name / "results.json").read_text())
+
+
+def test_eval_autoattack_table_and_results_file(tiny_run: Path) -> None:
+    code, out = _eval(tiny_run, "--n-examples", "6", "--batch-size", "3", "--samples", "2")
+    assert code == 0, out
+    for column in ("AT/Cl", "C/Cl", "AT/AA", "C/randAA", "PGD+EoT", "single draw", "worst case"):
+        assert column in out
+    assert "auto-attack: using rand version including apgd-ce, apgd-dlr" in out  # the library's log, shown
+    assert "auto-attack: using standard version" in out
+    r = _results(tiny_run, "autoattack")
+    assert r["format"] == "carso-eval/1" and r["n_examples"] == 6 and r["batches"] == 2
+    s = r["settings"]
+    assert (s["attack"], s["samples"], s["aa_steps"], s["aa_eot"], s["seed"]) == ("autoattack", 2, 2, 1, 0)
+    assert len(s["classifier_sha256"]) == 64 and r["versions"]["pyautoattack"] == "0.2.0"
+    assert r["wall_time_s"] > 0 and r["processes"] == 1
+    flags = r["flags"]
+    for key in ("classifier_clean", "classifier_aa", "carso_clean", "carso_randaa", "carso_randaa_library"):
+        assert len(flags[key]) == 6 and set(flags[key]) <= {0, 1}, key
+    assert len(flags["carso_randaa_repeats"]) == 2 and len(flags["carso_clean_repeats"][0]) == 6
+    # Robust ≤ clean, per example.
+    for clean, robust in (("classifier_clean", "classifier_aa"), ("carso_clean", "carso_randaa")):
+        assert all(rb <= c for c, rb in zip(flags[clean], flags[robust]))
+    m = r["metrics"]
+    assert m["AT/AA"]["accuracy"] <= m["AT/Cl"]["accuracy"] and m["C/randAA"]["accuracy"] <= m["C/Cl"]["accuracy"]
+    rep = r["reclassification"]["randAA"]
+    assert rep["worst"] <= rep["single"] and rep["repeats"] == 2
+
+
+def test_eval_classifier_is_broken_at_eps_one(tiny_run: Path) -> None:
+    code, out = _eval(tiny_run, "--target", "classifier", "--eps", "1", "--n-examples", "8", "--name", "eps1")
+    assert code == 0, out
+    r = _results(tiny_run, "eps1")
+    assert r["metrics"]["AT/AA"]["correct"] == 0 and r["settings"]["eps"] == 1.0
+    assert "carso_clean" not in r["flags"]  # --target classifier: CARSO is not evaluated
+
+
+@pytest.mark.parametrize("eps", ["2", "8/0", "abc", "-0.1"])
+def test_eval_rejects_bad_eps(tiny_run: Path, eps: str) -> None:
+    code, out = _eval(tiny_run, "--eps", eps, "--n-examples", "2")
+    assert code == 1
+    assert "error:" in out and "--eps" in out and "Traceback" not in out
+
+
+def test_eval_resume_skips_finished_batches(tiny_run: Path) -> None:
+    args = ["--attack", "pgd-eot", "--n-examples", "8", "--batch-size", "2", "--samples", "2"]
+    code, out = _eval(tiny_run, *args)
+    assert code == 0, out
+    first = _results(tiny_run, "pgd-eot")
+    folder = tiny_run / "eval" / "pgd-eot"
+    assert sorted(p.name for p in folder.glob("batch-*.json")) == [f"batch-0000{k}.json" for k in range(4)]
+    # An interruption after three batches: the fourth and the final results are missing.
+    (folder / "batch-00002.json").unlink()
+    (folder / "results.json").unlink()
+    before = {k: os.stat(folder / f"batch-0000{k}.json").st_mtime_ns for k in (0, 1, 3)}
+    code, out = _eval(tiny_run, *args, "--resume")
+    assert code == 0, out
+    assert "resumed: 3 batch(es) found on disk, 1 computed" in out
+    assert {k: os.stat(folder / f"batch-0000{k}.json").st_mtime_ns for k in (0, 1, 3)} == before
+    second = _results(tiny_run, "pgd-eot")
+    assert second["flags"] == first["flags"]  # per-example seeding: the redone batch gives the same flags
+    assert "PGD+EoT" in second["metrics"] and "AT/PGD+EoT" in second["metrics"]
+    # Resuming with other settings is refused, with a way out.
+    code, out = _eval(tiny_run, *args, "--resume", "--seed", "1")
+    assert code == 1 and "other settings" in out and "--name" in out
+
+
+def test_eval_results_do_not_depend_on_batch_size(tiny_run: Path) -> None:
+    base = ["--attack", "pgd-eot", "--target", "carso", "--n-examples", "6", "--samples", "2"]
+    assert _eval(tiny_run, *base, "--batch-size", "6", "--name", "b6")[0] == 0
+    assert _eval(tiny_run, *base, "--batch-size", "4", "--name", "b4")[0] == 0
+    a, b = _results(tiny_run, "b6")["flags"], _results(tiny_run, "b4")["flags"]
+    assert a == b
+
+
+@pytest.mark.slow
+def test_eval_sharded_equals_single_process(tiny_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tiny_run.parent.parent)  # the torchrun workers find the run by the same path
+    args = ["--n-examples", "6", "--batch-size", "3", "--samples", "2"]
+    assert _eval(tiny_run, *args, "--name", "one")[0] == 0
+    code, out = _eval(tiny_run, *args, "--name", "two", "--gpus", "2")
+    assert code == 0, out
+    one, two = _results(tiny_run, "one"), _results(tiny_run, "two")
+    assert two["processes"] == 2 and one["processes"] == 1
+    assert one["flags"] == two["flags"]
+    assert one["metrics"] == two["metrics"]
+    assert {json.loads(p.read_text())["rank"] for p in (tiny_run / "eval" / "two").glob("batch-*.json")} == {0, 1}
