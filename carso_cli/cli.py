@@ -89,6 +89,9 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 # (command name, module): each module defines ``cli``. Order = order in ``carso --help``.
 COMMANDS: list[tuple[str, str]] = [
     ("info", "carso_cli.commands.info"),
+    ("train-classifier", "carso_cli.commands.train_classifier"),
+    ("train-purifier", "carso_cli.commands.train_purifier"),
+    ("plot", "carso_cli.commands.plot"),
     ("predict", "carso_cli.commands.predict"),
     ("convert", "carso_cli.commands.convert"),
     ("eval", "carso_cli.commands.evaluate"),

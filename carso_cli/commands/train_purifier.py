@@ -1,0 +1,326 @@
+"""``carso train-purifier``: train the purifier against a frozen classifier (sections 4.4 and 5.1).
+
+Each step: an adversarially-balanced batch (a preset fraction of it attacked by FGSM/PGD at ε/2 and ε
+against the classifier), the classifier's representation of it, the purifier's VAE pass, and the loss —
+summed BCE to the *clean* image plus β·KL — optimised by RAdam inside Lookahead with the per-epoch
+LR schedule of Table 16. Runs in one process or under torchrun (DDP + SyncBatchNorm, the preset's batch
+being the global one); every random draw depends on (seed, epoch, batch) only, so N processes
+compute what one does and a resumed run ends where an uninterrupted one ends.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import torch
+import typer
+from torch import nn
+
+from carso_cli import checkpoint as ckpt
+from carso_cli import distributed
+from carso_cli import training as tr
+from carso_cli.commands._common import DataRootOpt, DeviceOpt, GpusOpt, SeedOpt, SetOpt, load_preset, resolve_device
+from carso_cli.config import Config, apply_overrides, config_to_toml, load_config, parse_override
+from carso_cli.errors import CarsoError, CheckpointError
+from carso_cli.models import Purifier, build_purifier, load_classifier, set_eval_frozen, write_run
+from carso_cli.models.representation import forward_with_representation
+
+CHECKPOINT = Path("checkpoints") / "last.safetensors"
+CURVES_FILE = "curves.png"
+KIND = "purifier"
+SUMS = ["loss", "bce", "kl", "count"]
+
+
+class PurifierTrainStep(nn.Module):
+    """The purifier's training pass with its reparameterisation noise given from outside.
+
+    The noise ε ~ N(0, I) is drawn for the global batch from a (seed, epoch, batch) generator, so it does
+    not depend on how the batch is split across ranks. Wrapping the pass in one module lets DDP see it.
+    """
+
+    def __init__(self, purifier: Purifier) -> None:
+        super().__init__()
+        self.purifier = purifier
+
+    def forward(
+        self, x: torch.Tensor, representation: list[torch.Tensor], noise: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x: (B, C, H, W) purifier input; noise: (B, fjoint). Returns (reconstruction, μ, log σ²)."""
+        p = self.purifier
+        if p.input_encoder is None or p.joint_encoder is None:
+            raise RuntimeError("an inference-only purifier cannot be trained")
+        c = p.condition_encoder(representation)
+        mu, logvar = p.joint_encoder(p.input_encoder(x), c)
+        z = mu + noise.to(mu.dtype) * torch.exp(0.5 * logvar)  # reparameterisation trick
+        return p.decoder(z, c), mu, logvar
+
+
+@dataclasses.dataclass
+class PurifierResult:
+    run: Path
+    resumed_from: tr.Position | None
+    records: list[dict[str, Any]]
+
+
+def _run_dir(out: Path | None, cfg: Config, resume: bool, ctx: distributed.DistContext) -> Path:
+    """The run directory, made by rank 0 and broadcast (so a default timestamped name is shared)."""
+    path: str | None = None
+    if ctx.is_main:
+        if resume:
+            run = Path(out) if out is not None else ckpt.latest_run(require=str(CHECKPOINT))
+            if not (run / CHECKPOINT).is_file():
+                raise CheckpointError(f"cannot resume: {run / CHECKPOINT} not found (was this run started?)")
+        elif out is None:
+            run = ckpt.new_run_dir(cfg.name)
+        else:
+            run = Path(out)
+            if (run / CHECKPOINT).is_file() or (run / ckpt.PURIFIER_FILE).is_file():
+                raise CarsoError(f"{run} already holds a training run: pass --resume to continue it, or another --out")
+            run.mkdir(parents=True, exist_ok=True)
+        path = str(run)
+    return Path(distributed.broadcast_object(path, ctx))
+
+
+def resume_config(run: Path | None, sets: list[str] | None = None, epochs: int | None = None) -> Config:
+    """The config a resumed run continues with: its ``config.toml`` plus ``--set`` / ``--epochs``."""
+    run = run if run is not None else ckpt.latest_run(require=str(CHECKPOINT))
+    if not (run / ckpt.CONFIG_FILE).is_file():
+        raise CheckpointError(f"cannot resume: {run} has no {ckpt.CONFIG_FILE}")
+    cfg = load_config(run / ckpt.CONFIG_FILE)
+    overrides: dict[str, Any] = dict(parse_override(s) for s in sets or [])
+    if epochs is not None:
+        overrides["training.epochs"] = epochs
+    if overrides:
+        apply_overrides(cfg, overrides)
+    return cfg
+
+
+def run(
+    cfg: Config,
+    classifier: Path | None,
+    out: Path | None = None,
+    *,
+    device: torch.device | None = None,
+    resume: bool = False,
+    data_root: Path = Path("data"),
+    seed: int = 0,
+    bf16: bool | None = None,
+    console: Any = None,
+) -> PurifierResult:
+    """Train (or resume) a purifier; returns the run directory with ``purifier.safetensors`` in it.
+
+    Args:
+        cfg: the preset (for ``resume``, ``resume_config(run)``).
+        classifier: weights of the preset's classifier (``.safetensors``/``.pt``); ignored when resuming
+            (the run keeps its own copy).
+        out: run directory (default ``runs/<preset>-<timestamp>``; with ``resume``, the latest run).
+        bf16: autocast to bfloat16 on CUDA (default: the preset's ``training.bf16``); CPU is float32.
+    """
+    ctx = distributed.setup(device or resolve_device(None))
+    try:
+        return _train(cfg, classifier, out, ctx, resume, Path(data_root), seed, bf16, console)
+    finally:
+        distributed.teardown()
+
+
+def _train(cfg: Config, classifier_path: Path | None, out: Path | None, ctx: distributed.DistContext,
+           resume: bool, data_root: Path, seed: int, bf16: bool | None, console: Any) -> PurifierResult:
+    from carso_cli import data
+
+    device = ctx.device
+    t = cfg.training
+    run_dir = _run_dir(out, cfg, resume, ctx)
+    state: tr.TrainingState | None = None
+    if resume:
+        state = tr.load_training_state(run_dir / CHECKPOINT, KIND)
+        seed = int(state.extra.get("seed", seed))
+        classifier_file = ckpt.classifier_path_of(run_dir)
+        if classifier_path is not None and ckpt.sha256_file(classifier_path) != ckpt.sha256_file(classifier_file):
+            raise CheckpointError(f"--classifier {classifier_path} differs from the classifier of {run_dir}")
+    else:
+        if classifier_path is None:
+            raise CarsoError("--classifier is required: the weights of the preset's (adversarially-trained) classifier")
+        classifier_file = Path(classifier_path)
+        if not classifier_file.is_file():
+            raise CheckpointError(f"--classifier: file not found: {classifier_file}")
+        tr.seed_everything(seed, ctx.rank)
+
+    classifier = load_classifier(cfg, classifier_file, device)
+    set_eval_frozen(classifier)
+    if ctx.is_main:
+        ckpt.atomic_write_text(run_dir / ckpt.CONFIG_FILE, config_to_toml(cfg))
+        if not resume:
+            ckpt.save_tensors(run_dir / ckpt.CLASSIFIER_FILE, classifier.state_dict(), {"format": "carso-classifier"})
+
+    # The same initial purifier on every rank (DDP would broadcast rank 0's anyway).
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(tr.derived_seed(seed, 11))
+        purifier = build_purifier(cfg, classifier).to(device)
+    if ctx.distributed:
+        purifier = nn.SyncBatchNorm.convert_sync_batchnorm(purifier)
+    radam = torch.optim.RAdam(
+        purifier.parameters(), lr=tr.lr_at_epoch(t, 0), betas=(t.radam_beta1, t.radam_beta2),
+        eps=t.radam_eps, weight_decay=t.weight_decay,
+    )
+    optimizer = tr.Lookahead(radam, k=t.lookahead_k, alpha=t.lookahead_alpha)
+    start = tr.Position()
+    if state is not None:
+        ckpt.load_into(purifier, state.model, what=f"purifier in {run_dir / CHECKPOINT}")
+        tr.load_optimizer_state(optimizer, state.optimizer)
+        tr.restore_rank_rng(state, ctx)
+        start = state.position
+        if ctx.is_main and console is not None:
+            console.print(f"resumed {run_dir} from epoch {start.epoch}, batch {start.batch} (of {t.epochs} epochs)")
+        if start.epoch >= t.epochs:
+            raise CarsoError(f"{run_dir} already trained {start.epoch} epochs; pass --epochs N (N > {start.epoch}) to extend it")
+
+    on_cuda = device.type == "cuda"
+    use_bf16 = on_cuda and (t.bf16 if bf16 is None else bf16)
+    if on_cuda:
+        torch.backends.cudnn.benchmark = True
+        classifier.to(memory_format=torch.channels_last)
+        purifier.to(memory_format=torch.channels_last)
+    step_module: nn.Module = PurifierTrainStep(purifier)
+    if ctx.distributed:
+        step_module = nn.parallel.DistributedDataParallel(
+            step_module, device_ids=[device.index] if on_cuda else None, broadcast_buffers=False
+        )
+    purifier.train()
+
+    if ctx.is_main:
+        dataset = data.build_dataset(cfg, "train", root=data_root, download=True, augment=cfg.data.augment)
+    distributed.barrier(ctx)  # rank 0 downloads first
+    if not ctx.is_main:
+        dataset = data.build_dataset(cfg, "train", root=data_root, download=False, augment=cfg.data.augment)
+
+    layers = list(purifier.spec.layers)
+    plan = tr.balanced_batch_plan(t.batch_size, t.adversarial_fraction)
+    tr.attack_strengths(cfg.attacks)  # fail early on a malformed preset
+    fjoint = purifier.spec.fjoint
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else nullcontext
+    beta = [0.0]
+
+    def start_epoch(epoch: int) -> dict[str, float]:
+        lr = tr.lr_at_epoch(t, epoch)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        beta[0] = tr.beta_at_epoch(t, epoch)
+        return {"beta": beta[0], "lr": lr}
+
+    def compute(b: tr.Batch) -> torch.Tensor:
+        x = b.x.to(device, non_blocking=True)
+        y = b.y.to(device, non_blocking=True)
+        if on_cuda:
+            x = x.contiguous(memory_format=torch.channels_last)
+        gen = tr.batch_generator(device, seed, b.epoch, b.index, 2)
+        with autocast():
+            x_in = tr.make_balanced_batch(classifier, x, y, plan.slice(b.lo, b.hi), cfg.attacks, gen,
+                                          global_plan=plan, offset=b.lo)
+            with torch.no_grad():
+                _, representation = forward_with_representation(classifier, layers, x_in, keep_graph=False)
+        noise = torch.randn((b.global_size, fjoint), generator=gen, device=device)[b.lo:b.hi]
+        with autocast():
+            x_hat, mu, logvar = step_module(x_in, representation, noise)
+        loss = tr.vae_loss(x_hat, x, mu, logvar, beta[0])
+        # DDP averages gradients over ranks: Σ_local / B_global · world = the global batch mean.
+        (loss.total * (ctx.world_size / b.global_size)).backward()
+        return torch.stack([loss.total.detach(), loss.bce.detach(), loss.kl.detach(),
+                            torch.tensor(float(x.shape[0]), device=device)]).double()
+
+    def update() -> None:
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def display(sums: list[float]) -> dict[str, float]:
+        n = max(sums[3], 1.0)
+        return {"loss": sums[0] / n, "bce": sums[1] / n, "kl": sums[2] / n}
+
+    def save(position: tr.Position, epoch_sums: list[float] | None) -> None:
+        rng = tr.gather_rng(ctx)
+        if ctx.is_main:
+            tr.save_training_state(
+                run_dir / CHECKPOINT, kind=KIND, position=position, model=purifier, optimizer=optimizer,
+                config_toml=config_to_toml(cfg), rng=rng, epoch_sums=epoch_sums,
+                extra={"seed": seed, "world_size": ctx.world_size},
+            )
+        distributed.barrier(ctx)
+
+    metrics = run_dir / ckpt.METRICS_FILE
+    if ctx.is_main:
+        if resume:
+            tr.truncate_metrics(metrics, start.epoch)
+        elif metrics.exists():
+            metrics.unlink()
+    spec = tr.LoopSpec(
+        ctx=ctx, dataset=dataset, global_batch=t.batch_size, epochs=t.epochs, seed=seed, sums=SUMS,
+        title=f"purifier ({cfg.name})", num_workers=cfg.data.num_workers, checkpoint_every=t.checkpoint_every,
+        metrics_path=metrics if ctx.is_main else None,
+    )
+    records = tr.run_loop(spec, tr.LoopHooks(start_epoch, compute, update, display, save), start,
+                          state.epoch_sums if state is not None else None, console=console)
+
+    if ctx.is_main:
+        # The slow weights are the trained purifier (Lookahead); the bundle drops the input and joint
+        # encoders, which inference does not use (section 4.1).
+        with optimizer.slow_weights():
+            purifier.eval()
+            write_run(run_dir, cfg, classifier, purifier)
+        _plot(run_dir)
+    distributed.barrier(ctx)
+    return PurifierResult(run_dir, start if resume else None, records)
+
+
+def _plot(run_dir: Path) -> None:
+    from carso_cli.commands.plot import plot_metrics
+
+    plot_metrics(run_dir / ckpt.METRICS_FILE, run_dir / CURVES_FILE, title=f"purifier — {run_dir.name}")
+
+
+# --------------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------------
+
+
+def cli(
+    preset: Annotated[Optional[str], typer.Option("--preset", "-p", help="Preset name or .toml (not needed with --resume).")] = None,
+    classifier: Annotated[Optional[Path], typer.Option("--classifier", help="Classifier weights (.safetensors, .pt, .pth).")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Run directory (default runs/<preset>-<timestamp>).")] = None,
+    epochs: Annotated[Optional[int], typer.Option("--epochs", min=1, help="Epochs (overrides training.epochs; with --resume, extends the run).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", min=1, help="Global batch size (split across processes).")] = None,
+    gpus: GpusOpt = 1,
+    device: DeviceOpt = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out (default: the latest) from its last checkpoint.")] = False,
+    data_root: DataRootOpt = Path("data"),
+    seed: SeedOpt = 0,
+    bf16: Annotated[Optional[bool], typer.Option("--bf16/--no-bf16", help="bfloat16 autocast on CUDA (default: the preset's).")] = None,
+    set_: SetOpt = None,
+) -> None:
+    """Train the purifier against a frozen classifier (adversarially-balanced batches, RAdam+Lookahead)."""
+    from carso_cli.cli import console
+
+    if distributed.should_relaunch(gpus):
+        argv = tr.relaunch_argv("train-purifier", preset=preset, classifier=classifier, out=out, epochs=epochs, batch_size=batch_size,
+                              gpus=gpus, device=device, resume=resume, data_root=data_root, seed=seed, set=set_)
+        if bf16 is not None:
+            argv.append("--bf16" if bf16 else "--no-bf16")
+        raise typer.Exit(distributed.relaunch(gpus, argv))
+    if resume:
+        if batch_size is not None:
+            raise CarsoError("--batch-size cannot change when resuming (the batch composition is part of the run)")
+        cfg = resume_config(out, set_, epochs)
+    else:
+        if preset is None:
+            raise CarsoError("--preset is required (or --resume to continue a run)")
+        cfg = load_preset(preset, set_, **{"training.epochs": epochs, "training.batch_size": batch_size})
+    result = run(cfg, classifier, out, device=resolve_device(device), resume=resume, data_root=data_root,
+                 seed=seed, bf16=bf16, console=console)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    last = result.records[-1] if result.records else {}
+    summary = ", ".join(f"{k} {last[k]:.4g}" for k in ("loss", "bce", "kl") if k in last)
+    console.print(f"purifier trained: {result.run / ckpt.PURIFIER_FILE}" + (f" (last epoch: {summary})" if summary else ""))
+    console.print(str(result.run))
