@@ -92,11 +92,11 @@ def clean_accuracy(model: nn.Module, dataset: torch.utils.data.Dataset, device: 
 
 
 # Examples over which the BatchNorm statistics are re-estimated at the end of training.
-PRECISE_BN_EXAMPLES = 2048
+PRECISE_BN_EXAMPLES = 1024
 
 
 def recalibrate_bn(model: nn.Module, spec: tr.LoopSpec, make_input: Any, epoch: int) -> None:
-    """Re-estimate BatchNorm running statistics as exact averages over ~2k training inputs ("precise BN").
+    """Re-estimate BatchNorm running statistics as exact averages over ~1k training inputs ("precise BN").
 
     The DeepMind WideResNet's BatchNorm momentum is 0.01: its running statistics need several hundred
     steps to forget their initial values, more than a short run (the smoke preset) takes, and an
