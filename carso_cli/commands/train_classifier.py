@@ -178,7 +178,7 @@ def _train(cfg: Config, out: Path | None, ctx: distributed.DistContext, resume: 
         torch.manual_seed(tr.derived_seed(seed, 13))
         model = build_classifier(cfg).to(device)
     if ctx.distributed:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = tr.convert_sync_batchnorm(model, device)  # type: ignore[assignment]
     optimizer = torch.optim.SGD(model.parameters(), lr=ct.lr, momentum=ct.momentum, weight_decay=ct.weight_decay)
     start = tr.Position()
     if state is not None:
@@ -187,7 +187,8 @@ def _train(cfg: Config, out: Path | None, ctx: distributed.DistContext, resume: 
         tr.restore_rank_rng(state, ctx)
         start = state.position
         if ctx.is_main and console is not None:
-            console.print(f"resumed {weights} from epoch {start.epoch}, batch {start.batch} (of {ct.epochs} epochs)")
+            console.print(f"resumed from epoch {start.epoch}, batch {start.batch} (of {ct.epochs} epochs): {weights}",
+                          soft_wrap=True)
         if start.epoch >= ct.epochs:
             raise CarsoError(f"{weights} already trained {start.epoch} epochs; pass --epochs N (N > {start.epoch}) to extend it")
 
@@ -198,8 +199,7 @@ def _train(cfg: Config, out: Path | None, ctx: distributed.DistContext, resume: 
         model.to(memory_format=torch.channels_last)
     net: nn.Module = model
     if ctx.distributed:
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if on_cuda else None,
-                                                  broadcast_buffers=False)
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if on_cuda else None)
     model.train()
 
     if ctx.is_main:
@@ -338,4 +338,4 @@ def cli(
         return
     if result.clean_accuracy == result.clean_accuracy:  # not NaN
         console.print(f"clean test accuracy: {100 * result.clean_accuracy:.2f}%")
-    console.print(str(result.weights))
+    console.print(str(result.weights), soft_wrap=True, highlight=False)

@@ -161,7 +161,7 @@ def _train(cfg: Config, classifier_path: Path | None, out: Path | None, ctx: dis
         torch.manual_seed(tr.derived_seed(seed, 11))
         purifier = build_purifier(cfg, classifier).to(device)
     if ctx.distributed:
-        purifier = nn.SyncBatchNorm.convert_sync_batchnorm(purifier)
+        purifier = tr.convert_sync_batchnorm(purifier, device)  # type: ignore[assignment]
     radam = torch.optim.RAdam(
         purifier.parameters(), lr=tr.lr_at_epoch(t, 0), betas=(t.radam_beta1, t.radam_beta2),
         eps=t.radam_eps, weight_decay=t.weight_decay,
@@ -174,7 +174,8 @@ def _train(cfg: Config, classifier_path: Path | None, out: Path | None, ctx: dis
         tr.restore_rank_rng(state, ctx)
         start = state.position
         if ctx.is_main and console is not None:
-            console.print(f"resumed {run_dir} from epoch {start.epoch}, batch {start.batch} (of {t.epochs} epochs)")
+            console.print(f"resumed from epoch {start.epoch}, batch {start.batch} (of {t.epochs} epochs): {run_dir}",
+                          soft_wrap=True)
         if start.epoch >= t.epochs:
             raise CarsoError(f"{run_dir} already trained {start.epoch} epochs; pass --epochs N (N > {start.epoch}) to extend it")
 
@@ -187,7 +188,7 @@ def _train(cfg: Config, classifier_path: Path | None, out: Path | None, ctx: dis
     step_module: nn.Module = PurifierTrainStep(purifier)
     if ctx.distributed:
         step_module = nn.parallel.DistributedDataParallel(
-            step_module, device_ids=[device.index] if on_cuda else None, broadcast_buffers=False
+            step_module, device_ids=[device.index] if on_cuda else None
         )
     purifier.train()
 
@@ -322,5 +323,6 @@ def cli(
         return
     last = result.records[-1] if result.records else {}
     summary = ", ".join(f"{k} {last[k]:.4g}" for k in ("loss", "bce", "kl") if k in last)
-    console.print(f"purifier trained: {result.run / ckpt.PURIFIER_FILE}" + (f" (last epoch: {summary})" if summary else ""))
-    console.print(str(result.run))
+    console.print(f"purifier trained: {result.run / ckpt.PURIFIER_FILE}" + (f" (last epoch: {summary})" if summary else ""),
+                  soft_wrap=True, highlight=False)
+    console.print(str(result.run), soft_wrap=True, highlight=False)

@@ -1,0 +1,236 @@
+"""``carso train-purifier`` (and ``carso plot``): a real smoke training, resume equality, interruption,
+non-finite loss, the 2-process gloo equivalence, and the CLI's errors."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from carso_cli import checkpoint as ckpt
+from carso_cli import training as tr
+from carso_cli.cli import app
+from carso_cli.commands import train_purifier
+from carso_cli.config import load_config, parse_override
+from carso_cli.errors import TrainingError
+from carso_cli.models import build_classifier, load_run
+
+runner = CliRunner()
+CPU = torch.device("cpu")
+
+# A tiny training: 48 examples in batches of 16 (3 steps an epoch), 2-step PGD, Lookahead k = 2 so that
+# slow-weight updates happen within a few steps.
+TINY = [
+    "data.synthetic_train_size=48",
+    "training.batch_size=16",
+    "training.epochs=2",
+    "training.lookahead_k=2",
+    "attacks.pgd_steps=2",
+]
+
+
+def tiny_cfg(*extra: str):
+    return load_config("smoke", dict(parse_override(s) for s in (*TINY, *extra)))
+
+
+@pytest.fixture(scope="module")
+def classifier_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Random smoke classifier weights (what training needs is a classifier, not a good one)."""
+    path = tmp_path_factory.mktemp("cls") / "classifier.safetensors"
+    torch.manual_seed(0)
+    ckpt.save_tensors(path, build_classifier(load_config("smoke")).state_dict())
+    return path
+
+
+def state_tensors(run: Path) -> dict[str, torch.Tensor]:
+    tensors, _ = ckpt.load_tensors(run / train_purifier.CHECKPOINT)
+    return {k: v for k, v in tensors.items() if not k.startswith("rng.")}
+
+
+def interrupt_at_reduce(monkeypatch: pytest.MonkeyPatch, call: int) -> None:
+    """Send this process SIGTERM during the ``call``-th step (counting from 1), as a user or scheduler would."""
+    real = tr._all_reduce
+    calls = {"n": 0}
+
+    def reduce(values, ctx):
+        calls["n"] += 1
+        if calls["n"] == call:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(values, ctx)
+
+    monkeypatch.setattr(tr, "_all_reduce", reduce)
+
+
+def cli_args(classifier: Path, out: Path, *extra: str) -> list[str]:
+    sets = [a for s in TINY for a in ("--set", s)]
+    return ["train-purifier", "--preset", "smoke", "--classifier", str(classifier), "--out", str(out),
+            "--device", "cpu", *sets, *extra]
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def test_smoke_training_reconstruction_loss_falls(trained_smoke_run: Path) -> None:
+    run = trained_smoke_run
+    records = tr.read_metrics(run / ckpt.METRICS_FILE)
+    cfg = load_config(run / ckpt.CONFIG_FILE)
+    assert [r["epoch"] for r in records] == list(range(cfg.training.epochs))
+    bce = [r["bce"] for r in records]
+    assert bce[-1] < bce[1] < bce[0]  # the reconstruction loss falls
+    assert [r["lr"] for r in records] == pytest.approx([tr.lr_at_epoch(cfg.training, e) for e in range(6)])
+    assert [r["beta"] for r in records] == [tr.beta_at_epoch(cfg.training, e) for e in range(6)]
+    assert (run / train_purifier.CURVES_FILE).stat().st_size > 1000
+    # The inference bundle drops the input and joint encoders; the training checkpoint keeps them.
+    bundle, meta = ckpt.load_tensors(run / ckpt.PURIFIER_FILE)
+    assert meta["parts"] == "inference" and not any(k.startswith(("input_encoder", "joint_encoder")) for k in bundle)
+    assert any(k.startswith("model.input_encoder.") for k in state_tensors(run))
+    # CARSO classifies the synthetic test set well above chance (10 classes).
+    from carso_cli.data import build_dataset
+
+    loaded = load_run(run)
+    test = build_dataset(loaded.cfg, "test")
+    x = torch.stack([test[i][0] for i in range(200)])
+    y = torch.tensor([test[i][1] for i in range(200)])
+    torch.manual_seed(0)
+    with torch.no_grad():
+        accuracy = (loaded.carso()(x).argmax(1) == y).float().mean().item()
+    assert accuracy > 0.3
+
+
+def test_resume_after_sigterm_equals_uninterrupted(tmp_path: Path, classifier_file: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    whole = train_purifier.run(tiny_cfg(), classifier_file, tmp_path / "whole", device=CPU).run
+
+    # SIGTERM during the 4th step (epoch 1, batch 0), after its stop flag was sampled: the next batch
+    # sees it and finishes, then a consistent mid-epoch checkpoint is written and the command stops.
+    interrupt_at_reduce(monkeypatch, 4)
+    out = tmp_path / "interrupted"
+    result = runner.invoke(app, cli_args(classifier_file, out))
+    assert result.exit_code == 1, result.output
+    assert "stopped by SIGTERM at epoch 1, batch 2" in result.output and "--resume" in result.output
+    assert not (out / ckpt.PURIFIER_FILE).exists()
+    monkeypatch.undo()
+
+    result = runner.invoke(app, ["train-purifier", "--resume", "--out", str(out), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "resumed" in result.output and "from epoch 1, batch 2" in result.output
+    expected, got = state_tensors(whole), state_tensors(out)
+    assert expected.keys() == got.keys()
+    assert any(k.startswith("lookahead.slow.") for k in got) and any(".exp_avg_sq" in k for k in got)
+    for k in expected:
+        assert torch.equal(expected[k], got[k]), k
+    for name in (ckpt.PURIFIER_FILE, ckpt.CLASSIFIER_FILE):
+        a, _ = ckpt.load_tensors(whole / name)
+        b, _ = ckpt.load_tensors(out / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    losses = lambda run: [(r["epoch"], r["loss"]) for r in tr.read_metrics(run / ckpt.METRICS_FILE)]  # noqa: E731
+    assert losses(out) == losses(whole)
+
+    # Extending a finished run: --resume --epochs 3 continues from epoch 2.
+    result = runner.invoke(app, ["train-purifier", "--resume", "--out", str(out), "--device", "cpu",
+                                 "--epochs", "3", "--set", "training.checkpoint_every=5"])
+    assert result.exit_code == 0 and "from epoch 2, batch 0" in result.output
+    assert [r["epoch"] for r in tr.read_metrics(out / ckpt.METRICS_FILE)] == [0, 1, 2]
+
+
+def test_slow_weights_are_saved(tmp_path: Path, classifier_file: Path) -> None:
+    """After 3 steps with k = 2 the model holds fast weights; the bundle holds the slow ones."""
+    run = train_purifier.run(tiny_cfg("training.epochs=1"), classifier_file, tmp_path / "r", device=CPU).run
+    state = tr.load_training_state(run / train_purifier.CHECKPOINT, "purifier")
+    bundle, _ = ckpt.load_tensors(run / ckpt.PURIFIER_FILE)
+    purifier = train_purifier.build_purifier(tiny_cfg(), build_classifier(tiny_cfg()))
+    names = [n for n, _ in purifier.named_parameters()]
+    slow = dict(zip(names, state.optimizer["slow_flat"]))
+    assert state.optimizer["counter"] == 3
+    for name in names:
+        if name in bundle:
+            assert torch.equal(bundle[name], slow[name]), name
+    moved = [n for n in names if n in bundle and not torch.equal(state.model[n], slow[n])]
+    assert moved  # the third (fast) step moved them away from the slow weights
+
+
+def test_non_finite_loss_names_epoch_and_batch(tmp_path: Path, classifier_file: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    real = tr.vae_loss
+    calls = {"n": 0}
+
+    def vae_loss(*args, **kwargs):
+        calls["n"] += 1
+        loss = real(*args, **kwargs)
+        if calls["n"] == 5:  # epoch 1, batch 1
+            return tr.VAELoss(loss.total * float("nan"), loss.bce, loss.kl)
+        return loss
+
+    monkeypatch.setattr(tr, "vae_loss", vae_loss)
+    out = tmp_path / "nan"
+    with pytest.raises(TrainingError, match=r"non-finite loss at epoch 1, batch 1 .*last good checkpoint"):
+        train_purifier.run(tiny_cfg(), classifier_file, out, device=CPU)
+    state = tr.load_training_state(out / train_purifier.CHECKPOINT, "purifier")
+    assert state.position == tr.Position(1, 0)  # the checkpoint after epoch 0 stays
+    assert all(torch.isfinite(v).all() for v in state.model.values() if v.is_floating_point())
+
+
+@pytest.mark.slow
+def test_two_processes_gloo_equal_one_process(tmp_path: Path, classifier_file: Path) -> None:
+    """``--gpus 2 --device cpu`` (torchrun, gloo, DDP + SyncBatchNorm) = one process with the same global batch.
+
+    Two steps of a global batch of 16 (8 per rank, with attacks), k = 2 so that the Lookahead slow
+    update happens. Float reductions across processes differ in order, hence allclose at 1e-5.
+    """
+    sets = ["data.synthetic_train_size=32", "training.epochs=1"]
+    one = train_purifier.run(tiny_cfg(*sets), classifier_file, tmp_path / "one", device=CPU).run
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = [a for s in (*TINY, *sets) for a in ("--set", s)]
+    cmd = [sys.executable, "-m", "carso_cli", "train-purifier", "--gpus", "2", "--device", "cpu", "--preset", "smoke",
+           "--classifier", str(classifier_file), "--out", str(tmp_path / "two"), *args]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    meta = ckpt.read_metadata(tmp_path / "two" / train_purifier.CHECKPOINT)
+    assert '"world_size": 2' in meta["state"]
+    a, b = state_tensors(one), state_tensors(tmp_path / "two")
+    assert a.keys() == b.keys()
+    assert any(k.startswith("lookahead.slow.") for k in a)
+    for k in a:
+        if a[k].is_floating_point():
+            assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-5), (k, (a[k] - b[k]).abs().max())
+        else:
+            assert torch.equal(a[k], b[k]), k
+    # the weights did change in these two steps
+    init = train_purifier.build_purifier(tiny_cfg(), build_classifier(tiny_cfg()))
+    assert not torch.allclose(a["model.decoder.fc.weight"], init.state_dict()["decoder.fc.weight"])
+
+
+def test_cli_errors(tmp_path: Path, classifier_file: Path) -> None:
+    cases = [
+        (cli_args(tmp_path / "missing.safetensors", tmp_path / "a"), "file not found"),
+        (["train-purifier", "--classifier", str(classifier_file), "--device", "cpu"], "--preset is required"),
+        (["train-purifier", "--resume", "--out", str(tmp_path / "nothing"), "--device", "cpu"], "cannot resume"),
+        (cli_args(classifier_file, tmp_path / "b", "--set", "training.batch_size=64"), "fewer than one batch"),
+    ]
+    for args, text in cases:
+        result = runner.invoke(app, args)
+        assert result.exit_code == 1, (args, result.output)
+        assert "error:" in result.output and text in result.output, result.output
+        assert "Traceback" not in result.output
+    wrong = tmp_path / "wrong.safetensors"
+    ckpt.save_tensors(wrong, {"w": torch.zeros(3)})
+    result = runner.invoke(app, cli_args(wrong, tmp_path / "c"))
+    assert result.exit_code == 1 and "do not match the model" in result.output
+
+
+def test_plot_command(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    for e, lr in enumerate([1e-4, 1e-2, 5e-3]):
+        tr.append_metrics(run / ckpt.METRICS_FILE, {"epoch": e, "loss": 10 - e, "bce": 9 - e, "kl": 1.0, "beta": e / 2, "lr": lr})
+    result = runner.invoke(app, ["plot", str(run)])
+    assert result.exit_code == 0, result.output
+    png = run / "curves.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    result = runner.invoke(app, ["plot", str(tmp_path / "empty")])
+    assert result.exit_code == 1 and "no metrics file" in result.output
