@@ -1,0 +1,145 @@
+"""``carso bench``: throughput of the real code paths, on whatever device is present.
+
+- ``train``: purifier training images/s (adversarially-balanced batches with FGSM/PGD against the
+  classifier, representation capture, VAE forward/backward, RAdam+Lookahead) — it runs
+  ``train-purifier`` itself for a few batches of the preset's full model on synthetic data. The paper
+  needed 159 min on 8 A100s for 200 epochs of scenario (a) (Table 1): about 131 images/s per A100.
+- ``attack``: CARSO end-to-end gradient evaluations per second (one forward + backward of the whole
+  model: representation, N decodes, N·B classifier passes, aggregation), and the randomized-AutoAttack
+  time that implies for the CIFAR-10 test set (APGD-CE + APGD-DLR, 100 iterations × 20 EoT each, an
+  upper bound: AutoAttack stops attacking examples once they are broken).
+
+Figures go to BENCHMARKS.md with the command and the device printed here.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import tempfile
+import time
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any
+
+import torch
+import typer
+
+from carso_cli.commands._common import DeviceOpt, PresetOpt, SetOpt, load_preset, resolve_device
+from carso_cli.config import Config
+
+
+class What(str, Enum):
+    train = "train"
+    attack = "attack"
+
+
+def environment(device: torch.device) -> dict[str, str]:
+    info = {"torch": torch.__version__, "python": platform.python_version(), "device": str(device)}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["cuda"] = str(torch.version.cuda)
+    else:
+        info["cpu"] = platform.processor() or platform.machine()
+        info["threads"] = str(torch.get_num_threads())
+    return info
+
+
+def bench_train(cfg: Config, device: torch.device, batch_size: int, batches: int, seed: int = 0) -> dict[str, Any]:
+    """Images/s of ``train-purifier`` (second epoch, so start-up and cuDNN autotuning are excluded)."""
+    from carso_cli import checkpoint as ckpt
+    from carso_cli.commands import train_purifier
+    from carso_cli.config import apply_overrides
+    from carso_cli.models import build_classifier
+
+    apply_overrides(cfg, {
+        "data.dataset": "synthetic", "data.synthetic_train_size": batch_size * batches,
+        "data.synthetic_test_size": batch_size, "data.augment": False,
+        "training.batch_size": batch_size, "training.epochs": 2, "training.checkpoint_every": 1000,
+    })
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.manual_seed(seed)
+        classifier = build_classifier(cfg)
+        weights = Path(tmp) / "classifier.safetensors"
+        ckpt.save_tensors(weights, classifier.state_dict())
+        result = train_purifier.run(cfg, weights, Path(tmp) / "run", device=device, seed=seed)
+    last = result.records[-1]
+    return {"images_per_s": last["images_per_s"], "epoch_s": last["time_s"], "batch_size": batch_size,
+            "batches": batches, "adversarial_fraction": cfg.training.adversarial_fraction,
+            "pgd_steps": cfg.attacks.pgd_steps}
+
+
+def bench_attack(cfg: Config, device: torch.device, batch_size: int, iterations: int, seed: int = 0,
+                 bf16: bool = False) -> dict[str, Any]:
+    """End-to-end CARSO gradient evaluations per second, and the randAA time they imply."""
+    from carso_cli.models import CARSO, Purifier, build_classifier, purifier_spec_for, set_eval_frozen
+
+    torch.manual_seed(seed)
+    classifier = build_classifier(cfg).to(device)
+    purifier = Purifier(purifier_spec_for(cfg, classifier), inference_only=True).to(device)
+    model = CARSO(classifier, purifier, samples=cfg.inference.samples, aggregation=cfg.inference.aggregation)
+    set_eval_frozen(classifier, purifier)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    size = cfg.data.image_size
+    x = torch.rand(batch_size, cfg.data.channels, size, size, device=device)
+    y = torch.randint(0, cfg.data.num_classes, (batch_size,), device=device)
+
+    def step() -> None:
+        xa = x.clone().requires_grad_(True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            scores = model(xa)
+        loss = torch.nn.functional.cross_entropy(scores.float(), y)
+        torch.autograd.grad(loss, xa)
+
+    step()  # warm-up (allocator, cuDNN autotuning)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    for _ in range(iterations):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elapsed = time.perf_counter() - t0
+    grads_per_s = batch_size * iterations / elapsed  # example-gradients per second
+    # Randomized AutoAttack (section 5.1): APGD-CE and APGD-DLR, 100 iterations × 20 EoT each, plus
+    # the initial and final forwards; an upper bound (broken examples are not attacked again).
+    per_example = 2 * 100 * cfg.attacks.randaa_eot_iterations
+    test_set = 10_000
+    out = {"example_gradients_per_s": grads_per_s, "batch_size": batch_size, "samples": cfg.inference.samples,
+           "bf16": bf16, "randaa_hours_for_10k_upper_bound": test_set * per_example / grads_per_s / 3600}
+    if device.type == "cuda":
+        out["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return out
+
+
+def cli(
+    what: Annotated[What, typer.Argument(help="train: purifier training images/s; attack: CARSO gradients/s.")] = What.train,
+    preset: PresetOpt = "cifar10",
+    set_: SetOpt = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Batch size (train: global batch).")] = 512,
+    batches: Annotated[int, typer.Option("--batches", min=1, help="train: batches per timed epoch; attack: timed iterations.")] = 10,
+    bf16: Annotated[bool, typer.Option("--bf16/--no-bf16", help="attack: bf16 autocast (CUDA).")] = False,
+    device: DeviceOpt = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a sentence.")] = False,
+) -> None:
+    """Measure throughput of the preset's full model on synthetic data (for BENCHMARKS.md)."""
+    from carso_cli.cli import console
+
+    cfg = load_preset(preset, set_)
+    dev = resolve_device(device)
+    env = environment(dev)
+    if what is What.train:
+        result = bench_train(cfg, dev, batch_size, batches)
+        headline = f"{result['images_per_s']:,.0f} images/s (purifier training, preset {cfg.name})"
+    else:
+        result = bench_attack(cfg, dev, batch_size, batches, bf16=bf16)
+        headline = (f"{result['example_gradients_per_s']:,.1f} end-to-end example-gradients/s → randomized AutoAttack "
+                    f"on 10,000 examples ≤ {result['randaa_hours_for_10k_upper_bound']:,.1f} h (preset {cfg.name})")
+    if json_out:
+        print(json.dumps({"what": what.value, "preset": cfg.name, **result, "environment": env}))
+    else:
+        console.print(headline)
+        console.print(f"[dim]{json.dumps(result)}[/]")
+        console.print(f"[dim]{json.dumps(env)}[/]")
