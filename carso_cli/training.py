@@ -12,7 +12,9 @@ Conventions (all documented here once):
   epoch, the PGD random starts and the VAE's reparameterisation noise are drawn for the *global* batch
   from generators seeded so, then sliced for the local rank. Hence N processes compute what one
   process with the global batch computes, and a run resumed mid-epoch continues exactly as an
-  uninterrupted one.
+  uninterrupted one. Data augmentation (when a preset turns it on) draws from each process's own RNG:
+  it is seeded, saved and restored, but differs between 1 and N processes, and, with loader workers,
+  after a mid-epoch resume (workers are seeded per epoch).
 - Checkpoints are safetensors: tensors (model, flattened optimiser state, Lookahead slow weights, RNG
   states as uint8) plus a JSON header (position, config, format version), written atomically.
 """
@@ -135,7 +137,7 @@ def balanced_batch_plan(batch_size: int, fraction: float) -> BalancedPlan:
     """
     if batch_size < 0 or not 0.0 <= fraction <= 1.0:
         raise ConfigError(f"bad balanced batch: batch_size {batch_size}, fraction {fraction}")
-    n = int(math.floor(fraction * batch_size + 0.5))
+    n = math.floor(fraction * batch_size + 0.5)
     groups = torch.full((batch_size,), CLEAN, dtype=torch.long)
     k = 0
     for i in range(batch_size):
@@ -367,13 +369,13 @@ class _AllReduceSum(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:  # noqa: ARG004
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
         y = x.clone()
         dist.all_reduce(y)
         return y
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:  # noqa: ARG004
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
         grad = grad.clone()
         dist.all_reduce(grad)
         return grad
@@ -704,7 +706,7 @@ class StopSignal:
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
@@ -801,7 +803,14 @@ def run_loop(spec: LoopSpec, hooks: LoopHooks, start: Position, carried_sums: li
     checkpoint. Ctrl-C / SIGTERM: the current batch finishes, a mid-epoch checkpoint is written, and
     ``TrainingInterrupted`` is raised. Returns the epoch records written.
     """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     ctx = spec.ctx
     n = len(spec.dataset)  # type: ignore[arg-type]

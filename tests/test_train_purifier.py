@@ -129,7 +129,7 @@ def test_resume_after_sigterm_equals_uninterrupted(tmp_path: Path, classifier_fi
         a, _ = ckpt.load_tensors(whole / name)
         b, _ = ckpt.load_tensors(out / name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    losses = lambda run: [(r["epoch"], r["loss"]) for r in tr.read_metrics(run / ckpt.METRICS_FILE)]  # noqa: E731
+    losses = lambda run: [(r["epoch"], r["loss"]) for r in tr.read_metrics(run / ckpt.METRICS_FILE)]
     assert losses(out) == losses(whole)
 
     # Extending a finished run: --resume --epochs 3 continues from epoch 2.
@@ -189,7 +189,7 @@ def test_two_processes_gloo_equal_one_process(tmp_path: Path, classifier_file: P
     args = [a for s in (*TINY, *sets) for a in ("--set", s)]
     cmd = [sys.executable, "-m", "carso_cli", "train-purifier", "--gpus", "2", "--device", "cpu", "--preset", "smoke",
            "--classifier", str(classifier_file), "--out", str(tmp_path / "two"), *args]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     meta = ckpt.read_metadata(tmp_path / "two" / train_purifier.CHECKPOINT)
     assert '"world_size": 2' in meta["state"]

@@ -30,8 +30,22 @@ from torch import nn
 from carso_cli import checkpoint as ckpt
 from carso_cli import distributed
 from carso_cli import training as tr
-from carso_cli.commands._common import DataRootOpt, DeviceOpt, GpusOpt, SeedOpt, SetOpt, load_preset, resolve_device
-from carso_cli.config import Config, apply_overrides, config_to_toml, load_config, parse_override
+from carso_cli.commands._common import (
+    DataRootOpt,
+    DeviceOpt,
+    GpusOpt,
+    SeedOpt,
+    SetOpt,
+    load_preset,
+    resolve_device,
+)
+from carso_cli.config import (
+    Config,
+    apply_overrides,
+    config_to_toml,
+    load_config,
+    parse_override,
+)
 from carso_cli.errors import CarsoError, CheckpointError, ConfigError
 from carso_cli.models import build_classifier
 

@@ -23,10 +23,30 @@ from torch import nn
 from carso_cli import checkpoint as ckpt
 from carso_cli import distributed
 from carso_cli import training as tr
-from carso_cli.commands._common import DataRootOpt, DeviceOpt, GpusOpt, SeedOpt, SetOpt, load_preset, resolve_device
-from carso_cli.config import Config, apply_overrides, config_to_toml, load_config, parse_override
+from carso_cli.commands._common import (
+    DataRootOpt,
+    DeviceOpt,
+    GpusOpt,
+    SeedOpt,
+    SetOpt,
+    load_preset,
+    resolve_device,
+)
+from carso_cli.config import (
+    Config,
+    apply_overrides,
+    config_to_toml,
+    load_config,
+    parse_override,
+)
 from carso_cli.errors import CarsoError, CheckpointError
-from carso_cli.models import Purifier, build_purifier, load_classifier, set_eval_frozen, write_run
+from carso_cli.models import (
+    Purifier,
+    build_purifier,
+    load_classifier,
+    set_eval_frozen,
+    write_run,
+)
 from carso_cli.models.representation import forward_with_representation
 
 CHECKPOINT = Path("checkpoints") / "last.safetensors"

@@ -1,0 +1,124 @@
+"""``carso train-classifier``: PGD adversarial / standard training, resume, and its weights feeding
+``train-purifier``."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from carso_cli import checkpoint as ckpt
+from carso_cli import training as tr
+from carso_cli.cli import app
+from carso_cli.commands import train_classifier as tc
+from carso_cli.config import load_config, parse_override
+from carso_cli.models import load_classifier
+
+runner = CliRunner()
+CPU = torch.device("cpu")
+# 64 examples in batches of 16, 1-step PGD, a 100-image test set: a few seconds.
+TINY = [
+    "data.synthetic_train_size=64",
+    "data.synthetic_test_size=100",
+    "classifier_training.batch_size=16",
+    "classifier_training.epochs=2",
+    "classifier_training.pgd_steps=1",
+]
+
+
+def tiny_cfg(*extra: str):
+    return load_config("smoke", dict(parse_override(s) for s in (*TINY, *extra)))
+
+
+def test_cli_trains_and_prints_the_weights(tmp_path: Path) -> None:
+    out = tmp_path / "cls" / "pgd.safetensors"
+    args = ["train-classifier", "--preset", "smoke", "--out", str(out), "--device", "cpu"]
+    result = runner.invoke(app, [*args, *[a for s in TINY for a in ("--set", s)]])
+    assert result.exit_code == 0, result.output
+    assert result.output.strip().splitlines()[-1] == str(out)  # the last line is the path, for scripts
+    assert "clean test accuracy:" in result.output
+    meta = ckpt.read_metadata(out)
+    assert meta["format"] == "carso-classifier" and meta["adversarial"] == "pgd" and meta["epochs"] == "2"
+    model = load_classifier(load_config("smoke"), out)  # what train-purifier --classifier does
+    assert not model.training
+    for what in ("state.safetensors", "config.toml", "metrics.jsonl", "curves.png"):
+        assert tc.companion(out, what).is_file(), what
+    records = tr.read_metrics(tc.companion(out, "metrics.jsonl"))
+    assert [r["epoch"] for r in records] == [0, 1] and all(0 <= r["accuracy"] <= 1 for r in records)
+
+    again = runner.invoke(app, [*args, *[a for s in TINY for a in ("--set", s)]])
+    assert again.exit_code == 1 and "already exists" in again.output
+
+
+def test_standard_training_learns(tmp_path: Path) -> None:
+    """Clean training on the synthetic data gets above chance (10 classes) within 20 steps."""
+    cfg = tiny_cfg("data.synthetic_train_size=320", "classifier_training.batch_size=32", "classifier_training.epochs=2")
+    cfg.classifier_training.adversarial = "none"
+    result = tc.run(cfg, tmp_path / "clean.safetensors", device=CPU)
+    assert ckpt.read_metadata(result.weights)["adversarial"] == "none"
+    assert result.records[-1]["accuracy"] > result.records[0]["accuracy"]
+    assert result.clean_accuracy > 0.2  # 0.29 after these 20 steps; chance is 0.1
+
+
+def test_precise_bn_averages_the_training_inputs() -> None:
+    """After ``recalibrate_bn`` the running statistics are the exact averages over ~1k inputs."""
+    torch.manual_seed(0)
+    x = torch.randn(200, 3, 4, 4) * 2 + 1
+    dataset = torch.utils.data.TensorDataset(x, torch.zeros(200, dtype=torch.long))
+    model = torch.nn.Sequential(torch.nn.BatchNorm2d(3, momentum=0.01))
+    spec = tr.LoopSpec(ctx=tr.DistContext(), dataset=dataset, global_batch=50, epochs=1, seed=0, sums=["n"])
+    tc.recalibrate_bn(model, spec, lambda b: b.x, epoch=0)
+    bn = model[0]
+    assert bn.momentum == 0.01  # restored
+    assert torch.allclose(bn.running_mean, x.mean(dim=(0, 2, 3)), atol=1e-5)
+    per_batch_var = torch.stack([x[b].var(dim=(0, 2, 3)) for b in tr.epoch_batches(200, 50, 0, 0)]).mean(0)
+    assert torch.allclose(bn.running_var, per_batch_var, atol=1e-4)
+
+
+def test_resume_after_sigterm_equals_uninterrupted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = lambda: tiny_cfg("data.synthetic_train_size=48")
+    whole = tc.run(cfg(), tmp_path / "whole.safetensors", device=CPU, evaluate=False)
+
+    real = tr._all_reduce
+    calls = {"n": 0}
+
+    def reduce(values, ctx):
+        calls["n"] += 1
+        if calls["n"] == 4:  # epoch 1, batch 0: seen at batch 1, the checkpoint is at epoch 1, batch 2
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(values, ctx)
+
+    monkeypatch.setattr(tr, "_all_reduce", reduce)
+    out = tmp_path / "cut.safetensors"
+    with pytest.raises(tr.TrainingInterrupted, match="SIGTERM at epoch 1, batch 2"):
+        tc.run(cfg(), out, device=CPU, evaluate=False)
+    assert not out.exists() and tc.companion(out, "state.safetensors").is_file()
+    monkeypatch.undo()
+
+    result = runner.invoke(app, ["train-classifier", "--resume", "--out", str(out), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "resumed from epoch 1, batch 2" in result.output
+    a, _ = ckpt.load_tensors(whole.weights)
+    b, _ = ckpt.load_tensors(out)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_cli_errors(tmp_path: Path) -> None:
+    cases = [
+        (["train-classifier", "--preset", "smoke", "--out", str(tmp_path / "x.pt"), "--device", "cpu"], "must name a .safetensors"),
+        (["train-classifier", "--resume", "--device", "cpu"], "--resume needs --out"),
+        (["train-classifier", "--resume", "--out", str(tmp_path / "none.safetensors"), "--device", "cpu"], "cannot resume"),
+        (["train-classifier", "--device", "cpu"], "--preset is required"),
+        (["train-classifier", "--preset", "smoke", "--adversarial", "fgsm"], "fgsm"),
+    ]
+    for args, text in cases:
+        result = runner.invoke(app, args)
+        assert result.exit_code != 0, (args, result.output)
+        assert text in result.output, result.output
+        assert "Traceback" not in result.output
