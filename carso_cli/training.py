@@ -603,6 +603,19 @@ def load_training_state(path: str | Path, kind: str) -> TrainingState:
     )
 
 
+def check_resume(state: TrainingState, global_batch: int, preset: str | None, name: str) -> None:
+    """Options a resumed run cannot change: the global batch (the batch composition and the position
+    within an epoch depend on it) and the preset (``--preset``, if given again, must name the run's)."""
+    if preset is not None:
+        from carso_cli.config import load_config
+
+        if load_config(preset).name != name:
+            raise ConfigError(f"--preset {preset} is not the preset of the run being resumed ('{name}')")
+    trained = state.extra.get("global_batch")
+    if trained is not None and int(trained) != global_batch:
+        raise ConfigError(f"the run was trained with a global batch of {trained}; it cannot change on resume")
+
+
 def load_optimizer_state(optimizer: Lookahead | torch.optim.Optimizer, state: dict[str, Any]) -> None:
     """Restore an optimiser (Lookahead included) from ``TrainingState.optimizer``."""
     if isinstance(optimizer, Lookahead):

@@ -137,6 +137,10 @@ def test_resume_after_sigterm_equals_uninterrupted(tmp_path: Path, classifier_fi
                                  "--epochs", "3", "--set", "training.checkpoint_every=5"])
     assert result.exit_code == 0 and "from epoch 2, batch 0" in result.output
     assert [r["epoch"] for r in tr.read_metrics(out / ckpt.METRICS_FILE)] == [0, 1, 2]
+    for extra, text in ((["--batch-size", "32"], "global batch of 16"), (["--preset", "cifar10"], "not the preset")):
+        result = runner.invoke(app, ["train-purifier", "--resume", "--out", str(out), "--device", "cpu",
+                                     "--epochs", "4", *extra])
+        assert result.exit_code == 1 and text in result.output, result.output
 
 
 def test_slow_weights_are_saved(tmp_path: Path, classifier_file: Path) -> None:

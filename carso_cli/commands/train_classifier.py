@@ -151,11 +151,13 @@ def run(
     bf16: bool | None = None,
     evaluate: bool = True,
     console: Any = None,
+    preset: str | None = None,
 ) -> ClassifierResult:
     """Train (or resume) the preset's classifier; returns the path of its weights.
 
     ``cfg.classifier_training.adversarial`` chooses PGD adversarial training or standard training.
-    ``evaluate``: report the clean accuracy on the test split at the end (rank 0).
+    ``evaluate``: report the clean accuracy on the test split at the end (rank 0). ``preset``: with
+    ``resume``, the ``--preset`` given again (checked to be the run's), if any.
     """
     if out is not None and not str(out).endswith(".safetensors"):
         raise ConfigError(f"--out must name a .safetensors file, got {out}")
@@ -163,13 +165,13 @@ def run(
         raise CarsoError("--resume needs --out FILE.safetensors (the weights file of the run to continue)")
     ctx = distributed.setup(device or resolve_device(None))
     try:
-        return _train(cfg, out, ctx, resume, Path(data_root), seed, bf16, evaluate, console)
+        return _train(cfg, out, ctx, resume, Path(data_root), seed, bf16, evaluate, console, preset)
     finally:
         distributed.teardown()
 
 
 def _train(cfg: Config, out: Path | None, ctx: distributed.DistContext, resume: bool, data_root: Path, seed: int,
-           bf16: bool | None, evaluate: bool, console: Any) -> ClassifierResult:
+           bf16: bool | None, evaluate: bool, console: Any, preset: str | None) -> ClassifierResult:
     from carso_cli import data
 
     device = ctx.device
@@ -179,6 +181,7 @@ def _train(cfg: Config, out: Path | None, ctx: distributed.DistContext, resume: 
     state: tr.TrainingState | None = None
     if resume:
         state = tr.load_training_state(state_path, KIND)
+        tr.check_resume(state, ct.batch_size, preset, cfg.name)
         seed = int(state.extra.get("seed", seed))
     else:
         if ctx.is_main and (weights.exists() or state_path.exists()):
@@ -274,7 +277,7 @@ def _train(cfg: Config, out: Path | None, ctx: distributed.DistContext, resume: 
             tr.save_training_state(
                 state_path, kind=KIND, position=position, model=model, optimizer=optimizer,
                 config_toml=config_to_toml(cfg), rng=rng, epoch_sums=epoch_sums,
-                extra={"seed": seed, "world_size": ctx.world_size},
+                extra={"seed": seed, "world_size": ctx.world_size, "global_batch": ct.batch_size},
             )
         distributed.barrier(ctx)
 
@@ -339,15 +342,15 @@ def cli(
     if resume:
         if out is None:
             raise CarsoError("--resume needs --out FILE.safetensors (the weights file of the run to continue)")
-        if batch_size is not None:
-            raise CarsoError("--batch-size cannot change when resuming")
         cfg = resume_config(out, set_, epochs)
+        if batch_size is not None:
+            cfg.classifier_training.batch_size = batch_size  # checked against the run's
     else:
         if preset is None:
             raise CarsoError("--preset is required (or --resume with --out)")
         cfg = load_preset(preset, set_, **explicit)
     result = run(cfg, out, device=resolve_device(device), resume=resume, data_root=data_root, seed=seed, bf16=bf16,
-                 console=console)
+                 console=console, preset=preset if resume else None)
     if int(os.environ.get("RANK", "0")) != 0:
         return
     if result.clean_accuracy == result.clean_accuracy:  # not NaN

@@ -6,6 +6,11 @@ summed BCE to the *clean* image plus β·KL — optimised by RAdam inside Lookah
 LR schedule of Table 16. Runs in one process or under torchrun (DDP + SyncBatchNorm, the preset's batch
 being the global one); every random draw depends on (seed, epoch, batch) only, so N processes
 compute what one does and a resumed run ends where an uninterrupted one ends.
+
+Several GPUs: ``--gpus N`` re-runs the command under torchrun. Several nodes: start torchrun yourself on
+every node, e.g. ``torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:29500
+-m carso_cli train-purifier --preset cifar10 --classifier W --out /shared/runs/cifar10`` (the run
+directory must be on a shared file system; only global rank 0 writes to it).
 """
 
 from __future__ import annotations
@@ -130,6 +135,7 @@ def run(
     seed: int = 0,
     bf16: bool | None = None,
     console: Any = None,
+    preset: str | None = None,
 ) -> PurifierResult:
     """Train (or resume) a purifier; returns the run directory with ``purifier.safetensors`` in it.
 
@@ -139,16 +145,18 @@ def run(
             (the run keeps its own copy).
         out: run directory (default ``runs/<preset>-<timestamp>``; with ``resume``, the latest run).
         bf16: autocast to bfloat16 on CUDA (default: the preset's ``training.bf16``); CPU is float32.
+        preset: with ``resume``, the ``--preset`` given again (checked to be the run's), if any.
     """
     ctx = distributed.setup(device or resolve_device(None))
     try:
-        return _train(cfg, classifier, out, ctx, resume, Path(data_root), seed, bf16, console)
+        return _train(cfg, classifier, out, ctx, resume, Path(data_root), seed, bf16, console, preset)
     finally:
         distributed.teardown()
 
 
 def _train(cfg: Config, classifier_path: Path | None, out: Path | None, ctx: distributed.DistContext,
-           resume: bool, data_root: Path, seed: int, bf16: bool | None, console: Any) -> PurifierResult:
+           resume: bool, data_root: Path, seed: int, bf16: bool | None, console: Any,
+           preset: str | None) -> PurifierResult:
     from carso_cli import data
 
     device = ctx.device
@@ -157,6 +165,7 @@ def _train(cfg: Config, classifier_path: Path | None, out: Path | None, ctx: dis
     state: tr.TrainingState | None = None
     if resume:
         state = tr.load_training_state(run_dir / CHECKPOINT, KIND)
+        tr.check_resume(state, t.batch_size, preset, cfg.name)
         seed = int(state.extra.get("seed", seed))
         classifier_file = ckpt.classifier_path_of(run_dir)
         if classifier_path is not None and ckpt.sha256_file(classifier_path) != ckpt.sha256_file(classifier_file):
@@ -266,7 +275,7 @@ def _train(cfg: Config, classifier_path: Path | None, out: Path | None, ctx: dis
             tr.save_training_state(
                 run_dir / CHECKPOINT, kind=KIND, position=position, model=purifier, optimizer=optimizer,
                 config_toml=config_to_toml(cfg), rng=rng, epoch_sums=epoch_sums,
-                extra={"seed": seed, "world_size": ctx.world_size},
+                extra={"seed": seed, "world_size": ctx.world_size, "global_batch": t.batch_size},
             )
         distributed.barrier(ctx)
 
@@ -330,15 +339,15 @@ def cli(
             argv.append("--bf16" if bf16 else "--no-bf16")
         raise typer.Exit(distributed.relaunch(gpus, argv))
     if resume:
-        if batch_size is not None:
-            raise CarsoError("--batch-size cannot change when resuming (the batch composition is part of the run)")
         cfg = resume_config(out, set_, epochs)
+        if batch_size is not None:
+            cfg.training.batch_size = batch_size  # checked against the run's when its checkpoint is read
     else:
         if preset is None:
             raise CarsoError("--preset is required (or --resume to continue a run)")
         cfg = load_preset(preset, set_, **{"training.epochs": epochs, "training.batch_size": batch_size})
     result = run(cfg, classifier, out, device=resolve_device(device), resume=resume, data_root=data_root,
-                 seed=seed, bf16=bf16, console=console)
+                 seed=seed, bf16=bf16, console=console, preset=preset if resume else None)
     if int(os.environ.get("RANK", "0")) != 0:
         return
     last = result.records[-1] if result.records else {}
