@@ -168,9 +168,8 @@ def draw_flags(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, indices: Sequence[int], seed: int, stream: int,
     repeats: int = 1,
 ) -> torch.Tensor:
-    """Correctness (repeats, B) of ``repeats`` stochastic forwards, draw r of example i seeded by (i, r).
-
-    For a deterministic model all rows are equal.
+    """Correctness (repeats, B) of ``repeats`` stochastic forwards; row r uses the r-th z of each example's
+    own stream (seed, stream, index), whatever the batch. For a deterministic model all rows are equal.
     """
     sampler = ExampleSeededSampler(seed, stream).bind(indices)
     rows = []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -26,27 +27,35 @@ def _results(run: Path, name: str) -> dict:
     return json.loads((run / "eval" / name / "results.json").read_text())
 
 
-def test_eval_autoattack_table_and_results_file(tiny_run: Path) -> None:
-    code, out = _eval(tiny_run, "--n-examples", "6", "--batch-size", "3", "--samples", "2")
+@pytest.fixture
+def trained_copy(trained_smoke_run: Path, tmp_path: Path) -> Path:
+    """A private copy of the trained smoke run (evaluations write into the run directory)."""
+    return Path(shutil.copytree(trained_smoke_run, tmp_path / "run", ignore=shutil.ignore_patterns("eval")))
+
+
+def test_eval_autoattack_table_and_results_file(trained_copy: Path) -> None:
+    tiny_run = trained_copy
+    code, out = _eval(tiny_run, "--n-examples", "12", "--batch-size", "6", "--samples", "4")
     assert code == 0, out
     for column in ("AT/Cl", "C/Cl", "AT/AA", "C/randAA", "PGD+EoT", "single draw", "worst case"):
         assert column in out
     assert "auto-attack: using rand version including apgd-ce, apgd-dlr" in out  # the library's log, shown
     assert "auto-attack: using standard version" in out
     r = _results(tiny_run, "autoattack")
-    assert r["format"] == "carso-eval/1" and r["n_examples"] == 6 and r["batches"] == 2
+    assert r["format"] == "carso-eval/1" and r["n_examples"] == 12 and r["batches"] == 2
     s = r["settings"]
-    assert (s["attack"], s["samples"], s["aa_steps"], s["aa_eot"], s["seed"]) == ("autoattack", 2, 2, 1, 0)
+    assert (s["attack"], s["samples"], s["aa_steps"], s["aa_eot"], s["seed"]) == ("autoattack", 4, 2, 1, 0)
     assert len(s["classifier_sha256"]) == 64 and r["versions"]["pyautoattack"] == "0.2.0"
     assert r["wall_time_s"] > 0 and r["processes"] == 1
     flags = r["flags"]
     for key in ("classifier_clean", "classifier_aa", "carso_clean", "carso_randaa", "carso_randaa_library"):
-        assert len(flags[key]) == 6 and set(flags[key]) <= {0, 1}, key
-    assert len(flags["carso_randaa_repeats"]) == 2 and len(flags["carso_clean_repeats"][0]) == 6
+        assert len(flags[key]) == 12 and set(flags[key]) <= {0, 1}, key
+    assert len(flags["carso_randaa_repeats"]) == 2 and len(flags["carso_clean_repeats"][0]) == 12
     # Robust ≤ clean, per example.
     for clean, robust in (("classifier_clean", "classifier_aa"), ("carso_clean", "carso_randaa")):
         assert all(rb <= c for c, rb in zip(flags[clean], flags[robust]))
     m = r["metrics"]
+    assert m["AT/Cl"]["accuracy"] > 0.2 and m["C/Cl"]["accuracy"] > 0.2  # trained: well above chance (10%)
     assert m["AT/AA"]["accuracy"] <= m["AT/Cl"]["accuracy"] and m["C/randAA"]["accuracy"] <= m["C/Cl"]["accuracy"]
     rep = r["reclassification"]["randAA"]
     assert rep["worst"] <= rep["single"] and rep["repeats"] == 2
@@ -58,6 +67,11 @@ def test_eval_classifier_is_broken_at_eps_one(tiny_run: Path) -> None:
     r = _results(tiny_run, "eps1")
     assert r["metrics"]["AT/AA"]["correct"] == 0 and r["settings"]["eps"] == 1.0
     assert "carso_clean" not in r["flags"]  # --target classifier: CARSO is not evaluated
+
+
+def test_eval_rejects_bad_names(tiny_run: Path) -> None:
+    code, out = _eval(tiny_run, "--name", "../elsewhere", "--n-examples", "2")
+    assert code == 1 and "--name" in out
 
 
 @pytest.mark.parametrize("eps", ["2", "8/0", "abc", "-0.1"])

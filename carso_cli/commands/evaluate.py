@@ -135,6 +135,8 @@ def run(
     from carso_cli.data import build_dataset
     from carso_cli.models import load_run
 
+    if name is not None and (not name or Path(name).name != name or name in (".", "..")):
+        raise CarsoError(f"--name must be a plain folder name (results go to RUN/eval/NAME), got {name!r}")
     ctx = distributed.setup(resolve_device(device))
     if ctx.device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input sizes per batch: let cuDNN pick its fastest kernels
