@@ -40,9 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from carso_cli import __version__
+from carso_cli import __version__, distributed
 from carso_cli import checkpoint as ckpt
-from carso_cli import distributed
 from carso_cli.errors import CarsoError
 from carso_cli.models.carso import CARSO, LatentSampler
 
@@ -439,7 +438,7 @@ class RichLogHandler(logging.Handler):
                 self.console.print(f"[yellow]{self.prefix}warning: {text}[/]", highlight=False)
             else:
                 self.console.print(f"[dim]{self.prefix}{text}[/]", highlight=False)
-        except Exception:  # a broken console must not abort an evaluation
+        except Exception:  # noqa: BLE001 — a broken console must not abort an evaluation
             self.handleError(record)
 
 
@@ -860,9 +859,11 @@ def evaluate(
         "versions": library_versions(),
         "notes": [
             "A robust flag is set only when the clean flag (same model, single draw) is set too.",
-            "CARSO's clean, re-classification and PGD+EoT draws are seeded per example (independent of "
-            "batching and processes); AutoAttack's internal randomness is seeded per batch, so its "
-            "results depend on the batch size but not on the number of processes.",
+            (
+                "CARSO's clean, re-classification and PGD+EoT draws are seeded per example (independent of "
+                "batching and processes); AutoAttack's internal randomness is seeded per batch, so its "
+                "results depend on the batch size but not on the number of processes."
+            ),
             "reclassification.*.worst: robust only if the single draw and all repeats are right.",
         ],
         **(extra or {}),

@@ -25,13 +25,18 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from carso_cli import checkpoint as ckpt
 from carso_cli import distributed
 from carso_cli import evaluation as ev
-from carso_cli import checkpoint as ckpt
-from carso_cli.commands._common import DataRootOpt, DeviceOpt, GpusOpt, SeedOpt, resolve_device
+from carso_cli.commands._common import (
+    DataRootOpt,
+    DeviceOpt,
+    GpusOpt,
+    SeedOpt,
+    resolve_device,
+)
 from carso_cli.config import parse_eps
 from carso_cli.errors import CarsoError
-
 
 # "--run-dir" is what the torchrun workers get: torchrun's own parser takes "--run" for an ambiguous
 # abbreviation of its "--run-path" and stops.

@@ -16,7 +16,7 @@ import json
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Optional
 
 import torch
 import typer
@@ -25,7 +25,15 @@ from rich.table import Table
 
 from carso_cli import checkpoint as ckpt
 from carso_cli import evaluation as ev
-from carso_cli.commands._common import DataRootOpt, DeviceOpt, PresetOpt, RunOpt, SeedOpt, SetOpt, load_preset, resolve_device
+from carso_cli.commands._common import (
+    DataRootOpt,
+    DeviceOpt,
+    RunOpt,
+    SeedOpt,
+    SetOpt,
+    load_preset,
+    resolve_device,
+)
 from carso_cli.commands.evaluate import format_eps
 from carso_cli.config import Config, load_config, parse_eps
 from carso_cli.errors import CarsoError

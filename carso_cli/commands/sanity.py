@@ -17,6 +17,7 @@ Every stochastic draw is seeded per example (``evaluation.ExampleSeededSampler``
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections.abc import Callable
@@ -32,7 +33,13 @@ from rich.table import Table
 
 from carso_cli import checkpoint as ckpt
 from carso_cli import evaluation as ev
-from carso_cli.commands._common import DataRootOpt, DeviceOpt, RunOpt, SeedOpt, resolve_device
+from carso_cli.commands._common import (
+    DataRootOpt,
+    DeviceOpt,
+    RunOpt,
+    SeedOpt,
+    resolve_device,
+)
 from carso_cli.config import parse_eps
 from carso_cli.errors import CarsoError
 
@@ -124,7 +131,7 @@ def parse_checks(text: str | None) -> list[str]:
 
 def parse_eps_list(text: str) -> list[float]:
     values = [parse_eps(t.strip(), "--eps-list") for t in text.split(",") if t.strip()]
-    if len(values) < 2 or any(b <= a for a, b in zip(values, values[1:])):
+    if len(values) < 2 or any(b <= a for a, b in itertools.pairwise(values)):
         raise CarsoError("--eps-list needs at least two increasing values, e.g. 2/255,4/255,8/255,16/255")
     return values
 
@@ -220,7 +227,7 @@ class Checker:
         s = self.s
         accs = [self.pgd_accuracy(e) for e in s.eps_list]
         rises = []
-        for (e0, a0), (e1, a1) in zip(zip(s.eps_list, accs), zip(s.eps_list[1:], accs[1:])):
+        for (e0, a0), (e1, a1) in itertools.pairwise(zip(s.eps_list, accs)):
             allowed = s.monotonic_tolerance + noise(a0, a1, self.n)
             if a1 - a0 > allowed:
                 rises.append({"from_eps": e0, "to_eps": e1, "rise": a1 - a0, "allowed": allowed})
