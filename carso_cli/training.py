@@ -878,7 +878,7 @@ def run_loop(spec: LoopSpec, hooks: LoopHooks, start: Position, carried_sums: li
                 rate = images / max(time.perf_counter() - t0, 1e-9)
                 info = "  ".join([f"{rate:,.0f} img/s"] + [f"{k} {v:.4g}" for k, v in {**shown, **schedule}.items()])
                 progress.update(batch_task, completed=index + 1, info=info)
-                if stop_now:
+                if stop_now and not (epoch == spec.epochs - 1 and index + 1 == batches_per_epoch):
                     position = Position(epoch, index + 1)
                     if position.batch == batches_per_epoch:
                         position = Position(epoch + 1, 0)  # the epoch is complete
