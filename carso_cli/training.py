@@ -930,6 +930,13 @@ def seed_everything(seed: int, rank: int = 0) -> None:
     np.random.seed(s % (2**32))
 
 
+def check_gpus(gpus: int, device: str | None) -> None:
+    """``--gpus N`` on CUDA needs N visible GPUs (one process per GPU); on CPU it means N gloo processes."""
+    wants_cuda = device is None or device.startswith("cuda")
+    if gpus > 1 and wants_cuda and torch.cuda.is_available() and gpus > torch.cuda.device_count():
+        raise ConfigError(f"--gpus {gpus}: only {torch.cuda.device_count()} CUDA device(s) visible on this node")
+
+
 def relaunch_argv(command: str, **opts: Any) -> list[str]:
     """``carso COMMAND --opt value …`` rebuilt from parsed options (for ``--gpus N``: torchrun re-runs it).
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -107,6 +109,25 @@ def test_resume_after_sigterm_equals_uninterrupted(tmp_path: Path, monkeypatch: 
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.slow
+def test_two_processes_gloo_equal_one_process(tmp_path: Path) -> None:
+    """PGD adversarial training with ``--gpus 2 --device cpu``: the attack runs the train-mode model, so
+    its BatchNorm statistics are synchronised across ranks too; the weights equal one process's."""
+    sets = [*TINY, "data.synthetic_train_size=32", "data.synthetic_test_size=50", "classifier_training.epochs=1"]
+    one = tc.run(tiny_cfg(*sets[len(TINY):]), tmp_path / "one.safetensors", device=CPU, evaluate=False).weights
+    cmd = [sys.executable, "-m", "carso_cli", "train-classifier", "--gpus", "2", "--device", "cpu", "--preset", "smoke",
+           "--out", str(tmp_path / "two.safetensors"), *[a for s in sets for a in ("--set", s)]]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == str(tmp_path / "two.safetensors")
+    a, _ = ckpt.load_tensors(one)
+    b, _ = ckpt.load_tensors(tmp_path / "two.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k].double(), b[k].double(), rtol=1e-4, atol=1e-5), k
 
 
 def test_cli_errors(tmp_path: Path) -> None:

@@ -333,6 +333,7 @@ def cli(
     from carso_cli.cli import console
 
     if distributed.should_relaunch(gpus):
+        tr.check_gpus(gpus, device)
         argv = tr.relaunch_argv("train-purifier", preset=preset, classifier=classifier, out=out, epochs=epochs, batch_size=batch_size,
                               gpus=gpus, device=device, resume=resume, data_root=data_root, seed=seed, set=set_)
         if bf16 is not None:
