@@ -88,6 +88,7 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 # (command name, module): each module defines ``cli``. Order = order in ``carso --help``.
 COMMANDS: list[tuple[str, str]] = [
+    ("demo", "carso_cli.commands.demo"),
     ("info", "carso_cli.commands.info"),
     ("train-classifier", "carso_cli.commands.train_classifier"),
     ("train-purifier", "carso_cli.commands.train_purifier"),
@@ -97,6 +98,7 @@ COMMANDS: list[tuple[str, str]] = [
     ("eval", "carso_cli.commands.evaluate"),
     ("sanity", "carso_cli.commands.sanity"),
     ("extract", "carso_cli.commands.extract"),
+    ("bench", "carso_cli.commands.bench"),
 ]
 
 for _name, _module in COMMANDS:

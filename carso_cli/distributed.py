@@ -64,6 +64,9 @@ def teardown() -> None:
 def relaunch(nproc: int, argv: Sequence[str] | None = None) -> int:
     """Run ``carso ARGV`` under torchrun with ``nproc`` processes on this node; returns its exit code."""
     args = list(sys.argv[1:] if argv is None else argv)
+    # torchrun's argparse would read "--run" as an abbreviation of its own "--run-path": pass the
+    # spelling every carso command also accepts.
+    args = ["--run-dir" if a == "--run" else "--run-dir=" + a[6:] if a.startswith("--run=") else a for a in args]
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
         "-m", "carso_cli", *args,

@@ -15,8 +15,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageOps
-from torchvision.transforms.functional import pil_to_tensor
-from torchvision.utils import save_image
 
 from carso_cli.checkpoint import atomic_path
 from carso_cli.errors import DataError
@@ -119,6 +117,8 @@ def load_image(path: str | Path, size: int, channels: int = 3) -> InputImage:
     if img.size != (size, size):
         notes.append(f"resized {img.size[0]}×{img.size[1]} to {size}×{size}")
         img = img.resize((size, size), Image.Resampling.BICUBIC)
+    from torchvision.transforms.functional import pil_to_tensor  # lazy: torchvision adds seconds to CLI start
+
     return InputImage(path, pil_to_tensor(img), notes)
 
 
@@ -143,6 +143,8 @@ def save_grid(path: str | Path, images: torch.Tensor, reconstructions: torch.Ten
     n = reconstructions.shape[0]
     rows = torch.cat([images.unsqueeze(0), reconstructions], dim=0)  # (1+N, B, C, H, W)
     tiles = rows.transpose(0, 1).reshape(-1, *images.shape[1:])  # input b, then its reconstructions
+    from torchvision.utils import save_image  # lazy: torchvision adds seconds to every CLI start
+
     with atomic_path(path) as tmp:
         save_image(tiles.detach().float().cpu(), tmp, nrow=n + 1, padding=padding, pad_value=1.0, format=fmt)
     return path

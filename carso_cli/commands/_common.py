@@ -19,7 +19,9 @@ SetOpt = Annotated[
     typer.Option("--set", help="Override any preset value: section.key=value (repeatable), e.g. training.epochs=3."),
 ]
 RunOpt = Annotated[
-    Optional[Path], typer.Option("--run", help="Run directory (default: the most recent under ./runs).")
+    # "--run-dir" is an alias because torchrun's own parser takes "--run" for an abbreviation of its
+    # "--run-path" when a command is re-launched under it (distributed.relaunch rewrites it).
+    Optional[Path], typer.Option("--run", "--run-dir", help="Run directory (default: the most recent under ./runs).")
 ]
 DeviceOpt = Annotated[
     Optional[str], typer.Option("--device", help="cuda, cuda:N or cpu (default: cuda when available).")
