@@ -212,7 +212,7 @@ def test_two_processes_gloo_equal_one_process(tmp_path: Path, classifier_file: P
 
 def test_cli_errors(tmp_path: Path, classifier_file: Path) -> None:
     cases = [
-        (cli_args(tmp_path / "missing.safetensors", tmp_path / "a"), "file not found"),
+        (cli_args(tmp_path / "missing.safetensors", tmp_path / "a"), "file not found"),  # and no run dir made
         (["train-purifier", "--classifier", str(classifier_file), "--device", "cpu"], "--preset is required"),
         (["train-purifier", "--resume", "--out", str(tmp_path / "nothing"), "--device", "cpu"], "cannot resume"),
         (cli_args(classifier_file, tmp_path / "b", "--set", "training.batch_size=64"), "fewer than one batch"),
@@ -222,6 +222,7 @@ def test_cli_errors(tmp_path: Path, classifier_file: Path) -> None:
         assert result.exit_code == 1, (args, result.output)
         assert "error:" in result.output and text in result.output, result.output
         assert "Traceback" not in result.output
+    assert not (tmp_path / "a").exists()
     wrong = tmp_path / "wrong.safetensors"
     ckpt.save_tensors(wrong, {"w": torch.zeros(3)})
     result = runner.invoke(app, cli_args(wrong, tmp_path / "c"))

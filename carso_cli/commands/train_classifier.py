@@ -203,11 +203,11 @@ def _train(cfg: Config, out: Path | None, ctx: distributed.DistContext, resume: 
         tr.load_optimizer_state(optimizer, state.optimizer)
         tr.restore_rank_rng(state, ctx)
         start = state.position
+        if start.epoch >= ct.epochs:
+            raise CarsoError(f"{weights} already trained {start.epoch} epochs; pass --epochs N (N > {start.epoch}) to extend it")
         if ctx.is_main and console is not None:
             console.print(f"resumed from epoch {start.epoch}, batch {start.batch} (of {ct.epochs} epochs): {weights}",
                           soft_wrap=True)
-        if start.epoch >= ct.epochs:
-            raise CarsoError(f"{weights} already trained {start.epoch} epochs; pass --epochs N (N > {start.epoch}) to extend it")
 
     on_cuda = device.type == "cuda"
     use_bf16 = on_cuda and (cfg.training.bf16 if bf16 is None else bf16)

@@ -161,6 +161,11 @@ def _train(cfg: Config, classifier_path: Path | None, out: Path | None, ctx: dis
 
     device = ctx.device
     t = cfg.training
+    if not resume:
+        if classifier_path is None:
+            raise CarsoError("--classifier is required: the weights of the preset's (adversarially-trained) classifier")
+        if not Path(classifier_path).is_file():
+            raise CheckpointError(f"--classifier: file not found: {classifier_path}")
     run_dir = _run_dir(out, cfg, resume, ctx)
     state: tr.TrainingState | None = None
     if resume:
@@ -171,11 +176,7 @@ def _train(cfg: Config, classifier_path: Path | None, out: Path | None, ctx: dis
         if classifier_path is not None and ckpt.sha256_file(classifier_path) != ckpt.sha256_file(classifier_file):
             raise CheckpointError(f"--classifier {classifier_path} differs from the classifier of {run_dir}")
     else:
-        if classifier_path is None:
-            raise CarsoError("--classifier is required: the weights of the preset's (adversarially-trained) classifier")
-        classifier_file = Path(classifier_path)
-        if not classifier_file.is_file():
-            raise CheckpointError(f"--classifier: file not found: {classifier_file}")
+        classifier_file = Path(classifier_path)  # type: ignore[arg-type]
         tr.seed_everything(seed, ctx.rank)
 
     classifier = load_classifier(cfg, classifier_file, device)
@@ -202,11 +203,11 @@ def _train(cfg: Config, classifier_path: Path | None, out: Path | None, ctx: dis
         tr.load_optimizer_state(optimizer, state.optimizer)
         tr.restore_rank_rng(state, ctx)
         start = state.position
+        if start.epoch >= t.epochs:
+            raise CarsoError(f"{run_dir} already trained {start.epoch} epochs; pass --epochs N (N > {start.epoch}) to extend it")
         if ctx.is_main and console is not None:
             console.print(f"resumed from epoch {start.epoch}, batch {start.batch} (of {t.epochs} epochs): {run_dir}",
                           soft_wrap=True)
-        if start.epoch >= t.epochs:
-            raise CarsoError(f"{run_dir} already trained {start.epoch} epochs; pass --epochs N (N > {start.epoch}) to extend it")
 
     on_cuda = device.type == "cuda"
     use_bf16 = on_cuda and (t.bf16 if bf16 is None else bf16)
