@@ -86,13 +86,10 @@ def cli(
 ) -> None:
     """Run the whole pipeline on the embedded default: train-classifier, train-purifier, eval."""
     from carso_cli.cli import console
-    from carso_cli.commands.evaluate import render
 
     cfg = load_preset(preset, set_)
     result = run(cfg, out, n_examples=n_examples, device=device, seed=seed, data_root=data_root, console=console)
-    console.rule("[bold]summary")
-    if result.results is not None:
-        render(result.results, console)
+    console.rule("[bold]summary")  # the Table 2 summary is just above (printed by eval)
     timing = ", ".join(f"{k} {v:.0f} s" for k, v in result.seconds.items())
     console.print(f"run directory: [bold]{result.run}[/]  ({timing})")
     console.print(
