@@ -52,5 +52,5 @@ def test_bench_train_reports_throughput() -> None:
     result = runner.invoke(app, ["bench", "train", "--preset", "smoke", "--batch-size", "16", "--batches", "1",
                                  "--device", "cpu", "--json", "--set", "attacks.pgd_steps=1"])
     assert result.exit_code == 0, result.output
-    report = json.loads(result.stdout.strip().splitlines()[-1])
+    report = json.loads(result.stdout)
     assert report["what"] == "train" and report["images_per_s"] > 0 and report["batch_size"] == 16

@@ -45,7 +45,8 @@ def environment(device: torch.device) -> dict[str, str]:
     return info
 
 
-def bench_train(cfg: Config, device: torch.device, batch_size: int, batches: int, seed: int = 0) -> dict[str, Any]:
+def bench_train(cfg: Config, device: torch.device, batch_size: int, batches: int, seed: int = 0,
+                console: Any = None) -> dict[str, Any]:
     """Images/s of ``train-purifier`` (second epoch, so start-up and cuDNN autotuning are excluded)."""
     from carso_cli import checkpoint as ckpt
     from carso_cli.commands import train_purifier
@@ -62,7 +63,7 @@ def bench_train(cfg: Config, device: torch.device, batch_size: int, batches: int
         classifier = build_classifier(cfg)
         weights = Path(tmp) / "classifier.safetensors"
         ckpt.save_tensors(weights, classifier.state_dict())
-        result = train_purifier.run(cfg, weights, Path(tmp) / "run", device=device, seed=seed)
+        result = train_purifier.run(cfg, weights, Path(tmp) / "run", device=device, seed=seed, console=console)
     last = result.records[-1]
     return {"images_per_s": last["images_per_s"], "epoch_s": last["time_s"], "batch_size": batch_size,
             "batches": batches, "adversarial_fraction": cfg.training.adversarial_fraction,
@@ -125,13 +126,14 @@ def cli(
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a sentence.")] = False,
 ) -> None:
     """Measure throughput of the preset's full model on synthetic data (for BENCHMARKS.md)."""
-    from carso_cli.cli import console
+    from carso_cli.cli import console, err_console
 
     cfg = load_preset(preset, set_)
     dev = resolve_device(device)
     env = environment(dev)
     if what is What.train:
-        result = bench_train(cfg, dev, batch_size, batches)
+        # With --json, stdout carries the JSON alone: training progress goes to stderr.
+        result = bench_train(cfg, dev, batch_size, batches, console=err_console if json_out else console)
         headline = f"{result['images_per_s']:,.0f} images/s (purifier training, preset {cfg.name})"
     else:
         result = bench_attack(cfg, dev, batch_size, batches, bf16=bf16)
