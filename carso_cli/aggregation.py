@@ -65,6 +65,17 @@ def dexp_aggregate(logits: torch.Tensor) -> torch.Tensor:
     return log_odds.clamp(-_SCORE_LIMIT, _SCORE_LIMIT).to(out_dtype)
 
 
+def dexp_logsum_aggregate(logits: torch.Tensor) -> torch.Tensor:
+    """The paper's aggregation exposed to attacks as log S_i = logsumexp_α l_i^α. (N, B, C) → (B, C).
+
+    Same prediction as ``dexp_aggregate`` (log S is monotone in S, and P = softmax(S)), but on the
+    scale of the logits: the paper's P is so peaked that for confidently classified examples its
+    cross-entropy gradient underflows to exactly 0 in float32, blunting cross-entropy attacks
+    (APGD-CE, PGD+EoT). Attacking this surrogate is an adaptive attack on the very same decision.
+    """
+    return torch.logsumexp(logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits, dim=0)
+
+
 def logit_mean_aggregate(logits: torch.Tensor) -> torch.Tensor:
     """Logit averaging (Table 4, "L.A."): mean over reconstructions. (N, B, C) → (B, C)."""
     return logits.mean(dim=0)
@@ -91,6 +102,7 @@ def vote_aggregate(logits: torch.Tensor) -> torch.Tensor:
 
 AGGREGATIONS = {
     "dexp": dexp_aggregate,
+    "dexp-logsum": dexp_logsum_aggregate,
     "logit": logit_mean_aggregate,
     "prob": prob_mean_aggregate,
     "vote": vote_aggregate,
@@ -98,7 +110,7 @@ AGGREGATIONS = {
 
 
 def aggregate(logits: torch.Tensor, method: str = "dexp") -> torch.Tensor:
-    """Dispatch by name ("dexp", "logit", "prob", "vote"). (N, B, C) → (B, C) scores."""
+    """Dispatch by name ("dexp", "dexp-logsum", "logit", "prob", "vote"). (N, B, C) → (B, C) scores."""
     try:
         return AGGREGATIONS[method](logits)
     except KeyError:
@@ -111,6 +123,9 @@ def probabilities(scores: torch.Tensor, method: str = "dexp") -> torch.Tensor:
         # log-odds → P: P_i = σ(log-odds_i) exactly; renormalise to absorb rounding.
         p = torch.sigmoid(scores)
         return p / p.sum(dim=-1, keepdim=True)
+    if method == "dexp-logsum":
+        # scores are log S: P = softmax(S) = softmax(exp(log S)), in float64 so S stays finite.
+        return torch.softmax(torch.exp(scores.double()), dim=-1).to(scores.dtype)
     if method == "vote":
         return torch.exp(scores) / torch.exp(scores).sum(dim=-1, keepdim=True)
     return torch.softmax(scores, dim=-1)

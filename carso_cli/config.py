@@ -30,7 +30,7 @@ PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
 DATASETS = ("cifar10", "cifar100", "tinyimagenet", "synthetic")  # plus "imagefolder:PATH"
 ACTIVATIONS = ("silu", "relu")
 DECODERS = ("32x32", "64x64")
-AGGREGATIONS = ("dexp", "logit", "prob", "vote")
+AGGREGATIONS = ("dexp", "dexp-logsum", "logit", "prob", "vote")  # carso_cli.aggregation.AGGREGATIONS
 
 
 @dataclass

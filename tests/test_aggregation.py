@@ -113,3 +113,21 @@ def test_carso_batches_reconstructions_and_is_deterministic_for_zero_samples(tin
     with torch.no_grad():
         model(x)
     assert calls == [2, 16]  # the representation pass, then all 8×2 reconstructions in one call
+
+
+def test_dexp_logsum_same_prediction_without_saturated_gradients() -> None:
+    torch.manual_seed(2)
+    logits = (torch.randn(8, 16, 10) * 3).requires_grad_()
+    dexp, logsum = aggregate(logits, "dexp"), aggregate(logits, "dexp-logsum")
+    assert torch.equal(dexp.argmax(-1), logsum.argmax(-1))  # the very same decision
+    assert torch.allclose(probabilities(logsum, "dexp-logsum"), probabilities(dexp, "dexp"), atol=1e-5)
+    # A confidently classified example: logits around 4 saturate the paper's P, so the cross-entropy
+    # gradient of its log-odds underflows to exactly 0 in float32; the log-sum surrogate keeps it.
+    confident = torch.tensor([4.0, -1.0, 0.0]).repeat(8, 1, 1).requires_grad_()
+    y = torch.tensor([0])
+    (g_dexp,) = torch.autograd.grad(torch.nn.functional.cross_entropy(aggregate(confident, "dexp"), y), confident)
+    (g_logsum,) = torch.autograd.grad(
+        torch.nn.functional.cross_entropy(aggregate(confident, "dexp-logsum"), y), confident
+    )
+    assert torch.count_nonzero(g_dexp) == 0
+    assert torch.count_nonzero(g_logsum) == g_logsum.numel()

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from enum import Enum
 from typing import Annotated, Any, Optional
 
 import torch
 import typer
 
+from carso_cli.aggregation import AGGREGATIONS
 from carso_cli.config import Config, load_config, parse_override
 from carso_cli.errors import CarsoError
 
@@ -29,6 +31,14 @@ DeviceOpt = Annotated[
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed.")]
 DataRootOpt = Annotated[Path, typer.Option("--data-root", help="Where datasets live / are downloaded.")]
 GpusOpt = Annotated[int, typer.Option("--gpus", min=1, help="Processes to run (torchrun); with --device cpu, gloo on CPU.")]
+
+
+# The aggregation choices of every command, from the one list in carso_cli.aggregation.
+Aggregation = Enum("Aggregation", {name.replace("-", "_"): name for name in AGGREGATIONS}, type=str)  # type: ignore[misc]
+AGGREGATION_HELP = (
+    "dexp (paper, section 4.5), dexp-logsum (the same prediction, attacked through log Σ exp l: no "
+    "saturated gradients), logit, prob or vote (ablation, appendix B.2)"
+)
 
 
 def resolve_device(name: str | None) -> torch.device:

@@ -14,6 +14,8 @@ from typing import Annotated, Any, Optional
 
 import torch
 import typer
+
+from carso_cli.aggregation import AGGREGATIONS
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -29,6 +31,8 @@ from carso_cli import checkpoint as ckpt
 from carso_cli import distributed
 from carso_cli import evaluation as ev
 from carso_cli.commands._common import (
+    AGGREGATION_HELP,
+    Aggregation,
     DataRootOpt,
     DeviceOpt,
     GpusOpt,
@@ -57,11 +61,6 @@ class Target(str, Enum):
     carso = "carso"
 
 
-class Aggregation(str, Enum):
-    dexp = "dexp"
-    logit = "logit"
-    prob = "prob"
-    vote = "vote"
 
 
 class Precision(str, Enum):
@@ -86,7 +85,7 @@ def build_settings(
         raise CarsoError(f"--n-examples must be at least 1, got {n_examples}")
     n = dataset_size if n_examples is None else min(n_examples, dataset_size)
     agg = aggregation or cfg.inference.aggregation
-    if agg not in ("dexp", "logit", "prob", "vote"):
+    if agg not in AGGREGATIONS:
         raise CarsoError(f"unknown aggregation '{agg}'")
     s = ev.EvalSettings(
         attack=attack,
@@ -287,7 +286,7 @@ def cli(
     n_examples: Annotated[Optional[int], typer.Option("--n-examples", help="First N test examples (default: all).")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Examples per batch (CARSO runs samples× as many images).")] = 64,
     samples: Annotated[Optional[int], typer.Option("--samples", help="Reconstructions per input (default: the preset's, 8).")] = None,
-    aggregation: Annotated[Optional[Aggregation], typer.Option("--aggregation", help="dexp (paper), logit, prob or vote (default: the preset's).")] = None,
+    aggregation: Annotated[Optional[Aggregation], typer.Option("--aggregation", help=AGGREGATION_HELP + " (default: the preset's).")] = None,
     gpus: GpusOpt = 1,
     device: DeviceOpt = None,
     seed: SeedOpt = 0,

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
 
@@ -20,19 +19,10 @@ import typer
 
 from carso_cli.aggregation import probabilities
 from carso_cli.classnames import class_names, label
-from carso_cli.commands._common import DataRootOpt, DeviceOpt, RunOpt, SeedOpt, resolve_device
+from carso_cli.commands._common import AGGREGATION_HELP, Aggregation, DataRootOpt, DeviceOpt, RunOpt, SeedOpt, resolve_device
 from carso_cli.errors import CarsoError
 from carso_cli.images import InputImage, collect_images, load_image, save_grid, to_float
 from carso_cli.models import load_run
-
-
-class Aggregation(str, Enum):
-    """The robust aggregation (section 4.5) and the ablation's alternatives (appendix B.2)."""
-
-    dexp = "dexp"
-    logit = "logit"
-    prob = "prob"
-    vote = "vote"
 
 
 @dataclass
@@ -170,7 +160,7 @@ def cli(
         Optional[Path], typer.Option("--save-reconstructions", help="Write a PNG grid: each input beside its reconstructions.")
     ] = None,
     aggregation: Annotated[
-        Optional[Aggregation], typer.Option("--aggregation", help="Aggregation of the reconstructions' logits (default: the run's).")
+        Optional[Aggregation], typer.Option("--aggregation", help=AGGREGATION_HELP + " (default: the run's).")
     ] = None,
     seed: SeedOpt = 0,
     device: DeviceOpt = None,

@@ -22,18 +22,21 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import torch
 import typer
+
+from carso_cli.aggregation import AGGREGATIONS
 from rich.console import Console
 from rich.table import Table
 
 from carso_cli import checkpoint as ckpt
 from carso_cli import evaluation as ev
 from carso_cli.commands._common import (
+    AGGREGATION_HELP,
+    Aggregation,
     DataRootOpt,
     DeviceOpt,
     RunOpt,
@@ -308,7 +311,7 @@ def run(
             or s.aa_eot < 1 or s.queries < 1:
         raise CarsoError("--n-examples, --batch-size, --draws, --steps, --eot, --aa-steps, --aa-eot and "
                          "--queries must be at least 1")
-    if s.aggregation not in ("dexp", "logit", "prob", "vote"):
+    if s.aggregation not in AGGREGATIONS:
         raise CarsoError(f"unknown aggregation '{s.aggregation}'")
     dataset = build_dataset(loaded.cfg, "test", root=str(data_root))
     n = min(s.n_examples, len(dataset))
@@ -375,18 +378,13 @@ def render(report: SanityReport, console: Console) -> None:
     console.print(f"{verdict} — report: {report.path}", highlight=False)
 
 
-class Aggregation(str, Enum):
-    dexp = "dexp"
-    logit = "logit"
-    prob = "prob"
-    vote = "vote"
 
 
 def cli(
     run: RunOpt = None,
     n_examples: Annotated[int, typer.Option("--n-examples", help="First N test examples.")] = 256,
     samples: Annotated[Optional[int], typer.Option("--samples", help="Reconstructions per input (default: the preset's).")] = None,
-    aggregation: Annotated[Optional[Aggregation], typer.Option("--aggregation", help="dexp (paper), logit, prob or vote (default: the preset's).")] = None,
+    aggregation: Annotated[Optional[Aggregation], typer.Option("--aggregation", help=AGGREGATION_HELP + " (default: the preset's).")] = None,
     checks: Annotated[Optional[str], typer.Option("--checks", help=f"Comma-separated subset of: {', '.join(CHECKS)} (default: all).")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Examples per batch.")] = 64,
     eps: Annotated[Optional[str], typer.Option("--eps", help="ε of the black-box comparison (default: the preset's).")] = None,
