@@ -57,11 +57,19 @@ def _project(x_adv: Tensor, x: Tensor, eps: float | Tensor) -> Tensor:
     return torch.clamp(x + delta, 0.0, 1.0)
 
 
-def _uniform_start(x: Tensor, eps: float | Tensor, generator: torch.Generator | None) -> Tensor:
-    """x + U(-ε, ε) noise, clipped to [0, 1]; drawn from ``generator`` (on its own device) if given."""
-    device = generator.device if generator is not None else x.device
-    noise = torch.rand(x.shape, generator=generator, device=device, dtype=x.dtype).to(x.device)
-    return torch.clamp(x + (2.0 * noise - 1.0) * eps, 0.0, 1.0)
+def _uniform_start(
+    x: Tensor, eps: float | Tensor, generator: torch.Generator | None, noise: Tensor | None = None
+) -> Tensor:
+    """x + U(-ε, ε) noise, clipped to [0, 1].
+
+    The uniform [0, 1) draws are ``noise`` when given (the caller drew them, e.g. for a whole global
+    batch so that they do not depend on how it is split across ranks), else drawn from ``generator``
+    (on its own device) or the global RNG.
+    """
+    if noise is None:
+        device = generator.device if generator is not None else x.device
+        noise = torch.rand(x.shape, generator=generator, device=device, dtype=x.dtype)
+    return torch.clamp(x + (2.0 * noise.to(x.device, x.dtype) - 1.0) * eps, 0.0, 1.0)
 
 
 def fgsm(model: Model, x: Tensor, y: Tensor, eps: float | Tensor) -> Tensor:
@@ -93,13 +101,14 @@ def _pgd_loop(
     random_start: bool,
     generator: torch.Generator | None,
     callback: StepCallback | None,
+    start_noise: Tensor | None = None,
 ) -> Tensor:
     if steps < 0 or eot_iterations < 1:
         raise ValueError(f"need steps ≥ 0 and eot_iterations ≥ 1, got {steps} and {eot_iterations}")
     x = x.detach()
     eps_ = _per_example(eps, x, "eps")
     alpha = _per_example(step_size, x, "step_size")
-    x_adv = _uniform_start(x, eps_, generator) if random_start else x.clone()
+    x_adv = _uniform_start(x, eps_, generator, start_noise) if random_start else x.clone()
     for step in range(steps):
         # Expectation over Transformation: each iteration is a fresh forward of a stochastic model;
         # the sign of the summed gradient equals the sign of the EoT-averaged gradient.
@@ -121,6 +130,7 @@ def pgd(
     step_size: float | Tensor,
     random_start: bool = True,
     generator: torch.Generator | None = None,
+    start_noise: Tensor | None = None,
 ) -> Tensor:
     """Projected Gradient Descent (Madry et al. 2018), ℓ∞.
 
@@ -136,11 +146,13 @@ def pgd(
         step_size: size of each sign step, a float or a per-example tensor (B,).
         random_start: start from x + U(-ε, ε) instead of x.
         generator: source of the random start (reproducible attacks).
+        start_noise: (B, C, H, W) uniform [0, 1) draws for the random start, drawn by the caller
+            (start = x + (2·noise − 1)·ε); overrides ``generator``.
 
     Returns:
         Adversarial inputs (B, C, H, W), detached, with ‖x_adv − x‖∞ ≤ ε.
     """
-    return _pgd_loop(model, x, y, eps, steps, step_size, 1, random_start, generator, None)
+    return _pgd_loop(model, x, y, eps, steps, step_size, 1, random_start, generator, None, start_noise)
 
 
 def pgd_eot(

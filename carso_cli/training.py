@@ -156,34 +156,6 @@ def attack_strengths(attacks: AttackConfig) -> tuple[float, float, float, float]
     return (attacks.fgsm_eps[0], attacks.pgd_eps[0], attacks.fgsm_eps[1], attacks.pgd_eps[1])
 
 
-def pgd_from_start(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor, steps: int, step_size: float,
-    noise: torch.Tensor | None,
-) -> torch.Tensor:
-    """``attacks.pgd`` with its uniform random start given as ``noise`` ∈ [0, 1) (None: no random start).
-
-    The very operations of ``attacks.pgd`` (a test checks they agree bit for bit), except that the start
-    is drawn by the caller: for the PGD examples of the *global* batch, so that it does not depend on
-    how a batch is split across ranks.
-
-    Args:
-        x: (B, C, H, W) clean inputs; y: (B,); eps: (B,) per-example ℓ∞ radii.
-        noise: (B, C, H, W) uniform [0, 1) draws (the start is x + (2·noise − 1)·ε, clipped).
-    Returns:
-        (B, C, H, W) adversarial inputs, detached, within the ε-ball and [0, 1].
-    """
-    from carso_cli.attacks import input_gradient
-
-    x = x.detach()
-    eps_ = eps.to(device=x.device, dtype=x.dtype).view(-1, *([1] * (x.dim() - 1)))
-    x_adv = torch.clamp(x + (2.0 * noise.to(x.device, x.dtype) - 1.0) * eps_, 0.0, 1.0) if noise is not None else x.clone()
-    for _ in range(steps):
-        grad = input_gradient(model, x_adv, y)
-        x_adv = x_adv + step_size * grad.sign()
-        x_adv = torch.clamp(x + torch.clamp(x_adv - x, min=-eps_, max=eps_), 0.0, 1.0).detach()
-    return x_adv
-
-
 def make_balanced_batch(
     classifier: nn.Module,
     x: torch.Tensor,
@@ -236,8 +208,8 @@ def make_balanced_batch(
             # before … before+n of it (the PGD examples of earlier ranks come first).
             noise = torch.rand((total, *x.shape[1:]), generator=generator, device=device, dtype=x.dtype)
             noise = noise[before:before + pgd_idx.numel()]
-        x_in[pgd_idx] = pgd_from_start(classifier, x[pgd_idx], y[pgd_idx], strengths[groups[pgd_idx]],
-                                       attacks.pgd_steps, attacks.pgd_step_size, noise)
+        x_in[pgd_idx] = atk.pgd(classifier, x[pgd_idx], y[pgd_idx], strengths[groups[pgd_idx]], attacks.pgd_steps,
+                                attacks.pgd_step_size, random_start=noise is not None, start_noise=noise)
     elif attacks.pgd_random_start and bool(global_pgd.any()):
         # Keep the generator in step with the other ranks (they drew the global PGD noise).
         device = generator.device if generator is not None else x.device

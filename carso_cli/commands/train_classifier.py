@@ -27,6 +27,7 @@ import torch.nn.functional as F
 import typer
 from torch import nn
 
+from carso_cli import attacks
 from carso_cli import checkpoint as ckpt
 from carso_cli import distributed
 from carso_cli import training as tr
@@ -246,8 +247,7 @@ def _train(cfg: Config, out: Path | None, ctx: distributed.DistContext, resume: 
             gen = tr.batch_generator(device, seed, b.epoch, b.index, 3)
             noise = torch.rand((b.global_size, *x.shape[1:]), generator=gen, device=device)[b.lo:b.hi]
             with autocast():
-                x = tr.pgd_from_start(model, x, y, torch.full((x.shape[0],), eps, device=device),
-                                      ct.pgd_steps, ct.pgd_step_size, noise)
+                x = attacks.pgd(model, x, y, eps, ct.pgd_steps, ct.pgd_step_size, start_noise=noise)
         return x, y
 
     def compute(b: tr.Batch) -> torch.Tensor:
