@@ -27,13 +27,12 @@ from typing import Annotated, Any, Optional
 
 import torch
 import typer
-
-from carso_cli.aggregation import AGGREGATIONS
 from rich.console import Console
 from rich.table import Table
 
 from carso_cli import checkpoint as ckpt
 from carso_cli import evaluation as ev
+from carso_cli.aggregation import AGGREGATIONS
 from carso_cli.commands._common import (
     AGGREGATION_HELP,
     Aggregation,
