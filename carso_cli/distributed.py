@@ -76,6 +76,31 @@ def relaunch(nproc: int, argv: Sequence[str] | None = None) -> int:
     return subprocess.call(cmd, env=env)
 
 
+def relaunch_argv(command: str, **opts: Any) -> list[str]:
+    """``carso [--debug] COMMAND --opt value …`` rebuilt from parsed options, for ``relaunch``.
+
+    Built from the options rather than ``sys.argv`` so that it is right however the app was invoked.
+    ``None``/``False`` options are left out, ``True`` becomes a bare flag, lists repeat the flag, enums
+    give their value.
+    """
+    from carso_cli.cli import debug_enabled
+
+    argv = ["--debug"] if debug_enabled() else []
+    argv.append(command)
+    for name, value in opts.items():
+        flag = "--" + name.replace("_", "-")
+        if value is None or value is False:
+            continue
+        if value is True:
+            argv.append(flag)
+        elif isinstance(value, list):
+            for v in value:
+                argv += [flag, str(v)]
+        else:
+            argv += [flag, str(getattr(value, "value", value))]
+    return argv
+
+
 def should_relaunch(gpus: int) -> bool:
     """True when ``--gpus N`` (N > 1) was asked for and this process is not already under torchrun."""
     return gpus > 1 and not in_torchrun()

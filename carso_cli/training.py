@@ -907,24 +907,3 @@ def check_gpus(gpus: int, device: str | None) -> None:
     wants_cuda = device is None or device.startswith("cuda")
     if gpus > 1 and wants_cuda and torch.cuda.is_available() and gpus > torch.cuda.device_count():
         raise ConfigError(f"--gpus {gpus}: only {torch.cuda.device_count()} CUDA device(s) visible on this node")
-
-
-def relaunch_argv(command: str, **opts: Any) -> list[str]:
-    """``carso COMMAND --opt value …`` rebuilt from parsed options (for ``--gpus N``: torchrun re-runs it).
-
-    Built from the options rather than ``sys.argv`` so that it is right however the app was invoked.
-    ``None``/``False`` options are left out, ``True`` becomes a bare flag, lists repeat the flag.
-    """
-    argv = [command]
-    for name, value in opts.items():
-        flag = "--" + name.replace("_", "-")
-        if value is None or value is False:
-            continue
-        if value is True:
-            argv.append(flag)
-        elif isinstance(value, list):
-            for v in value:
-                argv += [flag, str(v)]
-        else:
-            argv += [flag, str(getattr(value, "value", value))]
-    return argv

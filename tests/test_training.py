@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from carso_cli import attacks
+from carso_cli import distributed
 from carso_cli import training as tr
 from carso_cli.config import load_config
 from carso_cli.errors import CheckpointError
@@ -266,7 +267,7 @@ def test_epoch_batches_are_seeded_per_epoch() -> None:
 
 
 def test_relaunch_argv() -> None:
-    argv = tr.relaunch_argv("train-purifier", preset="smoke", out=None, resume=False, gpus=2, bf16=True,
+    argv = distributed.relaunch_argv("train-purifier", preset="smoke", out=None, resume=False, gpus=2, bf16=True,
                             set=["training.epochs=1", "data.num_workers=0"])
     assert argv == ["train-purifier", "--preset", "smoke", "--gpus", "2", "--bf16",
                     "--set", "training.epochs=1", "--set", "data.num_workers=0"]

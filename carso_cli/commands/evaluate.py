@@ -60,8 +60,6 @@ class Target(str, Enum):
     carso = "carso"
 
 
-
-
 class Precision(str, Enum):
     float32 = "float32"
     bfloat16 = "bfloat16"
@@ -260,23 +258,6 @@ def render(results: dict[str, Any], console: Console) -> None:
         console.print(f"[yellow]{len(warnings)} distinct warning(s) from the attack library (in the results file)[/]")
 
 
-def relaunch_args(**opts: Any) -> list[str]:
-    """The ``carso eval`` command line for the torchrun workers (from the parsed options)."""
-    from carso_cli.cli import debug_enabled
-
-    args = ["--debug"] if debug_enabled() else []
-    args.append("eval")
-    for key, value in opts.items():
-        if value is None or value is False:
-            continue
-        flag = "--run-dir" if key == "run" else "--" + key.replace("_", "-")
-        if value is True:
-            args.append(flag)
-        else:
-            args += [flag, str(value.value if isinstance(value, Enum) else value)]
-    return args
-
-
 def cli(
     run: RunOpt = None,
     attack: Annotated[Attack, typer.Option("--attack", help="autoattack: standard AA on the classifier, randAA on CARSO (section 5.1); pgd-eot: Lee & Kim 2024 (Table 14); none: clean only.")] = Attack.autoattack,
@@ -305,8 +286,8 @@ def cli(
         dev = resolve_device(device)
         if dev.type == "cuda" and gpus > torch.cuda.device_count():
             raise CarsoError(f"--gpus {gpus}: only {torch.cuda.device_count()} CUDA device(s) here")
-        argv = relaunch_args(
-            run=run, attack=attack, target=target, eps=eps, n_examples=n_examples, batch_size=batch_size,
+        argv = distributed.relaunch_argv(
+            "eval", run=run, attack=attack, target=target, eps=eps, n_examples=n_examples, batch_size=batch_size,
             samples=samples, aggregation=aggregation, device=device, seed=seed, resume=resume, repeats=repeats,
             steps=steps, eot=eot, queries=queries, name=name, data_root=data_root, precision=precision,
         )

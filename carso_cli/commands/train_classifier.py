@@ -332,7 +332,7 @@ def cli(
 
     if distributed.should_relaunch(gpus):
         tr.check_gpus(gpus, device)
-        argv = tr.relaunch_argv("train-classifier", preset=preset, adversarial=adversarial, out=out, epochs=epochs,
+        argv = distributed.relaunch_argv("train-classifier", preset=preset, adversarial=adversarial, out=out, epochs=epochs,
                                 batch_size=batch_size, gpus=gpus, device=device, resume=resume, data_root=data_root,
                                 seed=seed, set=set_)
         if bf16 is not None:

@@ -335,7 +335,7 @@ def cli(
 
     if distributed.should_relaunch(gpus):
         tr.check_gpus(gpus, device)
-        argv = tr.relaunch_argv("train-purifier", preset=preset, classifier=classifier, out=out, epochs=epochs, batch_size=batch_size,
+        argv = distributed.relaunch_argv("train-purifier", preset=preset, classifier=classifier, out=out, epochs=epochs, batch_size=batch_size,
                               gpus=gpus, device=device, resume=resume, data_root=data_root, seed=seed, set=set_)
         if bf16 is not None:
             argv.append("--bf16" if bf16 else "--no-bf16")
