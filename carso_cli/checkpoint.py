@@ -73,6 +73,13 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             tmp_path.unlink()
 
 
+def remove_temporaries(directory: str | Path, prefix: str = "") -> None:
+    """Remove the temporary files ``atomic_path`` made for ``directory/prefix…`` and a killed process
+    left behind (they never carry a final name). Call it holding the directory's lock."""
+    for tmp in Path(directory).glob(f".{prefix}*.tmp"):
+        tmp.unlink(missing_ok=True)
+
+
 @contextmanager
 def checkpoint_write(path: str | Path) -> Iterator[None]:
     """Around the write of a training checkpoint: a failed write says which checkpoint is still good."""

@@ -170,6 +170,7 @@ def run(
         def lock() -> None:  # one writer per evaluation name; a failed start leaves no folder behind
             made = not eval_dir.exists()
             stack.enter_context(locking.hold(eval_dir, hint="wait for it, or use another --name"))
+            ckpt.remove_temporaries(eval_dir)  # what a killed evaluation was writing
             stack.enter_context(ckpt.undo_on_failure(eval_dir, made, keep=[eval_dir / ev.SETTINGS_FILE]))
 
         distributed.on_main(ctx, lock)

@@ -186,6 +186,7 @@ def _train(cfg: Config, out: Path | None, ctx: distributed.DistContext, resume: 
         # One writer per weights file: the lock file sits beside it (a folder may hold several).
         made = not weights.parent.exists()
         stack.enter_context(locking.hold(weights.parent, lock_file=f".{weights.name}.lock"))
+        ckpt.remove_temporaries(weights.parent, f"{stem}.")  # what a killed run was writing (issue 14)
         if not resume:
             if weights.exists() or state_path.exists():
                 raise CarsoError(f"{weights} (or its training state) already exists: pass --resume to continue, or another --out")

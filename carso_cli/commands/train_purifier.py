@@ -110,6 +110,8 @@ def _run_dir(out: Path | None, cfg: Config, resume: bool, ctx: distributed.DistC
             if (run / CHECKPOINT).is_file() or (run / ckpt.PURIFIER_FILE).is_file():
                 raise CarsoError(f"{run} already holds a training run: pass --resume to continue it, or another --out")
             stack.enter_context(ckpt.undo_on_failure(run, made, keep=[run / CHECKPOINT, run / ckpt.PURIFIER_FILE]))
+        for folder in (run, (run / CHECKPOINT).parent):  # what a killed run was writing (issue 14)
+            ckpt.remove_temporaries(folder)
         return str(run)
 
     return Path(distributed.on_main(ctx, make))
