@@ -5,6 +5,7 @@ caught in the middle of its run."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -20,7 +21,7 @@ from typer.testing import CliRunner
 from carso_cli import checkpoint as ckpt
 from carso_cli import locking
 from carso_cli.cli import app
-from carso_cli.config import load_config, parse_override
+from carso_cli.config import load_config
 from carso_cli.models import build_classifier
 
 runner = CliRunner()
@@ -57,9 +58,8 @@ def test_lock_names_holder_and_dies_with_it(tmp_path: Path) -> None:
                               env={**os.environ, "PYTHONPATH": str(REPO)})
     try:
         assert holder.stdout.readline().strip() == "held"  # type: ignore[union-attr]
-        with pytest.raises(locking.LockedError) as refused:
-            with locking.hold(tmp_path):
-                pass
+        with pytest.raises(locking.LockedError) as refused, locking.hold(tmp_path):
+            pass
         text = str(refused.value)
         assert str(tmp_path) in text and f"pid {holder.pid}" in text and socket.gethostname() in text
         assert "wait for it, or use another --out" in text
@@ -126,7 +126,5 @@ def test_two_evaluations_with_one_name(tiny_run: Path) -> None:
         output = first.communicate(timeout=300)[0]
     assert first.returncode == 0, output[-3000:]
     assert runner.invoke(app, [*args, "--name", "alone"]).exit_code == 0
-    import json
-
     shared, alone = (json.loads((tiny_run / "eval" / n / "results.json").read_text()) for n in ("n", "alone"))
     assert shared["flags"] == alone["flags"] and shared["metrics"] == alone["metrics"]

@@ -155,7 +155,10 @@ def test_failed_start_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyP
     from carso_cli.errors import DataError
 
     real = data.build_dataset
-    monkeypatch.setattr(data, "build_dataset", lambda *a, **k: (_ for _ in ()).throw(DataError("offline")))
+    def offline(*args, **kwargs):
+        raise DataError("offline")
+
+    monkeypatch.setattr(data, "build_dataset", offline)
     args = lambda out, *extra: ["train-classifier", "--preset", "smoke", "--out", str(out), "--device", "cpu",
                                 *[a for s in TINY for a in ("--set", s)], *extra]
     result = runner.invoke(app, args(tmp_path / "new" / "c.safetensors"))
