@@ -182,14 +182,17 @@ def _train(cfg: Config, out: Path | None, ctx: distributed.DistContext, resume: 
     state_path = companion(weights, "state.safetensors")
     stem = weights.name.removesuffix(".safetensors")
 
+    def refuse_existing() -> None:
+        if weights.exists() or state_path.exists():
+            raise CarsoError(f"{weights} (or its training state) already exists: pass --resume to continue, or another --out")
+
     def lock() -> None:
         # One writer per weights file: the lock file sits beside it (a folder may hold several).
         made = not weights.parent.exists()
         stack.enter_context(locking.hold(weights.parent, lock_file=f".{weights.name}.lock"))
         ckpt.remove_temporaries(weights.parent, f"{stem}.")  # what a killed run was writing (issue 14)
         if not resume:
-            if weights.exists() or state_path.exists():
-                raise CarsoError(f"{weights} (or its training state) already exists: pass --resume to continue, or another --out")
+            refuse_existing()  # again under the lock: the check before it was only to fail early
             stack.enter_context(ckpt.undo_on_failure(weights.parent, made, keep=[state_path, weights], prefix=f"{stem}."))
 
     state: tr.TrainingState | None = None
@@ -201,6 +204,7 @@ def _train(cfg: Config, out: Path | None, ctx: distributed.DistContext, resume: 
         tr.check_resume(state, ct.batch_size, preset, cfg.name)
         seed = int(state.extra.get("seed", seed))
     else:
+        distributed.on_main(ctx, refuse_existing)  # before a download
         tr.seed_everything(seed, ctx.rank)
 
     # The data is checked before anything is written (issue 7: a failed start leaves nothing).

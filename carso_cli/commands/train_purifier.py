@@ -107,14 +107,18 @@ def _run_dir(out: Path | None, cfg: Config, resume: bool, ctx: distributed.DistC
             run = ckpt.new_run_dir(cfg.name) if out is None else Path(out)
             made = out is None or not run.exists()
             stack.enter_context(locking.hold(run))
-            if (run / CHECKPOINT).is_file() or (run / ckpt.PURIFIER_FILE).is_file():
-                raise CarsoError(f"{run} already holds a training run: pass --resume to continue it, or another --out")
+            _refuse_existing(run)  # again under the lock: the check before it was only to fail early
             stack.enter_context(ckpt.undo_on_failure(run, made, keep=[run / CHECKPOINT, run / ckpt.PURIFIER_FILE]))
         for folder in (run, (run / CHECKPOINT).parent):  # what a killed run was writing (issue 14)
             ckpt.remove_temporaries(folder)
         return str(run)
 
     return Path(distributed.on_main(ctx, make))
+
+
+def _refuse_existing(run: Path) -> None:
+    if (run / CHECKPOINT).is_file() or (run / ckpt.PURIFIER_FILE).is_file():
+        raise CarsoError(f"{run} already holds a training run: pass --resume to continue it, or another --out")
 
 
 def resume_config(run: Path | None, sets: list[str] | None = None, epochs: int | None = None) -> Config:
@@ -184,6 +188,8 @@ def _train(cfg: Config, classifier_path: Path | None, out: Path | None, ctx: dis
         if classifier_path is not None and not ckpt.same_classifier(classifier_path, run_dir):
             raise CheckpointError(f"--classifier {classifier_path} differs from the classifier of {run_dir}")
     else:
+        if out is not None:
+            distributed.on_main(ctx, lambda: _refuse_existing(Path(out)))  # before a download
         classifier_file = Path(classifier_path)  # type: ignore[arg-type]
         tr.seed_everything(seed, ctx.rank)
 
