@@ -98,11 +98,23 @@ def test_two_trainings_into_one_out(tmp_path: Path) -> None:
     assert first.returncode == 0, output[-3000:]
     later = runner.invoke(app, argv(out))  # started after the first ended: refused too
     assert later.exit_code == 1 and "already holds a training run" in later.output
+
+    # Two plain processes started 1 s apart, no fault injected: whichever reaches the lock first wins.
+    raced = tmp_path / "raced"
+    pair = [spawn("none", *argv(raced))]
+    time.sleep(1)
+    pair.append(spawn("none", *argv(raced)))
+    outputs = [p.communicate(timeout=300)[0] for p in pair]
+    assert sorted(p.returncode for p in pair) == [0, 1], outputs
+    refusal = " ".join(outputs[[p.returncode for p in pair].index(1)].split())
+    assert "is in use by another carso process" in refusal or "already holds a training run" in refusal, refusal
+
     alone = runner.invoke(app, argv(tmp_path / "alone"))
     assert alone.exit_code == 0, alone.output
-    a, _ = ckpt.load_tensors(out / ckpt.PURIFIER_FILE)
     b, _ = ckpt.load_tensors(tmp_path / "alone" / ckpt.PURIFIER_FILE)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for run in (out, raced):
+        a, _ = ckpt.load_tensors(run / ckpt.PURIFIER_FILE)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), run
 
 
 @pytest.mark.slow
