@@ -63,8 +63,7 @@ def hold(directory: str | Path, hint: str = "wait for it, or use another --out",
         finally:
             _held[path] -= 1
         return
-    fh = open(path, "a+")
-    try:
+    with open(path, "a+") as fh:  # closing the descriptor releases the flock
         try:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -78,5 +77,3 @@ def hold(directory: str | Path, hint: str = "wait for it, or use another --out",
             yield path
         finally:
             del _held[path]
-    finally:
-        fh.close()  # closing the descriptor releases the flock
