@@ -95,6 +95,7 @@ COMMANDS: list[tuple[str, str]] = [
     ("plot", "carso_cli.commands.plot"),
     ("predict", "carso_cli.commands.predict"),
     ("convert", "carso_cli.commands.convert"),
+    ("pull", "carso_cli.commands.pull"),
     ("eval", "carso_cli.commands.evaluate"),
     ("sanity", "carso_cli.commands.sanity"),
     ("extract", "carso_cli.commands.extract"),

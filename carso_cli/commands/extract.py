@@ -257,7 +257,7 @@ def cli(
     out: Annotated[Path, typer.Option("--out", help="Output .safetensors file.")],
     run: RunOpt = None,
     preset: Annotated[Optional[str], typer.Option("--preset", "-p", help="Preset (with --classifier) instead of a run.")] = None,
-    classifier: Annotated[Optional[Path], typer.Option("--classifier", help="Classifier weights (with --preset).")] = None,
+    classifier: Annotated[Optional[Path], typer.Option("--classifier", help="Classifier weights (with --preset), or a published model's name (carso pull --list).")] = None,
     set_: SetOpt = None,
     split: Annotated[Split, typer.Option("--split", help="Dataset split.")] = Split.test,
     n_examples: Annotated[Optional[int], typer.Option("--n-examples", help="First N examples of the split.")] = 256,
@@ -271,8 +271,10 @@ def cli(
     data_root: DataRootOpt = Path("data"),
 ) -> None:
     """Save the classifier's representation (one tensor per layer), inputs, labels, and attacked inputs."""
+    from carso_cli import zoo
     from carso_cli.cli import console
 
+    classifier = zoo.resolve_weights(classifier)  # a path, or a published model's name (carso pull --list)
     run_fn(out, run_dir=run, preset=preset, classifier=classifier, sets=set_, split=split.value,
            n_examples=n_examples, attack=attack.value, eps=eps, layers=parse_layers(layers), dtype=dtype,
            batch_size=batch_size, seed=seed, device=device, data_root=data_root, console=console)

@@ -336,7 +336,7 @@ def _plot(run_dir: Path) -> None:
 
 def cli(
     preset: Annotated[Optional[str], typer.Option("--preset", "-p", help="Preset name or .toml (not needed with --resume).")] = None,
-    classifier: Annotated[Optional[Path], typer.Option("--classifier", help="Classifier weights (.safetensors, .pt, .pth).")] = None,
+    classifier: Annotated[Optional[Path], typer.Option("--classifier", help="Classifier weights (.safetensors, .pt, .pth), or a published model's name (carso pull --list).")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="Run directory (default runs/<preset>-<timestamp>).")] = None,
     epochs: Annotated[Optional[int], typer.Option("--epochs", min=1, help="Epochs (overrides training.epochs; with --resume, extends the run).")] = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", min=1, help="Global batch size (split across processes).")] = None,
@@ -349,8 +349,10 @@ def cli(
     set_: SetOpt = None,
 ) -> None:
     """Train the purifier against a frozen classifier (adversarially-balanced batches, RAdam+Lookahead)."""
+    from carso_cli import zoo
     from carso_cli.cli import console
 
+    classifier = zoo.resolve_weights(classifier)  # a path, or a published model's name (carso pull --list)
     if distributed.should_relaunch(gpus):
         distributed.check_gpus(gpus, device)
         argv = distributed.relaunch_argv("train-purifier", preset=preset, classifier=classifier, out=out, epochs=epochs, batch_size=batch_size,
