@@ -196,6 +196,8 @@ def test_classifier_only_entry_is_downloaded_and_named(env: Path, published) -> 
     assert cached.read_bytes() == files["classifier"].read_bytes()
     assert "--classifier smoke-cls" in result.output
     assert not (env / "runs").exists()  # no run: there is no purifier to convert
+    other = _pull("smoke-cls", "--cache", str(env / "elsewhere"))
+    assert other.exit_code == 0 and (env / "elsewhere" / FOLDER / files["classifier"].name).is_file()
 
 
 # ----------------------------------------------------------------------------------------------
