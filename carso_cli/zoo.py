@@ -25,9 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from carso_cli import __version__
+from carso_cli import __version__, locking
 from carso_cli import checkpoint as ckpt
-from carso_cli import locking
 from carso_cli.config import tomllib
 from carso_cli.errors import CarsoError, reason
 
@@ -181,7 +180,14 @@ def _so_far(part: Path, total: int | None = None) -> str:
 
 
 def _progress(console: Any):
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
 
     return Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                     TimeRemainingColumn(), console=console, disable=console is None)

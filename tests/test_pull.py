@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_convert import published_files
 from typer.testing import CliRunner
 
 from carso_cli import checkpoint as ckpt
@@ -26,7 +27,6 @@ from carso_cli import zoo
 from carso_cli.cli import app
 from carso_cli.commands import pull
 from carso_cli.config import load_config
-from test_convert import published_files
 
 runner = CliRunner()
 ROLES = ("classifier", "repr_compressors", "repr_fcn_compressor", "decoder")
@@ -41,7 +41,7 @@ FOLDER = "smoke_wrn101/models"  # relative paths as the authors' bucket has them
 class _Handler(http.server.BaseHTTPRequestHandler):
     """GET with ``Range: bytes=N-`` (206) support; ``server.cut[path] = n`` sends only n body bytes once."""
 
-    def do_GET(self) -> None:  # noqa: N802 - the standard library's name
+    def do_GET(self) -> None:
         rel = self.path.lstrip("/")
         rng = self.headers.get("Range")
         self.server.log.append((rel, rng))  # type: ignore[attr-defined]

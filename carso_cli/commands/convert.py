@@ -335,8 +335,10 @@ def cli(
     """Import the authors' published weights into a run directory (then: carso eval --run DIR)."""
     from rich.table import Table
 
+    from carso_cli import zoo
     from carso_cli.cli import console
 
+    classifier = zoo.resolve_weights(classifier)  # a path, or a published model's name (carso pull --list)
     cfg = load_preset(preset, set_)
     result = run(kind, cfg, classifier, repr_compressors, repr_fcn_compressor, decoder, out, force)
     table = Table(title=f"carso convert {kind.value} — preset '{cfg.name}'")
