@@ -50,6 +50,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.send_error(404)
             return
         data = path.read_bytes()
+        if self.server.ignore_range:  # type: ignore[attr-defined]
+            rng = None  # as a server without Range support does: 200 and the whole file
         start = int(re.fullmatch(r"bytes=(\d+)-", rng).group(1)) if rng else 0  # type: ignore[union-attr]
         if start >= len(data) and rng:
             self.send_response(416)
@@ -80,7 +82,7 @@ def published(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str,
 @pytest.fixture(scope="module")
 def server(published: tuple[Path, dict[str, Path]]):
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    httpd.root, httpd.log, httpd.cut = published[0], [], {}  # type: ignore[attr-defined]
+    httpd.root, httpd.log, httpd.cut, httpd.ignore_range = published[0], [], {}, False  # type: ignore[attr-defined]
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
     yield httpd
@@ -112,6 +114,11 @@ preset = "smoke"
 title = "a classifier only"
 classifier = "{rel['classifier']}"
 
+[models.not-on-server]
+preset = "smoke"
+title = "a file the server does not have"
+classifier = "{FOLDER}/nope.safetensors"
+
 [models.wrong-preset]
 preset = "cifar10"
 title = "smoke files under the wrong preset"
@@ -131,7 +138,8 @@ def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, server, published):
     monkeypatch.chdir(tmp_path)
     server.log.clear()
     server.cut.clear()
-    return tmp_path
+    yield tmp_path
+    server.ignore_range = False
 
 
 def _pull(*args: str):
@@ -196,8 +204,9 @@ def test_classifier_only_entry_is_downloaded_and_named(env: Path, published) -> 
     assert cached.read_bytes() == files["classifier"].read_bytes()
     assert "--classifier smoke-cls" in result.output
     assert not (env / "runs").exists()  # no run: there is no purifier to convert
-    other = _pull("smoke-cls", "--cache", str(env / "elsewhere"))
+    other = _pull("smoke-cls", "--cache", str(env / "elsewhere"), "--out", "runs/x")
     assert other.exit_code == 0 and (env / "elsewhere" / FOLDER / files["classifier"].name).is_file()
+    assert "--out is not used" in other.output and not (env / "runs").exists()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -222,6 +231,18 @@ def test_a_download_cut_in_the_middle_resumes(env: Path, server, published) -> N
     assert _gets(server, "decoder") == [None, f"bytes={half}-"]  # only the missing half came again
     assert _gets(server, "classifier") == [None]  # complete files are not fetched twice
     assert (env / "cache" / FOLDER / decoder.name).read_bytes() == decoder.read_bytes() and not part.exists()
+
+
+def test_a_server_without_range_support_sends_the_whole_file_again(env: Path, server, published) -> None:
+    _, files = published
+    decoder = files["decoder"]
+    server.cut[decoder.relative_to(published[0]).as_posix()] = 1000
+    assert _pull("smoke-ref").exit_code == 1
+    server.ignore_range = True
+    result = _pull("smoke-ref")
+    assert result.exit_code == 0, result.output
+    assert _gets(server, "decoder") == [None, "bytes=1000-"]  # asked for the rest, got a 200 and the whole file
+    assert (env / "cache" / FOLDER / decoder.name).read_bytes() == decoder.read_bytes()
 
 
 def test_a_wrong_checksum_is_refused_and_a_right_one_checked(env: Path, server, published, monkeypatch) -> None:
@@ -272,6 +293,9 @@ def test_unknown_names_and_no_name(env: Path) -> None:
     assert "no published model named 'smoke-rf'; did you mean smoke-ref" in result.output
     assert "carso pull --list" in result.output
     assert _pull().exit_code == 1
+    missing = _pull("not-on-server")
+    assert missing.exit_code == 1 and f"{FOLDER}/nope.safetensors: HTTP 404" in missing.output
+    assert "Traceback" not in missing.output
 
 
 def test_list_shows_the_zoo(env: Path) -> None:

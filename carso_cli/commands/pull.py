@@ -104,6 +104,8 @@ def cli(
     for f in result.files.values():
         console.print(f"{f.role}: {f.path} (sha256 {f.sha256})", soft_wrap=True, highlight=False)
     if result.run is None:
+        if out is not None:
+            err_console.print(f"[yellow]note:[/] --out is not used: {name} has no published purifier to convert")
         console.print(f"[green]{name}[/] is a classifier only; train a purifier on it with: carso train-purifier "
                       f"--preset {result.entry.preset} --classifier {name}", soft_wrap=True, highlight=False)
         return
