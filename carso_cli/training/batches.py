@@ -39,10 +39,28 @@ class BalancedPlan:
         return BalancedPlan(self.groups[lo:hi])
 
 
-def balanced_batch_plan(batch_size: int, fraction: float) -> BalancedPlan:
+def adversarial_count(batch_size: int, fraction: float, counting: str = "global", world_size: int = 1) -> int:
+    """How many examples of a global batch of ``batch_size`` are perturbed (``training.adversarial_count``).
+
+    - ``"global"`` (the paper, Table 16): ``round(fraction · B)``, half-way rounding up.
+    - ``"per-process"`` (the authors' code, ebtorch ``AdverApply``): each of ``world_size`` processes
+      perturbs ``int(b · fraction // 4)`` examples per attack, ``b = max(B // world_size, 2)`` its batch;
+      e.g. scenario (c), 1024 over 8 processes: 1.28 // 4 = 0, no adversarial example at all.
+    """
+    if counting == "global":
+        return math.floor(fraction * batch_size + 0.5)
+    if counting != "per-process":
+        raise ConfigError(f"training.adversarial_count must be 'global' or 'per-process', got {counting!r}")
+    per_process = max(batch_size // world_size, 2)
+    per_attack = int((per_process * fraction) // len(ATTACK_GROUPS))
+    return min(batch_size, per_attack * len(ATTACK_GROUPS) * world_size)
+
+
+def balanced_batch_plan(batch_size: int, fraction: float, count: int | None = None) -> BalancedPlan:
     """The composition of an adversarially-balanced batch of ``batch_size`` examples.
 
-    ``round(fraction · B)`` examples are perturbed (half-way rounds up), split as evenly as possible
+    ``count`` examples (default ``round(fraction · B)``, half-way rounding up; see ``adversarial_count``)
+    are perturbed, split as evenly as possible
     among FGSM ε/2, PGD ε/2, FGSM ε, PGD ε, earlier groups taking the remainder. The batch is
     shuffled, so which positions are perturbed does not matter for the data; they are spread evenly
     over the batch (Bresenham) and cycle through the groups, so that every rank's contiguous shard of a
@@ -50,7 +68,9 @@ def balanced_batch_plan(batch_size: int, fraction: float) -> BalancedPlan:
     """
     if batch_size < 0 or not 0.0 <= fraction <= 1.0:
         raise ConfigError(f"bad balanced batch: batch_size {batch_size}, fraction {fraction}")
-    n = math.floor(fraction * batch_size + 0.5)
+    n = adversarial_count(batch_size, fraction) if count is None else count
+    if not 0 <= n <= batch_size:
+        raise ConfigError(f"bad balanced batch: {n} perturbed examples in a batch of {batch_size}")
     groups = torch.full((batch_size,), CLEAN, dtype=torch.long)
     k = 0
     for i in range(batch_size):
@@ -61,12 +81,16 @@ def balanced_batch_plan(batch_size: int, fraction: float) -> BalancedPlan:
     return BalancedPlan(groups)
 
 
-def attack_strengths(attacks: AttackConfig) -> tuple[float, float, float, float]:
-    """ε of the four groups (ATTACK_GROUPS order) from the preset's ``fgsm_eps`` and ``pgd_eps``."""
+def attack_strengths(attacks: AttackConfig, scale: float = 1.0) -> tuple[float, float, float, float]:
+    """Pixel ε of the four groups (ATTACK_GROUPS order) from the preset's ``fgsm_eps`` and ``pgd_eps``.
+
+    ``scale``: pixel ε per unit of those values (``config.eps_scale``: 1, or C / Σ std when they are given
+    in the classifier's normalised space, ``attacks.train_eps_space = "normalised"``).
+    """
     for key in ("fgsm_eps", "pgd_eps"):
         if len(getattr(attacks, key)) != 2:
             raise ConfigError(f"attacks.{key} needs 2 values (ε/2 and ε, section 4.4)")
-    return (attacks.fgsm_eps[0], attacks.pgd_eps[0], attacks.fgsm_eps[1], attacks.pgd_eps[1])
+    return tuple(e * scale for e in (attacks.fgsm_eps[0], attacks.pgd_eps[0], attacks.fgsm_eps[1], attacks.pgd_eps[1]))
 
 
 def make_balanced_batch(
@@ -78,6 +102,7 @@ def make_balanced_batch(
     generator: torch.Generator | None = None,
     global_plan: BalancedPlan | None = None,
     offset: int = 0,
+    eps_scale: float = 1.0,
 ) -> torch.Tensor:
     """The purifier's input for a batch: clean examples as they are, the others attacked.
 
@@ -93,6 +118,7 @@ def make_balanced_batch(
             ``global_plan``, the random starts are drawn for all PGD examples of the global batch (in
             batch order) and this rank takes its own: the result does not depend on the rank split.
             Without them, the draws are exactly those of ``attacks.pgd(..., generator=generator)``.
+        eps_scale: pixel ε per unit of ``attacks.fgsm_eps``/``pgd_eps`` (``attack_strengths``).
     Returns:
         (B, C, H, W) purifier input in [0, 1].
     """
@@ -100,7 +126,7 @@ def make_balanced_batch(
 
     if plan.groups.shape[0] != x.shape[0]:
         raise ValueError(f"plan for {plan.groups.shape[0]} examples, batch of {x.shape[0]}")
-    strengths = torch.tensor(attack_strengths(attacks), dtype=x.dtype, device=x.device)
+    strengths = torch.tensor(attack_strengths(attacks, eps_scale), dtype=x.dtype, device=x.device)
     groups = plan.groups.to(x.device)
     x_in = x.clone()
     is_pgd = (groups == 1) | (groups == 3)

@@ -61,6 +61,7 @@ class LoopSpec:
     title: str = "training"
     num_workers: int = 0
     checkpoint_every: int = 1
+    drop_last: bool = True  # False: the epoch's last partial global batch is trained on too
     metrics_path: Path | None = None  # written by rank 0 only
 
 
@@ -102,13 +103,24 @@ def _loader(spec: LoopSpec, batches: list[torch.Tensor], start: int, lo: int, hi
                        seed=derived_seed(spec.seed, epoch, -2), drop_last=False, sampler=_ListSampler(indices))
 
 
+def _epoch_batches(spec: LoopSpec, epoch: int) -> list[torch.Tensor]:
+    n = len(spec.dataset)  # type: ignore[arg-type]
+    return epoch_batches(n, spec.global_batch, spec.seed, epoch, spec.drop_last, min_last=spec.ctx.world_size)
+
+
 def local_batches(spec: LoopSpec, epoch: int, start: int = 0) -> Iterator[Batch]:
     """This rank's batches of epoch ``epoch`` from batch ``start`` on (the data order of ``run_loop``)."""
-    n = len(spec.dataset)  # type: ignore[arg-type]
+    batches = _epoch_batches(spec, epoch)
+    full = [b for b in batches if len(b) == spec.global_batch]
     part = shard(spec.global_batch, spec.ctx.rank, spec.ctx.world_size)
-    batches = epoch_batches(n, spec.global_batch, spec.seed, epoch)
-    for index, (x, y) in enumerate(_loader(spec, batches, start, part.start, part.stop, epoch), start=start):
-        yield Batch(epoch, index, x, y, part.start, part.stop, spec.global_batch)
+    if start < len(full):
+        for index, (x, y) in enumerate(_loader(spec, full, start, part.start, part.stop, epoch), start=start):
+            yield Batch(epoch, index, x, y, part.start, part.stop, spec.global_batch)
+    if len(batches) > len(full) and start <= len(full):  # the kept last partial batch (drop_last = false)
+        last = batches[-1]
+        part = shard(len(last), spec.ctx.rank, spec.ctx.world_size)
+        for x, y in _loader(spec, [last], 0, part.start, part.stop, epoch):
+            yield Batch(epoch, len(full), x, y, part.start, part.stop, len(last))
 
 
 def run_loop(spec: LoopSpec, hooks: LoopHooks, start: Position, carried_sums: list[float] | None = None,
@@ -150,7 +162,7 @@ def run_loop(spec: LoopSpec, hooks: LoopHooks, start: Position, carried_sums: li
         disable=not ctx.is_main,
         transient=False,
     )
-    batches_per_epoch = n // spec.global_batch
+    batches_per_epoch = len(_epoch_batches(spec, 0))  # the same number every epoch
     with StopSignal() as stop, progress:
         epochs_task = progress.add_task(f"{spec.title}: epochs", total=spec.epochs, completed=start.epoch, info="")
         for epoch in range(start.epoch, spec.epochs):
@@ -178,7 +190,7 @@ def run_loop(spec: LoopSpec, hooks: LoopHooks, start: Position, carried_sums: li
                     )
                 hooks.update()
                 sums += step_sums
-                images += spec.global_batch
+                images += batch.global_size
                 shown = hooks.display(step_sums.tolist())
                 rate = images / max(time.perf_counter() - t0, 1e-9)
                 info = "  ".join([f"{rate:,.0f} img/s"] + [f"{k} {v:.4g}" for k, v in {**shown, **schedule}.items()])

@@ -27,11 +27,19 @@ def batch_generator(device: torch.device, *keys: int) -> torch.Generator:
     return gen
 
 
-def epoch_batches(n_examples: int, global_batch: int, seed: int, epoch: int) -> list[torch.Tensor]:
-    """The shuffled global batches of an epoch (dataset indices); the last partial batch is dropped."""
+def epoch_batches(n_examples: int, global_batch: int, seed: int, epoch: int, drop_last: bool = True,
+                  min_last: int = 1) -> list[torch.Tensor]:
+    """The shuffled global batches of an epoch (dataset indices).
+
+    The last partial batch is dropped (``training.drop_last``, the default), or kept when it has at least
+    ``min_last`` examples (one per process: the authors' DataLoader keeps it, Table of docs/FIDELITY.md).
+    """
     perm = torch.randperm(n_examples, generator=batch_generator(torch.device("cpu"), seed, epoch, -1))
     count = n_examples // global_batch
-    return [perm[i * global_batch:(i + 1) * global_batch] for i in range(count)]
+    batches = [perm[i * global_batch:(i + 1) * global_batch] for i in range(count)]
+    if not drop_last and n_examples - count * global_batch >= max(1, min_last):
+        batches.append(perm[count * global_batch:])
+    return batches
 
 
 def _int64_bytes(values: Sequence[int]) -> torch.Tensor:
