@@ -31,6 +31,9 @@ DATASETS = ("cifar10", "cifar100", "tinyimagenet", "synthetic")  # plus "imagefo
 ACTIVATIONS = ("silu", "relu")
 DECODERS = ("32x32", "64x64")
 AGGREGATIONS = ("dexp", "dexp-logsum", "logit", "prob", "vote")  # carso_cli.aggregation.AGGREGATIONS
+SCHEDULES = ("paper", "code")
+ADVERSARIAL_COUNTS = ("global", "per-process")
+EPS_SPACES = ("pixel", "normalised")
 
 
 @dataclass
@@ -94,6 +97,20 @@ class TrainingConfig:
     weight_decay: float = 0.0
     bf16: bool = True  # autocast on CUDA only; CPU always runs float32
     checkpoint_every: int = 1
+    # The recipe's switches (docs/FIDELITY.md): the paper's text (defaults) or the authors' code.
+    schedule: str = "paper"  # "paper": lr_at_epoch's pieces; "code": ebtorch warmed_up_linneal (SequentialLR)
+    drop_last: bool = True  # drop the last partial batch of an epoch (the code's DataLoader keeps it)
+    adversarial_count: str = "global"  # "global": fraction of the global batch (Table 16); "per-process": code
+    # Processes the per-process quantities refer to (adversarial counts, LRs per example): the published
+    # runs' world size for the code recipe, so it reproduces them on any number of GPUs.
+    reference_world_size: int = 1
+    # When > 0: plateau_lr / final_lr = value × per-process batch (batch_size // reference_world_size), as
+    # the code computes them (BASE_LR_MULT = 1e-4, FINAL_LR_MULT = 1.25e-8).
+    plateau_lr_per_example: float = 0.0
+    final_lr_per_example: float = 0.0
+    # The loss whose gradient is taken: "mean" over the global batch of the per-example sums (section 5.1's
+    # summed BCE + β·KL, per example), or "sum" over the global batch (the code: loss × world_size under DDP).
+    loss_reduction: str = "mean"
 
 
 @dataclass
@@ -101,11 +118,12 @@ class AttackConfig:
     """Attack settings (Table 14 and section 5.1)."""
 
     eps: float = 8 / 255
-    # Adversarially-balanced batches (section 4.4): FGSM and PGD at ε/2 and ε. The authors' published
-    # code divides ε by the mean normalisation std before attacking, i.e. trains with perturbations
-    # about 4× larger than stated in the paper; presets follow the paper, change these to follow the code.
+    # Adversarially-balanced batches (section 4.4): FGSM and PGD at ε/2 and ε (in train_eps_space).
     fgsm_eps: list[float] = field(default_factory=lambda: [4 / 255, 8 / 255])
     pgd_eps: list[float] = field(default_factory=lambda: [4 / 255, 8 / 255])
+    # The space fgsm_eps / pgd_eps are given in: "pixel" ([0, 1] images, the paper), or "normalised" (the
+    # code's _epsscaler: pixel ε = ε · C / Σ data.std, since the attacked classifier normalises inside).
+    train_eps_space: str = "pixel"
     pgd_steps: int = 40
     pgd_step_size: float = 0.01
     pgd_random_start: bool = True
@@ -274,15 +292,51 @@ def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> Config:
     return cfg
 
 
-def load_config(name_or_path: str | Path, overrides: dict[str, Any] | None = None) -> Config:
-    """Read a preset (by name or path), apply ``overrides`` (dotted keys) and validate it."""
-    path = resolve_preset_path(name_or_path)
+def _read_toml(path: Path) -> dict[str, Any]:
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        return tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{path}: not valid TOML ({err})") from None
     except (OSError, UnicodeDecodeError) as err:
         raise ConfigError(f"{path}: cannot read ({err})") from None
+
+
+def _merge(parent: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
+    """``child`` over ``parent``: tables merge key by key, any other value replaces the parent's."""
+    out = dict(parent)
+    for key, value in child.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def preset_data(path: Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A preset's TOML with its ``extends = "parent"`` chain resolved (the child holds only what it changes).
+
+    The parent is a preset name, or a path relative to the child's folder. Cycles and missing parents are
+    errors naming the chain.
+    """
+    path = path.resolve()
+    if path in _chain:
+        names = " → ".join(p.stem for p in (*_chain, path))
+        raise ConfigError(f"{path}: preset inheritance cycle ({names})")
+    data = _read_toml(path)
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    if not isinstance(parent, str):
+        raise ConfigError(f"{path}: 'extends' must be a preset name, got {parent!r}")
+    relative = path.parent / parent
+    try:
+        parent_path = relative if relative.suffix == ".toml" and relative.is_file() else resolve_preset_path(parent)
+    except ConfigError:
+        raise ConfigError(f"{path}: extends '{parent}', which is no preset (available: {', '.join(list_presets())})") from None
+    return _merge(preset_data(parent_path, (*_chain, path)), data)
+
+
+def load_config(name_or_path: str | Path, overrides: dict[str, Any] | None = None) -> Config:
+    """Read a preset (by name or path, ``extends`` resolved), apply ``overrides`` (dotted keys), validate."""
+    path = resolve_preset_path(name_or_path)
+    data = preset_data(path)
     cfg = _build(Config, data, "", str(path))
     if overrides:
         apply_overrides(cfg, overrides)
@@ -363,19 +417,53 @@ def validate(cfg: Config, source: str) -> None:
         raise bad("training.adversarial_fraction", "must lie in [0, 1]")
     if t.beta_end_epoch < t.beta_start_epoch:
         raise bad("training.beta_end_epoch", "must not precede beta_start_epoch")
+    if t.schedule not in SCHEDULES:
+        raise bad("training.schedule", f"must be one of {', '.join(SCHEDULES)}")
+    if t.adversarial_count not in ADVERSARIAL_COUNTS:
+        raise bad("training.adversarial_count", f"must be one of {', '.join(ADVERSARIAL_COUNTS)}")
+    if t.loss_reduction not in ("mean", "sum"):
+        raise bad("training.loss_reduction", "must be 'mean' or 'sum'")
+    if t.reference_world_size < 1:
+        raise bad("training.reference_world_size", "must be at least 1")
+    if t.plateau_lr_per_example < 0 or t.final_lr_per_example < 0:
+        raise bad("training.plateau_lr_per_example/final_lr_per_example", "must be ≥ 0 (0: use plateau_lr/final_lr)")
     a = cfg.attacks
     for key in ("eps", "pgd_step_size", "pgd_eot_step_size", "sanity_eps"):
         if not 0.0 <= getattr(a, key) <= 1.0:
             raise bad(f"attacks.{key}", "must lie in [0, 1] (pixel scale)")
+    if a.train_eps_space not in EPS_SPACES:
+        raise bad("attacks.train_eps_space", f"must be one of {', '.join(EPS_SPACES)}")
+    scale = eps_scale(cfg)
     for key in ("fgsm_eps", "pgd_eps"):
-        if any(not 0.0 <= e <= 1.0 for e in getattr(a, key)):
-            raise bad(f"attacks.{key}", "values must lie in [0, 1] (pixel scale)")
+        if any(not 0.0 <= e * scale <= 1.0 for e in getattr(a, key)):
+            raise bad(f"attacks.{key}", "values must lie in [0, 1] in pixel scale (after train_eps_space)")
     if cfg.inference.samples < 0:
         raise bad("inference.samples", "must be ≥ 0 (0 = one deterministic reconstruction)")
     if cfg.inference.aggregation not in AGGREGATIONS:
         raise bad("inference.aggregation", f"must be one of {', '.join(AGGREGATIONS)}")
     if cfg.classifier_training.adversarial not in ("pgd", "none"):
         raise bad("classifier_training.adversarial", "must be 'pgd' or 'none'")
+
+
+def eps_scale(cfg: Config) -> float:
+    """Pixel ε per unit of the training attacks' ``fgsm_eps``/``pgd_eps``: 1 in pixel space; C / Σ std in
+    the classifier's normalised space (the authors' ``tooling/attacks.py`` ``_epsscaler``)."""
+    if cfg.attacks.train_eps_space == "pixel":
+        return 1.0
+    return len(cfg.data.std) / sum(cfg.data.std)
+
+
+def per_process_batch(t: TrainingConfig) -> int:
+    """The batch of one of the ``reference_world_size`` processes (the code's ``max(batch // world, 2)``)."""
+    return max(t.batch_size // t.reference_world_size, 2)
+
+
+def resolved_lrs(t: TrainingConfig) -> tuple[float, float]:
+    """(plateau LR, final LR): the preset's values, or per-example values × the per-process batch."""
+    b = per_process_batch(t)
+    plateau = t.plateau_lr_per_example * b if t.plateau_lr_per_example > 0 else t.plateau_lr
+    final = t.final_lr_per_example * b if t.final_lr_per_example > 0 else t.final_lr
+    return plateau, final
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:

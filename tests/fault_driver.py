@@ -27,9 +27,9 @@ def main() -> None:
     fault, argv = sys.argv[1], sys.argv[2:]
     kind, *args = fault.split(":")
     if kind == "kill-at-step":
-        from carso_cli import training as tr
+        from carso_cli.training import loop
 
-        real_reduce, n, steps = tr._all_reduce, int(args[0]), [0]
+        real_reduce, n, steps = loop._all_reduce, int(args[0]), [0]
 
         def reduce(values, ctx):  # one call per training step
             steps[0] += 1
@@ -37,7 +37,7 @@ def main() -> None:
                 os.kill(os.getpid(), signal.SIGKILL)
             return real_reduce(values, ctx)
 
-        tr._all_reduce = reduce
+        loop._all_reduce = reduce  # where run_loop looks it up
     elif kind in ("kill-in-write", "pause-in-write"):
         real_replace, pattern, n, writes = os.replace, args[0], int(args[1]), [0]
 

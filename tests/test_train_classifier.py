@@ -85,7 +85,7 @@ def test_resume_after_sigterm_equals_uninterrupted(tmp_path: Path, monkeypatch: 
     cfg = lambda: tiny_cfg("data.synthetic_train_size=48")
     whole = tc.run(cfg(), tmp_path / "whole.safetensors", device=CPU, evaluate=False)
 
-    real = tr._all_reduce
+    real = tr.loop._all_reduce
     calls = {"n": 0}
 
     def reduce(values, ctx):
@@ -94,7 +94,7 @@ def test_resume_after_sigterm_equals_uninterrupted(tmp_path: Path, monkeypatch: 
             os.kill(os.getpid(), signal.SIGTERM)
         return real(values, ctx)
 
-    monkeypatch.setattr(tr, "_all_reduce", reduce)
+    monkeypatch.setattr(tr.loop, "_all_reduce", reduce)  # where run_loop looks it up
     out = tmp_path / "cut.safetensors"
     with pytest.raises(tr.TrainingInterrupted, match="SIGTERM at epoch 1, batch 2"):
         tc.run(cfg(), out, device=CPU, evaluate=False)

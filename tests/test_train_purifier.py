@@ -55,7 +55,7 @@ def state_tensors(run: Path) -> dict[str, torch.Tensor]:
 
 def interrupt_at_reduce(monkeypatch: pytest.MonkeyPatch, call: int) -> None:
     """Send this process SIGTERM during the ``call``-th step (counting from 1), as a user or scheduler would."""
-    real = tr._all_reduce
+    real = tr.loop._all_reduce
     calls = {"n": 0}
 
     def reduce(values, ctx):
@@ -64,7 +64,7 @@ def interrupt_at_reduce(monkeypatch: pytest.MonkeyPatch, call: int) -> None:
             os.kill(os.getpid(), signal.SIGTERM)
         return real(values, ctx)
 
-    monkeypatch.setattr(tr, "_all_reduce", reduce)
+    monkeypatch.setattr(tr.loop, "_all_reduce", reduce)  # where run_loop looks it up
 
 
 def cli_args(classifier: Path, out: Path, *extra: str) -> list[str]:

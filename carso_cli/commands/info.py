@@ -1,14 +1,18 @@
-"""``carso info``: a preset's modules, representation layers, sizes and parameter counts (a dry run)."""
+"""``carso info``: a preset's modules, representation layers, sizes and parameter counts (a dry run);
+``--json``: the resolved preset and what it implies (``derived``); ``--diff B``: how two recipes differ."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from typing import Annotated, Any, Optional
 
 import torch
+import typer
 from rich.table import Table
 
 from carso_cli.commands._common import PresetOpt, SetOpt, load_preset
-from carso_cli.config import Config
+from carso_cli.config import Config, config_to_dict, eps_scale
 from carso_cli.models import Purifier, build_classifier, purifier_spec_for
 
 
@@ -54,11 +58,77 @@ def run(cfg: Config) -> tuple[list[ModuleSize], list[tuple[str, tuple[int, ...]]
     return rows, layers
 
 
-def cli(preset: PresetOpt = "cifar10", set_: SetOpt = None) -> None:
+def derived(cfg: Config, gpus: int = 1) -> dict[str, Any]:
+    """What the preset implies for training, as the training code computes it (for users and scripts).
+
+    ``train_attacks``: the four groups of a balanced batch (section 4.4) with their pixel ε;
+    ``adversarial_per_attack``: examples per group in the first process's share of a global batch on
+    ``gpus`` processes; ``lr_per_epoch`` / ``beta_per_epoch``: one value per epoch (from 0).
+    """
+    from carso_cli import training as tr
+    from carso_cli.distributed import shard
+
+    t, a = cfg.training, cfg.attacks
+    strengths = tr.attack_strengths(a, eps_scale(cfg))
+    attacks = [{"group": g, "kind": g.split()[0], "eps_pixel": e,
+                "steps": 1 if g.startswith("FGSM") else a.pgd_steps,
+                "step_size": e if g.startswith("FGSM") else a.pgd_step_size}
+               for g, e in zip(tr.ATTACK_GROUPS, strengths)]
+    count = tr.adversarial_count(t.batch_size, t.adversarial_fraction, t.adversarial_count, t.reference_world_size)
+    part = shard(t.batch_size, 0, gpus)
+    plan = tr.balanced_batch_plan(t.batch_size, t.adversarial_fraction, count).slice(part.start, part.stop)
+    return {
+        "gpus": gpus,
+        "train_attacks": attacks,
+        "adversarial_per_attack": list(plan.counts),
+        "lr_per_epoch": [tr.lr_at_epoch(t, e) for e in range(t.epochs)],
+        "beta_per_epoch": [tr.beta_at_epoch(t, e) for e in range(t.epochs)],
+    }
+
+
+def flat_keys(cfg: Config) -> dict[str, Any]:
+    """The resolved preset as dotted keys (``training.schedule``), the labels ``name``/``description`` left out."""
+    out: dict[str, Any] = {}
+    for section, values in config_to_dict(cfg).items():
+        if isinstance(values, dict):
+            out.update({f"{section}.{k}": v for k, v in values.items()})
+    return out
+
+
+def diff(a: Config, b: Config) -> list[tuple[str, Any, Any]]:
+    """(key, value in a, value in b) for every resolved key whose values differ."""
+    fa, fb = flat_keys(a), flat_keys(b)
+    return [(k, fa[k], fb[k]) for k in fa if fa[k] != fb[k]]
+
+
+def cli(
+    preset: PresetOpt = "cifar10",
+    set_: SetOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the resolved preset and a 'derived' block as JSON.")] = False,
+    diff_with: Annotated[Optional[str], typer.Option("--diff", metavar="PRESET", help="List the resolved keys that differ from this preset's.")] = None,
+    gpus: Annotated[int, typer.Option("--gpus", min=1, help="Processes for derived.adversarial_per_attack.")] = 1,
+) -> None:
     """Show a preset's modules, representation layers and parameter counts (nothing is trained)."""
     from carso_cli.cli import console
 
     cfg = load_preset(preset, set_)
+    if diff_with is not None:
+        other = load_preset(diff_with)
+        rows = diff(cfg, other)
+        if as_json:
+            typer.echo(json.dumps({k: [va, vb] for k, va, vb in rows}, indent=2))
+            return
+        table = Table(title=f"{len(rows)} resolved keys differ")
+        table.add_column("key")
+        table.add_column(cfg.name)
+        table.add_column(other.name)
+        for k, va, vb in rows:
+            table.add_row(k, json.dumps(va), json.dumps(vb))
+        console.print(table)
+        return
+    if as_json:
+        typer.echo(json.dumps({**config_to_dict(cfg), "derived": derived(cfg, gpus)}, indent=2))
+        return
     rows, layers = run(cfg)
     table = Table(title=f"carso info — preset '{cfg.name}' ({cfg.description})")
     table.add_column("module")

@@ -44,6 +44,7 @@ from carso_cli.config import (
     load_config,
     parse_override,
 )
+from carso_cli.config import eps_scale as config_eps_scale
 from carso_cli.errors import CarsoError, CheckpointError
 from carso_cli.models import (
     Purifier,
@@ -246,8 +247,19 @@ def _train(cfg: Config, classifier_path: Path | None, out: Path | None, ctx: dis
     purifier.train()
 
     layers = list(purifier.spec.layers)
-    plan = tr.balanced_batch_plan(t.batch_size, t.adversarial_fraction)
-    tr.attack_strengths(cfg.attacks)  # fail early on a malformed preset
+    eps_scale = config_eps_scale(cfg)
+    tr.attack_strengths(cfg.attacks, eps_scale)  # fail early on a malformed preset
+    plans: dict[int, tr.BalancedPlan] = {}  # global batch size → plan (a kept last batch is smaller)
+
+    def plan_for(size: int) -> tr.BalancedPlan:
+        if size not in plans:
+            count = tr.adversarial_count(size, t.adversarial_fraction, t.adversarial_count, t.reference_world_size)
+            plans[size] = tr.balanced_batch_plan(size, t.adversarial_fraction, count)
+        return plans[size]
+
+    # DDP averages gradients over ranks; "mean": Σ_local / B_global · world = the global batch mean,
+    # "sum": Σ_local · world = the global batch sum (the authors' loss × world_size).
+    loss_scale = (lambda size: ctx.world_size / size) if t.loss_reduction == "mean" else (lambda size: ctx.world_size)
     fjoint = purifier.spec.fjoint
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else nullcontext
     beta = [0.0]
@@ -266,16 +278,16 @@ def _train(cfg: Config, classifier_path: Path | None, out: Path | None, ctx: dis
             x = x.contiguous(memory_format=torch.channels_last)
         gen = tr.batch_generator(device, seed, b.epoch, b.index, 2)
         with autocast():
+            plan = plan_for(b.global_size)
             x_in = tr.make_balanced_batch(classifier, x, y, plan.slice(b.lo, b.hi), cfg.attacks, gen,
-                                          global_plan=plan, offset=b.lo)
+                                          global_plan=plan, offset=b.lo, eps_scale=eps_scale)
             with torch.no_grad():
                 _, representation = forward_with_representation(classifier, layers, x_in, keep_graph=False)
         noise = torch.randn((b.global_size, fjoint), generator=gen, device=device)[b.lo:b.hi]
         with autocast():
             x_hat, mu, logvar = step_module(x_in, representation, noise)
         loss = tr.vae_loss(x_hat, x, mu, logvar, beta[0])
-        # DDP averages gradients over ranks: Σ_local / B_global · world = the global batch mean.
-        (loss.total * (ctx.world_size / b.global_size)).backward()
+        (loss.total * loss_scale(b.global_size)).backward()
         return torch.stack([loss.total.detach(), loss.bce.detach(), loss.kl.detach(),
                             torch.tensor(float(x.shape[0]), device=device)]).double()
 
@@ -307,7 +319,7 @@ def _train(cfg: Config, classifier_path: Path | None, out: Path | None, ctx: dis
     spec = tr.LoopSpec(
         ctx=ctx, dataset=dataset, global_batch=t.batch_size, epochs=t.epochs, seed=seed, sums=SUMS,
         title=f"purifier ({cfg.name})", num_workers=cfg.data.num_workers, checkpoint_every=t.checkpoint_every,
-        metrics_path=metrics if ctx.is_main else None,
+        metrics_path=metrics if ctx.is_main else None, drop_last=t.drop_last,
     )
     records = tr.run_loop(spec, tr.LoopHooks(start_epoch, compute, update, display, save), start,
                           state.epoch_sums if state is not None else None, console=console)
