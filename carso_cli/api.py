@@ -104,7 +104,7 @@ def load(
     if samples is not None and samples < 0:
         raise CarsoError(f"samples must be ≥ 0 (got {samples})")
     loaded = load_run(resolve(run_or_name), _device(device))
-    model = loaded.carso(samples=samples, aggregation=aggregation)
+    model = loaded.carso(samples=samples, aggregation=aggregation).eval()  # the wrapper too, not only its parts
     if seed is not None:
         model.latent_sampler = SeededLatents(seed)
     model.config = loaded.cfg
