@@ -100,6 +100,7 @@ COMMANDS: list[tuple[str, str]] = [
     ("sanity", "carso_cli.commands.sanity"),
     ("extract", "carso_cli.commands.extract"),
     ("bench", "carso_cli.commands.bench"),
+    ("report", "carso_cli.commands.report"),
 ]
 
 for _name, _module in COMMANDS:

@@ -132,8 +132,19 @@ def run(
     precision: str = "float32",
     console: Console | None = None,
     show_progress: bool = True,
+    adversarial: Path | None = None,
 ) -> ev.EvalOutcome:
-    """Evaluate a run; returns the outcome (results on the main process). Prints when ``console`` is given."""
+    """Evaluate a run; returns the outcome (results on the main process). Prints when ``console`` is given.
+
+    With ``adversarial``: the examples of that file instead of an attack (``carso_cli.adversarial``).
+    """
+    if adversarial is not None:
+        from carso_cli.adversarial import run_eval
+
+        results = run_eval(run_dir, adversarial, target=target, name=name, seed=seed, repeats=repeats,
+                           batch_size=batch_size, samples=samples, aggregation=aggregation, eps=eps,
+                           device=resolve_device(device), data_root=data_root, console=console)
+        return ev.EvalOutcome(results, Path(results.pop("path")), 1, 0)
     from carso_cli.data import build_dataset
     from carso_cli.models import load_run
 
@@ -293,10 +304,13 @@ def cli(
     name: Annotated[Optional[str], typer.Option("--name", help="Results go to RUN/eval/NAME (default: the attack's name).")] = None,
     data_root: DataRootOpt = Path("data"),
     precision: Annotated[Precision, typer.Option("--precision", help="bfloat16 autocast for CARSO on CUDA (faster; float32 is the reference).")] = Precision.float32,
+    adversarial: Annotated[Optional[Path], typer.Option("--adversarial", help="Evaluate on the adversarial examples of this file (.safetensors, or .pt with x_adv, y, optionally idx) instead of attacking.")] = None,
 ) -> None:
     """Clean and robust accuracy of the classifier and of CARSO (the paper's Table 2)."""
     from carso_cli.cli import console
 
+    if adversarial is not None and gpus > 1:
+        raise CarsoError("--adversarial runs in one process: drop --gpus")
     if distributed.should_relaunch(gpus):
         distributed.check_gpus(gpus, device)
         argv = distributed.relaunch_argv(
@@ -312,7 +326,7 @@ def cli(
         run, attack=attack.value, target=target.value, eps=eps, n_examples=n_examples, batch_size=batch_size,
         samples=samples, aggregation=aggregation.value if aggregation else None, device=device, seed=seed,
         resume=resume, repeats=repeats, steps=steps, eot=eot, queries=queries, name=name, data_root=data_root,
-        precision=precision.value, console=console,
+        precision=precision.value, console=console, adversarial=adversarial,
     )
 
 

@@ -8,7 +8,6 @@ batch it lands in, so ``--batch-size`` never changes an answer.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,12 +16,13 @@ from typing import Annotated, Any, Callable, Optional
 import torch
 import typer
 
+from carso_cli import api
 from carso_cli.aggregation import probabilities
+from carso_cli.api import example_latents  # noqa: F401  (also predict's: one definition)
 from carso_cli.classnames import class_names, label
 from carso_cli.commands._common import AGGREGATION_HELP, Aggregation, DataRootOpt, DeviceOpt, RunOpt, SeedOpt, resolve_device
 from carso_cli.errors import CarsoError
 from carso_cli.images import InputImage, collect_images, load_image, save_grid, to_float
-from carso_cli.models import load_run
 
 
 @dataclass
@@ -43,21 +43,6 @@ class PredictResult:
     model: str  # what produced the probabilities, for the report
     names: list[str] | None  # class names, None when unknown ("class N")
     reconstructions: Path | None = None
-
-
-def example_latents(seed: int, indices: range, samples: int, dim: int) -> torch.Tensor:
-    """z of shape (samples, len(indices), dim): column j drawn from a generator seeded by (seed, indices[j]).
-
-    Drawn on the CPU, so the same seed gives the same z (and answer) on every device.
-    """
-    columns = []
-    for i in indices:
-        # The CPU generator (mt19937) keeps only 32 bits of its seed: hash (seed, i) down to 32 bits
-        # rather than packing them, which would make every seed draw the same z.
-        key = int.from_bytes(hashlib.blake2b(f"{seed}/{i}".encode(), digest_size=4).digest(), "little")
-        gen = torch.Generator().manual_seed(key)
-        columns.append(torch.randn(samples, dim, generator=gen))
-    return torch.stack(columns, dim=1)
 
 
 def run(
@@ -89,8 +74,8 @@ def run(
     if batch_size < 1:
         raise CarsoError(f"--batch-size must be ≥ 1 (got {batch_size})")
     paths = collect_images(inputs)
-    loaded = load_run(run_dir, device)
-    cfg = loaded.cfg
+    model = api.load(run_dir, samples=samples, aggregation=aggregation, device=device)
+    cfg = model.config
     # Decode everything first: an unreadable file stops the command before any compute.
     images: list[InputImage] = [load_image(p, cfg.data.image_size, cfg.data.channels) for p in paths]
     for img in images:
@@ -103,7 +88,6 @@ def run(
     elif names is None and cfg.data.dataset == "tinyimagenet":
         notify("TinyImageNet class names need tiny-imagenet-200/wnids.txt and words.txt under --data-root: using numbers")
 
-    model = loaded.carso(samples=samples, aggregation=aggregation)
     model.keep_reconstructions = save_reconstructions is not None
     if classifier_only:
         description = "classifier only (no purifier)"
@@ -121,11 +105,11 @@ def run(
             batch = images[start:start + batch_size]
             x = to_float(torch.stack([img.pixels for img in batch])).to(dev)
             if classifier_only:
-                p = torch.softmax(loaded.classifier(x).float(), dim=-1)
+                p = torch.softmax(model.classifier(x).float(), dim=-1)
             else:
                 z = None
                 if model.samples > 0:
-                    z = example_latents(seed, range(start, start + len(batch)), model.samples, loaded.purifier.spec.fjoint)
+                    z = example_latents(seed, range(start, start + len(batch)), model.samples, model.purifier.spec.fjoint)
                     z = z.to(dev)
                 p = probabilities(model(x, z).float(), model.aggregation)
                 if model.keep_reconstructions and model.last_reconstructions is not None:
@@ -140,7 +124,7 @@ def run(
     grid = None
     if save_reconstructions is not None:
         grid = save_grid(save_reconstructions, torch.cat(inputs_seen), torch.cat(recons, dim=1))
-    return PredictResult(loaded.run, predictions, description, names, grid)
+    return PredictResult(model.run_dir, predictions, description, names, grid)
 
 
 def cli(
