@@ -25,15 +25,24 @@ def resolve(run_or_name: str | Path | None) -> Path | None:
     """Where a run lives: a path as given (None = the latest under ./runs; ``checkpoint.resolve_run``
     checks it).
 
-    The one place a model-zoo name (a bare name that is not a folder here) will be turned into a
-    downloaded run directory; until the zoo exists such a name is an error.
+    A bare name that is not a folder here is looked up in the model zoo (``carso_cli/zoo.toml``): its
+    files are downloaded (cached) and converted into ``runs/NAME`` as ``carso pull NAME`` does.
     """
     if run_or_name is None:
         return None
     path = Path(run_or_name)
     if path.exists() or len(path.parts) > 1 or str(run_or_name).startswith("."):
         return path
-    raise CarsoError(f"run directory not found: {run_or_name} (and no model zoo to look the name up in)")
+    from carso_cli import zoo
+    from carso_cli.commands import pull
+
+    if str(run_or_name) not in zoo.entries():
+        zoo.get(str(run_or_name))  # the zoo's error, with the closest names
+    pulled = pull.run(str(run_or_name))
+    if pulled.run is None:
+        raise CarsoError(f"{run_or_name} is a classifier without a published purifier: "
+                         f"use carso_cli.load_classifier or train a purifier for it")
+    return pulled.run
 
 
 def example_latents(seed: int | str, indices: range, samples: int, dim: int) -> torch.Tensor:

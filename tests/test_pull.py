@@ -27,6 +27,7 @@ from carso_cli import zoo
 from carso_cli.cli import app
 from carso_cli.commands import pull
 from carso_cli.config import load_config
+from carso_cli.errors import CarsoError
 
 runner = CliRunner()
 ROLES = ("classifier", "repr_compressors", "repr_fcn_compressor", "decoder")
@@ -353,3 +354,17 @@ def test_the_published_zoo_names_the_authors_files() -> None:
     # Table 2's figures (later version of the paper) travel with the entries.
     assert models["cifar10-cui2023"].reported["C/randAA"] == 0.7613
     assert models["tinyimagenet-wang2023"].reported["C/Cl"] == 0.5632
+
+
+def test_python_api_loads_a_zoo_name(env: Path, server) -> None:
+    """``carso_cli.load(NAME)``: a zoo name is pulled into runs/NAME (as ``carso pull``) and loaded."""
+    import carso_cli
+
+    model = carso_cli.load("smoke-ref", samples=2, seed=0)
+    assert (env / "runs" / "smoke-ref" / ckpt.PURIFIER_FILE).is_file()
+    assert model(torch.rand(2, 3, 32, 32)).shape == (2, 10)
+    requests = len(server.log)
+    carso_cli.load("smoke-ref")  # already pulled: nothing downloaded again
+    assert len(server.log) == requests
+    with pytest.raises(CarsoError, match="smoke-reff"):
+        carso_cli.load("smoke-reff")
