@@ -191,8 +191,9 @@ def pgd_eot(
     return _pgd_loop(model, x, y, eps, steps, step_size, eot_iterations, random_start, generator, callback)
 
 
-def in_chunks(attack: Callable[..., Tensor], chunk: int | None, x: Tensor, *args: object, **kwargs: object) -> Tensor:
-    """``attack(x, *args, **kwargs)`` on slices of at most ``chunk`` examples, concatenated.
+def in_chunks(attack: Callable[..., Tensor], chunk: int | None, model: Model, x: Tensor, *args: object,
+              **kwargs: object) -> Tensor:
+    """``attack(model, x, *args, **kwargs)`` on slices of at most ``chunk`` examples, concatenated.
 
     Bounds the memory of an attack (its autograd graph grows with the batch) without changing its
     result: the attacks here are per-example (the loss is a sum over examples and the model is in eval
@@ -202,7 +203,7 @@ def in_chunks(attack: Callable[..., Tensor], chunk: int | None, x: Tensor, *args
     """
     n = x.shape[0]
     if chunk is None or chunk >= n:
-        return attack(x, *args, **kwargs)
+        return attack(model, x, *args, **kwargs)
     if chunk < 1:
         raise ValueError(f"chunk must be ≥ 1, got {chunk}")
 
@@ -214,6 +215,6 @@ def in_chunks(attack: Callable[..., Tensor], chunk: int | None, x: Tensor, *args
     pieces = []
     for lo in range(0, n, chunk):
         hi = min(lo + chunk, n)
-        pieces.append(attack(x[lo:hi], *(part(a, lo, hi) for a in args),
+        pieces.append(attack(model, x[lo:hi], *(part(a, lo, hi) for a in args),
                              **{k: part(v, lo, hi) for k, v in kwargs.items()}))
     return torch.cat(pieces)
