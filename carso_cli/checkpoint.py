@@ -8,10 +8,12 @@ Loading is strict: a key or shape mismatch names the first mismatching keys.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import pickle
+import shutil
 import tempfile
 import time
 from collections.abc import Iterator
@@ -24,29 +26,73 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from carso_cli.errors import CheckpointError
+from carso_cli.errors import CheckpointError, DiskWriteError, reason
 
 # ----------------------------------------------------------------------------------------------
 # Atomic writes
 # ----------------------------------------------------------------------------------------------
 
 
+# OSErrors that mean "this disk or directory cannot take the write", not a bug: one line for the user.
+_DISK_ERRORS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+                errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
+                errno.EPERM: "operation not permitted"}
+
+
+def disk_write_error(err: OSError, path: Path) -> DiskWriteError | None:
+    """The ``DiskWriteError`` for a full/read-only/forbidden target, None for any other OSError."""
+    what = _DISK_ERRORS.get(err.errno or 0)
+    return None if what is None else DiskWriteError(f"{what} while writing {path}")
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success it is fsynced and renamed onto ``path``."""
+    """Yield a temporary path beside ``path``; on success it is fsynced and renamed onto ``path``.
+
+    A failure at any point (including a full or read-only disk, raised as ``DiskWriteError``) leaves
+    ``path`` as it was — the previous version or nothing — and removes the temporary file.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path: Path | None = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        tmp_path = Path(tmp)
         yield tmp_path
         with open(tmp_path, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp_path, path)
+    except OSError as err:
+        disk = disk_write_error(err, path)
+        if disk is None:
+            raise
+        raise disk from None
     finally:
-        if tmp_path.exists():
+        if tmp_path is not None and tmp_path.exists():
             tmp_path.unlink()
+
+
+def remove_temporaries(directory: str | Path, prefix: str = "") -> None:
+    """Remove the temporary files ``atomic_path`` made for ``directory/prefix…`` and a killed process
+    left behind (they never carry a final name). Call it holding the directory's lock."""
+    for tmp in Path(directory).glob(f".{prefix}*.tmp"):
+        tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def checkpoint_write(path: str | Path) -> Iterator[None]:
+    """Around the write of a training checkpoint: a failed write says which checkpoint is still good."""
+    path = Path(path)
+    try:
+        yield
+    except DiskWriteError as err:
+        try:
+            epoch = read_metadata(path).get("epoch")
+            kept = f"the last checkpoint, epoch {epoch}, is intact; free space and rerun with --resume"
+        except CheckpointError:
+            kept = "no checkpoint was written yet; free space and start again"
+        raise DiskWriteError(f"{err}; {kept}") from None
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -85,7 +131,8 @@ def load_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, s
             tensors = {k: fh.get_tensor(k) for k in fh.keys()}
     except Exception as err:  # safetensors raises its own error types and OSError; all mean "unreadable"
         raise CheckpointError(
-            f"{path} is not a readable safetensors file (truncated, damaged or another format): {err}"
+            f"{path} is not a readable safetensors file (truncated, damaged or another format): "
+            f"{why_unreadable(path, err)}"
         ) from None
     return tensors, metadata
 
@@ -98,7 +145,7 @@ def read_metadata(path: str | Path) -> dict[str, str]:
         with safe_open(str(path), framework="pt", device="cpu") as fh:
             return fh.metadata() or {}
     except Exception as err:
-        raise CheckpointError(f"{path} is not a readable safetensors file: {err}") from None
+        raise CheckpointError(f"{path} is not a readable safetensors file: {why_unreadable(path, err)}") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -137,10 +184,10 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
         except pickle.UnpicklingError as err:
             raise CheckpointError(
                 f"{path}: refused to load — it needs code execution to unpickle, and carso only loads "
-                f"plain weights (torch.load weights_only=True). Re-save it as a state dict. ({err})"
+                f"plain weights (torch.load weights_only=True). Re-save it as a state dict. ({reason(err)})"
             ) from None
         except Exception as err:
-            raise CheckpointError(f"{path} is not a readable torch checkpoint: {err}") from None
+            raise CheckpointError(f"{path} is not a readable torch checkpoint: {why_unreadable(path, err)}") from None
         while isinstance(obj, dict):
             nested = next((k for k in _NESTED_KEYS if k in obj and isinstance(obj[k], dict)), None)
             if nested is None:
@@ -150,6 +197,19 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
             raise CheckpointError(f"{path} does not hold a state dict of tensors")
         sd = dict(obj)
     return _strip_prefixes(sd)
+
+
+def why_unreadable(path: str | Path, err: BaseException) -> str:
+    """Why a weights file failed to load, never empty: an empty file says so; else the loader's reason."""
+    try:
+        if Path(path).stat().st_size == 0:
+            return "the file is empty (0 bytes)"
+    except OSError as stat_err:
+        return reason(stat_err)
+    text = reason(err)
+    if isinstance(err, EOFError) or text in ("EOFError", "Ran out of input"):
+        return f"the file ends too early (truncated?): {text}"
+    return text
 
 
 def load_into(module: nn.Module, state_dict: dict[str, torch.Tensor], what: str = "weights") -> None:
@@ -195,17 +255,45 @@ METRICS_FILE = "metrics.jsonl"
 
 
 def new_run_dir(name: str, root: str | Path = RUNS_ROOT) -> Path:
-    """A fresh ``root/NAME-YYYYmmdd-HHMMSS`` directory (suffixed if that exists)."""
+    """A fresh ``root/NAME-YYYYmmdd-HHMMSS`` directory (suffixed if that exists, even when two
+    processes pick a name in the same second: ``mkdir`` either makes it or fails)."""
     root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     base = root / f"{name}-{stamp}"
     run = base
     k = 1
-    while run.exists():
-        run = Path(f"{base}-{k}")
-        k += 1
-    run.mkdir(parents=True)
-    return run
+    while True:
+        try:
+            run.mkdir()
+            return run
+        except FileExistsError:
+            run = Path(f"{base}-{k}")
+            k += 1
+
+
+@contextmanager
+def undo_on_failure(directory: Path, made: bool, keep: list[Path], prefix: str = "") -> Iterator[None]:
+    """If the body fails before any of ``keep`` (a run's checkpoints) exists, remove what it made.
+
+    ``made``: the body's caller created ``directory`` (then it goes entirely); otherwise only the
+    entries of ``directory`` named ``prefix…`` that were not there on entry go (enter it after the
+    run's lock: the lock file stays, as removing a lock file another process may be opening would let
+    two processes lock it). Anything of a run that has a checkpoint stays: that run is resumable.
+    """
+    directory = Path(directory)
+    before = set() if made else {p.name for p in directory.iterdir()} if directory.is_dir() else set()
+    try:
+        yield
+    except BaseException:
+        if not any(Path(k).exists() for k in keep) and directory.is_dir():
+            if made:
+                shutil.rmtree(directory, ignore_errors=True)
+            else:
+                for p in directory.iterdir():
+                    if p.name not in before and p.name.startswith(prefix):
+                        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        raise
 
 
 def is_run_dir(path: Path) -> bool:
@@ -243,6 +331,31 @@ def write_classifier_reference(run: Path, classifier_path: Path) -> None:
     atomic_write_json(
         run / CLASSIFIER_REF_FILE,
         {"path": str(Path(classifier_path).resolve()), "sha256": sha256_file(classifier_path)},
+    )
+
+
+def same_classifier(path: str | Path, run: Path) -> bool:
+    """Whether the weights file ``path`` is the classifier ``run`` was trained with.
+
+    The run's own ``classifier.safetensors`` is a re-serialisation (other metadata, prefixes stripped),
+    so its bytes never equal the user's file: compare with the source's sha256 recorded at the start
+    (``classifier.json``), else tensor by tensor.
+    """
+    ref = run / CLASSIFIER_REF_FILE
+    if ref.is_file():
+        try:
+            recorded = json.loads(ref.read_text()).get("sha256")
+        except ValueError:
+            recorded = None
+        if recorded is not None and recorded == sha256_file(path):
+            return True
+    own = run / CLASSIFIER_FILE
+    if not own.is_file():
+        return sha256_file(path) == sha256_file(classifier_path_of(run))
+    theirs, _ = load_tensors(own)
+    mine = load_state_dict_file(path)
+    return mine.keys() == theirs.keys() and all(
+        mine[k].dtype == theirs[k].dtype and torch.equal(mine[k], theirs[k]) for k in mine
     )
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -101,6 +101,21 @@ def relaunch_argv(command: str, **opts: Any) -> list[str]:
     return argv
 
 
+def check_gpus(gpus: int, device: str | None) -> None:
+    """``--gpus N`` (N > 1) asks for N CUDA devices unless ``--device cpu`` says N CPU (gloo) processes.
+
+    No CUDA visible is an error rather than a silent CPU job that would run for days (issue 7).
+    """
+    from carso_cli.errors import ConfigError
+
+    if gpus <= 1 or (device is not None and not device.startswith("cuda")):
+        return
+    if not torch.cuda.is_available():
+        raise ConfigError(f"--gpus {gpus}: no CUDA device visible; --device cpu runs {gpus} CPU processes")
+    if gpus > torch.cuda.device_count():
+        raise ConfigError(f"--gpus {gpus}: only {torch.cuda.device_count()} CUDA device(s) visible on this node")
+
+
 def should_relaunch(gpus: int) -> bool:
     """True when ``--gpus N`` (N > 1) was asked for and this process is not already under torchrun."""
     return gpus > 1 and not in_torchrun()
@@ -134,3 +149,23 @@ def broadcast_object(obj: Any, ctx: DistContext) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def on_main(ctx: DistContext, fn: Callable[[], Any]) -> Any:
+    """``fn()`` on rank 0, its result on every rank; a ``CarsoError`` it raises is raised on every rank
+    (so that the other ranks do not wait forever for a rank 0 that refused to start)."""
+    from carso_cli.errors import CarsoError
+
+    result: Any = None
+    error: str | None = None
+    if ctx.is_main:
+        try:
+            result = fn()
+        except CarsoError as err:
+            if ctx.distributed:
+                broadcast_object((None, str(err)), ctx)
+            raise
+    result, error = broadcast_object((result, error), ctx)
+    if error is not None:
+        raise CarsoError(error)
+    return result

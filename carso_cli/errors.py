@@ -25,3 +25,13 @@ class DataError(CarsoError):
 
 class TrainingError(CarsoError):
     """Training cannot go on (e.g. a non-finite loss)."""
+
+
+class DiskWriteError(CarsoError):
+    """A write failed midway (disk full, read-only or forbidden directory); nothing partial was left."""
+
+
+def reason(exc: BaseException) -> str:
+    """A non-empty reason for any exception: its message, else its type's name (``EOFError()`` has no text)."""
+    text = str(exc).strip()
+    return text if text else type(exc).__name__

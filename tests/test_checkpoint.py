@@ -114,3 +114,30 @@ def test_run_directories(tmp_path: Path, monkeypatch, tiny_run) -> None:
     with pytest.raises(CheckpointError, match="not a carso run directory"):
         ckpt.resolve_run(newer.parent.parent)
     assert ckpt.resolve_run(None).resolve() == tiny_run.resolve()  # default: latest under ./runs
+
+
+def test_every_error_has_a_reason(tmp_path: Path) -> None:
+    from carso_cli.errors import reason
+
+    assert reason(EOFError()) == "EOFError" and reason(ValueError("bad")) == "bad"
+    empty = tmp_path / "EMPTY.pt"
+    empty.write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"EMPTY.pt is not a readable torch checkpoint: the file is empty"):
+        ckpt.load_state_dict_file(empty)
+
+
+def test_failed_write_keeps_the_old_file_and_no_temporary(tmp_path: Path, monkeypatch) -> None:
+    import errno
+
+    target = tmp_path / "w.safetensors"
+    ckpt.save_tensors(target, {"w": torch.ones(2)})
+
+    def full(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ckpt, "save_file", full)
+    with pytest.raises(ckpt.DiskWriteError, match=f"no space left on device while writing {target}"):
+        ckpt.save_tensors(target, {"w": torch.zeros(2)})
+    assert [p.name for p in tmp_path.iterdir()] == ["w.safetensors"]
+    assert torch.equal(ckpt.load_tensors(target)[0]["w"], torch.ones(2))

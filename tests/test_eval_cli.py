@@ -124,3 +124,31 @@ def test_eval_sharded_equals_single_process(tiny_run: Path, monkeypatch: pytest.
     assert one["flags"] == two["flags"]
     assert one["metrics"] == two["metrics"]
     assert {json.loads(p.read_text())["rank"] for p in (tiny_run / "eval" / "two").glob("batch-*.json")} == {0, 1}
+
+
+def test_eval_gpus_without_cuda_is_an_error(tiny_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 7.3: ``--gpus 2`` with no CUDA visible and no ``--device cpu`` refuses instead of two CPU processes."""
+    import torch
+
+    from carso_cli import distributed
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(distributed, "relaunch", lambda n, argv: pytest.fail("must not launch"))
+    result = runner.invoke(app, ["eval", "--run", str(tiny_run), "--gpus", "2", "--n-examples", "2"])
+    assert result.exit_code == 1
+    assert "--gpus 2: no CUDA device visible; --device cpu runs 2 CPU processes" in " ".join(result.output.split())
+    assert not (tiny_run / "eval").exists()
+
+
+def test_eval_failed_start_leaves_no_folder(tiny_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 7.2: an evaluation that fails before its first result removes the RUN/eval/NAME it made."""
+    from carso_cli import evaluation as ev
+    from carso_cli.errors import CarsoError
+
+    def broken(*args, **kwargs):
+        raise CarsoError("the attack library is missing")
+
+    monkeypatch.setattr(ev, "evaluate", broken)
+    code, out = _eval(tiny_run, "--n-examples", "2", "--name", "x")
+    assert code == 1 and "attack library is missing" in out
+    assert not (tiny_run / "eval" / "x").exists()

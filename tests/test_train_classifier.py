@@ -101,7 +101,10 @@ def test_resume_after_sigterm_equals_uninterrupted(tmp_path: Path, monkeypatch: 
     assert not out.exists() and tc.companion(out, "state.safetensors").is_file()
     monkeypatch.undo()
 
-    result = runner.invoke(app, ["train-classifier", "--resume", "--out", str(out), "--device", "cpu"])
+    # The command a user would have typed for this run, with --resume added.
+    argv = ["train-classifier", "--preset", "smoke", "--out", str(out), "--device", "cpu",
+            *[a for s in (*TINY, "data.synthetic_train_size=48") for a in ("--set", s)], "--resume"]
+    result = runner.invoke(app, argv)
     assert result.exit_code == 0, result.output
     assert "resumed from epoch 1, batch 2" in result.output
     a, _ = ckpt.load_tensors(whole.weights)
@@ -143,3 +146,42 @@ def test_cli_errors(tmp_path: Path) -> None:
         assert result.exit_code != 0, (args, result.output)
         assert text in result.output, result.output
         assert "Traceback" not in result.output
+
+
+def test_failed_start_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 7.2: unreadable data fails before anything is written; a start failing in the loop removes
+    the companions it wrote (and the folder it made), never another file of that folder."""
+    from carso_cli import data
+    from carso_cli.errors import DataError
+
+    real = data.build_dataset
+    def offline(*args, **kwargs):
+        raise DataError("offline")
+
+    monkeypatch.setattr(data, "build_dataset", offline)
+    args = lambda out, *extra: ["train-classifier", "--preset", "smoke", "--out", str(out), "--device", "cpu",
+                                *[a for s in TINY for a in ("--set", s)], *extra]
+    result = runner.invoke(app, args(tmp_path / "new" / "c.safetensors"))
+    assert result.exit_code == 1 and "offline" in result.output
+    assert not (tmp_path / "new").exists()
+    monkeypatch.setattr(data, "build_dataset", real)
+    result = runner.invoke(app, args(tmp_path / "new" / "c.safetensors", "--set", "classifier_training.batch_size=128"))
+    assert result.exit_code == 1 and "fewer than one batch" in result.output, result.output
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "other.safetensors").write_bytes(b"x")
+    result = runner.invoke(app, args(tmp_path / "old" / "c.safetensors", "--set", "classifier_training.batch_size=128"))
+    assert result.exit_code == 1
+    assert sorted(p.name for p in (tmp_path / "old").iterdir()) == [".c.safetensors.lock", "other.safetensors"]
+
+
+def test_gpus_without_cuda_is_an_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from carso_cli import distributed
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(distributed, "relaunch", lambda n, argv: pytest.fail("must not launch"))
+    result = runner.invoke(app, ["train-classifier", "--preset", "smoke", "--gpus", "3",
+                                 "--out", str(tmp_path / "c.safetensors")])
+    assert result.exit_code == 1
+    assert "--gpus 3: no CUDA device visible; --device cpu runs 3 CPU processes" in " ".join(result.output.split())
+    assert list(tmp_path.iterdir()) == []

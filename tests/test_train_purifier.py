@@ -117,7 +117,9 @@ def test_resume_after_sigterm_equals_uninterrupted(tmp_path: Path, classifier_fi
     assert not (out / ckpt.PURIFIER_FILE).exists()
     monkeypatch.undo()
 
-    result = runner.invoke(app, ["train-purifier", "--resume", "--out", str(out), "--device", "cpu"])
+    # The command the user typed, with --resume added (issue 7: the run's re-serialised classifier copy
+    # never has the bytes of the user's file; the sha256 recorded at the start is what is compared).
+    result = runner.invoke(app, cli_args(classifier_file, out, "--resume"))
     assert result.exit_code == 0, result.output
     assert "resumed" in result.output and "from epoch 1, batch 2" in result.output
     expected, got = state_tensors(whole), state_tensors(out)
@@ -223,10 +225,100 @@ def test_cli_errors(tmp_path: Path, classifier_file: Path) -> None:
         assert "error:" in result.output and text in result.output, result.output
         assert "Traceback" not in result.output
     assert not (tmp_path / "a").exists()
+    assert not (tmp_path / "b").exists()  # failed after its directory was made: removed again
     wrong = tmp_path / "wrong.safetensors"
     ckpt.save_tensors(wrong, {"w": torch.zeros(3)})
     result = runner.invoke(app, cli_args(wrong, tmp_path / "c"))
     assert result.exit_code == 1 and "do not match the model" in result.output
+    assert not (tmp_path / "c").exists()
+
+
+def test_unreadable_classifier_names_the_reason(tmp_path: Path, classifier_file: Path) -> None:
+    """Issue 7.4: ``--classifier EMPTY.pt`` (and a truncated file) say why, never an empty reason."""
+    empty = tmp_path / "EMPTY.pt"
+    empty.write_bytes(b"")
+    good_pt = tmp_path / "good.pt"
+    torch.save(ckpt.load_tensors(classifier_file)[0], good_pt)
+    cut_pt = tmp_path / "cut.pt"
+    cut_pt.write_bytes(good_pt.read_bytes()[:1000])
+    cut_st = tmp_path / "cut.safetensors"
+    cut_st.write_bytes(classifier_file.read_bytes()[:1000])
+    torch_pt, safetensors = "is not a readable torch checkpoint:", "is not a readable safetensors file"
+    for path, text, why in ((empty, torch_pt, "the file is empty (0 bytes)"), (cut_pt, torch_pt, ""),
+                            (cut_st, safetensors, "")):
+        result = runner.invoke(app, cli_args(path, tmp_path / "run"))
+        assert result.exit_code == 1 and text in result.output, result.output
+        reason = " ".join(result.output.split()).split(text, 1)[1].strip()
+        assert reason.startswith(why) and len(reason) > 3 and "Traceback" not in result.output, result.output
+        assert not (tmp_path / "run").exists()
+
+
+def test_failed_start_leaves_nothing(tmp_path: Path, classifier_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 7.2: data that cannot be read fails before a run directory is made (default or --out); a
+    failure after it was made removes what it made, never what was there or a run with a checkpoint."""
+    from carso_cli import data
+    from carso_cli.errors import DataError
+
+    monkeypatch.chdir(tmp_path)
+    real = data.build_dataset
+
+    def offline(*args, **kwargs):
+        raise DataError("cannot download CIFAR-10: no network")
+
+    monkeypatch.setattr(data, "build_dataset", offline)
+    for args in (cli_args(classifier_file, tmp_path / "r1"), [a for a in cli_args(classifier_file, tmp_path / "x")
+                                                             if a not in ("--out", str(tmp_path / "x"))]):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 1 and "no network" in result.output, result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no r1, no runs/smoke-<time>
+    monkeypatch.setattr(data, "build_dataset", real)
+
+    # An existing --out with the user's own file: a start failing inside training removes only its files.
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    result = runner.invoke(app, cli_args(classifier_file, out, "--set", "training.batch_size=64"))
+    assert result.exit_code == 1 and "fewer than one batch" in result.output, result.output
+    # (the lock file stays: removing a lock file another process may be opening would let two lock it)
+    assert sorted(p.name for p in out.iterdir()) == [".carso.lock", "notes.txt"]
+
+    # A resumed run that fails keeps everything it had.
+    run = train_purifier.run(tiny_cfg("training.epochs=1"), classifier_file, tmp_path / "done", device=CPU).run
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    result = runner.invoke(app, ["train-purifier", "--resume", "--out", str(run), "--device", "cpu",
+                                 "--epochs", "2", "--batch-size", "32"])
+    assert result.exit_code == 1 and "global batch of 16" in result.output
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
+
+
+def test_resume_with_another_classifier_is_refused(tmp_path: Path, classifier_file: Path) -> None:
+    out = tmp_path / "run"
+    train_purifier.run(tiny_cfg("training.epochs=1"), classifier_file, out, device=CPU)
+    other = tmp_path / "other.safetensors"
+    torch.manual_seed(1)
+    ckpt.save_tensors(other, build_classifier(load_config("smoke")).state_dict())
+    result = runner.invoke(app, cli_args(other, out, "--resume", "--epochs", "2"))
+    assert result.exit_code == 1 and "differs from the classifier of" in result.output, result.output
+    # The same weights re-saved with other metadata (a .pt): the same classifier, tensor by tensor.
+    same_pt = tmp_path / "same.pt"
+    torch.save({"state_dict": ckpt.load_tensors(classifier_file)[0]}, same_pt)
+    assert ckpt.same_classifier(same_pt, out) and not ckpt.same_classifier(other, out)
+
+
+def test_gpus_without_cuda_is_an_error(tmp_path: Path, classifier_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 7.3: ``--gpus 2`` with no CUDA visible refuses, instead of starting two CPU processes."""
+    from carso_cli import distributed
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    launched: list[list[str]] = []
+    monkeypatch.setattr(distributed, "relaunch", lambda n, argv: launched.append(argv) or 0)
+    result = runner.invoke(app, ["train-purifier", "--preset", "smoke", "--classifier", str(classifier_file),
+                                 "--out", str(tmp_path / "g"), "--gpus", "2"])
+    assert result.exit_code == 1, result.output
+    assert "--gpus 2: no CUDA device visible; --device cpu runs 2 CPU processes" in result.output
+    assert launched == [] and not (tmp_path / "g").exists()
+    result = runner.invoke(app, [*cli_args(classifier_file, tmp_path / "g"), "--gpus", "2"])  # --device cpu
+    assert result.exit_code == 0 and len(launched) == 1 and "--device" in launched[0]
 
 
 def test_plot_command(tmp_path: Path) -> None:

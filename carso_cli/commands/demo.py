@@ -15,9 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
+import torch
 import typer
 
 from carso_cli import checkpoint as ckpt
+from carso_cli import locking
 from carso_cli.commands._common import DataRootOpt, DeviceOpt, PresetOpt, SeedOpt, SetOpt, load_preset, resolve_device
 from carso_cli.config import Config
 
@@ -41,11 +43,21 @@ def run(
     console: Any = None,
 ) -> DemoResult:
     """Train a classifier and a purifier, then evaluate both; returns the run and its results."""
-    from carso_cli.commands import evaluate, train_classifier, train_purifier
-
     dev = resolve_device(device)
     run_dir = Path(out) if out is not None else ckpt.new_run_dir(f"demo-{cfg.name}")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    made = out is None or not run_dir.exists()
+    # The run's lock for the whole pipeline (the steps below take it again, in this process); a demo
+    # that fails before its first checkpoint leaves nothing.
+    with locking.hold(run_dir), ckpt.undo_on_failure(
+        run_dir, made, keep=[run_dir / "adversarial-classifier.state.safetensors", run_dir / "checkpoints"]
+    ):
+        return _pipeline(cfg, run_dir, dev, n_examples, seed, data_root, console)
+
+
+def _pipeline(cfg: Config, run_dir: Path, dev: torch.device, n_examples: int, seed: int, data_root: Path,
+              console: Any) -> DemoResult:
+    from carso_cli.commands import evaluate, train_classifier, train_purifier
+
     seconds: dict[str, float] = {}
 
     def step(title: str) -> None:

@@ -8,6 +8,7 @@ lives in ``carso_cli/evaluation.py``.
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -26,7 +27,7 @@ from rich.progress import (
 from rich.table import Table
 
 from carso_cli import checkpoint as ckpt
-from carso_cli import distributed
+from carso_cli import distributed, locking
 from carso_cli import evaluation as ev
 from carso_cli.aggregation import AGGREGATIONS
 from carso_cli.commands._common import (
@@ -139,6 +140,7 @@ def run(
     if name is not None and (not name or Path(name).name != name or name in (".", "..")):
         raise CarsoError(f"--name must be a plain folder name (results go to RUN/eval/NAME), got {name!r}")
     ctx = distributed.setup(resolve_device(device))
+    stack = ExitStack()  # rank 0: the lock of RUN/eval/NAME, held to the end
     if ctx.device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input sizes per batch: let cuDNN pick its fastest kernels
     try:
@@ -163,7 +165,16 @@ def run(
         for p in classifier.parameters():
             p.requires_grad_(False)
         classifier.eval()
-        store = ev.ResultsStore(loaded.run / "eval" / (name or s.attack), s.to_json(), resume)
+        eval_dir = loaded.run / "eval" / (name or s.attack)
+
+        def lock() -> None:  # one writer per evaluation name; a failed start leaves no folder behind
+            made = not eval_dir.exists()
+            stack.enter_context(locking.hold(eval_dir, hint="wait for it, or use another --name"))
+            ckpt.remove_temporaries(eval_dir)  # what a killed evaluation was writing
+            stack.enter_context(ckpt.undo_on_failure(eval_dir, made, keep=[eval_dir / ev.SETTINGS_FILE]))
+
+        distributed.on_main(ctx, lock)
+        store = ev.ResultsStore(eval_dir, s.to_json(), resume)
         out = console if ctx.is_main else None
         if out is not None:
             out.print(
@@ -188,7 +199,11 @@ def run(
             render(outcome.results, out)
             out.print(f"results: {outcome.path}", highlight=False)
         return outcome
+    except BaseException as err:
+        stack.__exit__(type(err), err, err.__traceback__)  # the failure reaches the clean-up of a failed start
+        raise
     finally:
+        stack.close()
         distributed.teardown()
 
 
@@ -283,9 +298,7 @@ def cli(
     from carso_cli.cli import console
 
     if distributed.should_relaunch(gpus):
-        dev = resolve_device(device)
-        if dev.type == "cuda" and gpus > torch.cuda.device_count():
-            raise CarsoError(f"--gpus {gpus}: only {torch.cuda.device_count()} CUDA device(s) here")
+        distributed.check_gpus(gpus, device)
         argv = distributed.relaunch_argv(
             "eval", run=run, attack=attack, target=target, eps=eps, n_examples=n_examples, batch_size=batch_size,
             samples=samples, aggregation=aggregation, device=device, seed=seed, resume=resume, repeats=repeats,

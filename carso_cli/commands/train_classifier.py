@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -29,7 +29,7 @@ from torch import nn
 
 from carso_cli import attacks
 from carso_cli import checkpoint as ckpt
-from carso_cli import distributed
+from carso_cli import distributed, locking
 from carso_cli import training as tr
 from carso_cli.commands._common import (
     DataRootOpt,
@@ -166,30 +166,56 @@ def run(
         raise CarsoError("--resume needs --out FILE.safetensors (the weights file of the run to continue)")
     ctx = distributed.setup(device or resolve_device(None))
     try:
-        return _train(cfg, out, ctx, resume, Path(data_root), seed, bf16, evaluate, console, preset)
+        with ExitStack() as stack:  # the weights' lock, and the removal of a failed start
+            return _train(cfg, out, ctx, resume, Path(data_root), seed, bf16, evaluate, console, preset, stack)
     finally:
         distributed.teardown()
 
 
 def _train(cfg: Config, out: Path | None, ctx: distributed.DistContext, resume: bool, data_root: Path, seed: int,
-           bf16: bool | None, evaluate: bool, console: Any, preset: str | None) -> ClassifierResult:
+           bf16: bool | None, evaluate: bool, console: Any, preset: str | None, stack: ExitStack) -> ClassifierResult:
     from carso_cli import data
 
     device = ctx.device
     ct = cfg.classifier_training
     weights = Path(distributed.broadcast_object(str(out or default_out(cfg)), ctx))
     state_path = companion(weights, "state.safetensors")
+    stem = weights.name.removesuffix(".safetensors")
+
+    def refuse_existing() -> None:
+        if weights.exists() or state_path.exists():
+            raise CarsoError(f"{weights} (or its training state) already exists: pass --resume to continue, or another --out")
+
+    def lock() -> None:
+        # One writer per weights file: the lock file sits beside it (a folder may hold several).
+        made = not weights.parent.exists()
+        stack.enter_context(locking.hold(weights.parent, lock_file=f".{weights.name}.lock"))
+        ckpt.remove_temporaries(weights.parent, f"{stem}.")  # what a killed run was writing (issue 14)
+        if not resume:
+            refuse_existing()  # again under the lock: the check before it was only to fail early
+            stack.enter_context(ckpt.undo_on_failure(weights.parent, made, keep=[state_path, weights], prefix=f"{stem}."))
+
     state: tr.TrainingState | None = None
     if resume:
+        if not state_path.is_file():
+            raise CheckpointError(f"cannot resume: {state_path} not found (was training started with --out {weights}?)")
+        distributed.on_main(ctx, lock)
         state = tr.load_training_state(state_path, KIND)
         tr.check_resume(state, ct.batch_size, preset, cfg.name)
         seed = int(state.extra.get("seed", seed))
     else:
-        if ctx.is_main and (weights.exists() or state_path.exists()):
-            raise CarsoError(f"{weights} (or its training state) already exists: pass --resume to continue, or another --out")
+        distributed.on_main(ctx, refuse_existing)  # before a download
         tr.seed_everything(seed, ctx.rank)
+
+    # The data is checked before anything is written (issue 7: a failed start leaves nothing).
     if ctx.is_main:
-        weights.parent.mkdir(parents=True, exist_ok=True)
+        dataset = data.build_dataset(cfg, "train", root=data_root, download=True, augment=cfg.data.augment)
+    distributed.barrier(ctx)
+    if not ctx.is_main:
+        dataset = data.build_dataset(cfg, "train", root=data_root, download=False, augment=cfg.data.augment)
+    if not resume:
+        distributed.on_main(ctx, lock)
+    if ctx.is_main:
         ckpt.atomic_write_text(companion(weights, "config.toml"), config_to_toml(cfg))
 
     with torch.random.fork_rng(devices=[]):
@@ -219,12 +245,6 @@ def _train(cfg: Config, out: Path | None, ctx: distributed.DistContext, resume: 
     if ctx.distributed:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if on_cuda else None)
     model.train()
-
-    if ctx.is_main:
-        dataset = data.build_dataset(cfg, "train", root=data_root, download=True, augment=cfg.data.augment)
-    distributed.barrier(ctx)
-    if not ctx.is_main:
-        dataset = data.build_dataset(cfg, "train", root=data_root, download=False, augment=cfg.data.augment)
 
     batches_per_epoch = len(dataset) // ct.batch_size  # type: ignore[arg-type]
     total_steps = ct.epochs * batches_per_epoch
@@ -274,11 +294,12 @@ def _train(cfg: Config, out: Path | None, ctx: distributed.DistContext, resume: 
     def save(position: tr.Position, epoch_sums: list[float] | None) -> None:
         rng = tr.gather_rng(ctx)
         if ctx.is_main:
-            tr.save_training_state(
-                state_path, kind=KIND, position=position, model=model, optimizer=optimizer,
-                config_toml=config_to_toml(cfg), rng=rng, epoch_sums=epoch_sums,
-                extra={"seed": seed, "world_size": ctx.world_size, "global_batch": ct.batch_size},
-            )
+            with ckpt.checkpoint_write(state_path):
+                tr.save_training_state(
+                    state_path, kind=KIND, position=position, model=model, optimizer=optimizer,
+                    config_toml=config_to_toml(cfg), rng=rng, epoch_sums=epoch_sums,
+                    extra={"seed": seed, "world_size": ctx.world_size, "global_batch": ct.batch_size},
+                )
         distributed.barrier(ctx)
 
     metrics = companion(weights, "metrics.jsonl")
@@ -331,7 +352,7 @@ def cli(
     from carso_cli.cli import console
 
     if distributed.should_relaunch(gpus):
-        tr.check_gpus(gpus, device)
+        distributed.check_gpus(gpus, device)
         argv = distributed.relaunch_argv("train-classifier", preset=preset, adversarial=adversarial, out=out, epochs=epochs,
                                 batch_size=batch_size, gpus=gpus, device=device, resume=resume, data_root=data_root,
                                 seed=seed, set=set_)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -26,7 +26,7 @@ import typer
 from torch import nn
 
 from carso_cli import checkpoint as ckpt
-from carso_cli import distributed
+from carso_cli import distributed, locking
 from carso_cli import training as tr
 from carso_cli.commands._common import (
     DataRootOpt,
@@ -91,23 +91,34 @@ class PurifierResult:
     records: list[dict[str, Any]]
 
 
-def _run_dir(out: Path | None, cfg: Config, resume: bool, ctx: distributed.DistContext) -> Path:
-    """The run directory, made by rank 0 and broadcast (so a default timestamped name is shared)."""
-    path: str | None = None
-    if ctx.is_main:
+def _run_dir(out: Path | None, cfg: Config, resume: bool, ctx: distributed.DistContext, stack: ExitStack) -> Path:
+    """The run directory, made and locked by rank 0 and broadcast (so a default timestamped name is shared).
+
+    Rank 0 holds the run's lock (``locking``) on ``stack``; a new run made here is removed again if the
+    start fails before its first checkpoint. A refusal on rank 0 is raised on every rank.
+    """
+    def make() -> str:
         if resume:
             run = Path(out) if out is not None else ckpt.latest_run(require=str(CHECKPOINT))
             if not (run / CHECKPOINT).is_file():
                 raise CheckpointError(f"cannot resume: {run / CHECKPOINT} not found (was this run started?)")
-        elif out is None:
-            run = ckpt.new_run_dir(cfg.name)
+            stack.enter_context(locking.hold(run))
         else:
-            run = Path(out)
-            if (run / CHECKPOINT).is_file() or (run / ckpt.PURIFIER_FILE).is_file():
-                raise CarsoError(f"{run} already holds a training run: pass --resume to continue it, or another --out")
-            run.mkdir(parents=True, exist_ok=True)
-        path = str(run)
-    return Path(distributed.broadcast_object(path, ctx))
+            run = ckpt.new_run_dir(cfg.name) if out is None else Path(out)
+            made = out is None or not run.exists()
+            stack.enter_context(locking.hold(run))
+            _refuse_existing(run)  # again under the lock: the check before it was only to fail early
+            stack.enter_context(ckpt.undo_on_failure(run, made, keep=[run / CHECKPOINT, run / ckpt.PURIFIER_FILE]))
+        for folder in (run, (run / CHECKPOINT).parent):  # what a killed run was writing (issue 14)
+            ckpt.remove_temporaries(folder)
+        return str(run)
+
+    return Path(distributed.on_main(ctx, make))
+
+
+def _refuse_existing(run: Path) -> None:
+    if (run / CHECKPOINT).is_file() or (run / ckpt.PURIFIER_FILE).is_file():
+        raise CarsoError(f"{run} already holds a training run: pass --resume to continue it, or another --out")
 
 
 def resume_config(run: Path | None, sets: list[str] | None = None, epochs: int | None = None) -> Config:
@@ -149,14 +160,15 @@ def run(
     """
     ctx = distributed.setup(device or resolve_device(None))
     try:
-        return _train(cfg, classifier, out, ctx, resume, Path(data_root), seed, bf16, console, preset)
+        with ExitStack() as stack:  # the run's lock, and the removal of a failed start
+            return _train(cfg, classifier, out, ctx, resume, Path(data_root), seed, bf16, console, preset, stack)
     finally:
         distributed.teardown()
 
 
 def _train(cfg: Config, classifier_path: Path | None, out: Path | None, ctx: distributed.DistContext,
            resume: bool, data_root: Path, seed: int, bf16: bool | None, console: Any,
-           preset: str | None) -> PurifierResult:
+           preset: str | None, stack: ExitStack) -> PurifierResult:
     from carso_cli import data
 
     device = ctx.device
@@ -166,25 +178,36 @@ def _train(cfg: Config, classifier_path: Path | None, out: Path | None, ctx: dis
             raise CarsoError("--classifier is required: the weights of the preset's (adversarially-trained) classifier")
         if not Path(classifier_path).is_file():
             raise CheckpointError(f"--classifier: file not found: {classifier_path}")
-    run_dir = _run_dir(out, cfg, resume, ctx)
     state: tr.TrainingState | None = None
     if resume:
+        run_dir = _run_dir(out, cfg, resume, ctx, stack)
         state = tr.load_training_state(run_dir / CHECKPOINT, KIND)
         tr.check_resume(state, t.batch_size, preset, cfg.name)
         seed = int(state.extra.get("seed", seed))
         classifier_file = ckpt.classifier_path_of(run_dir)
-        if classifier_path is not None and ckpt.sha256_file(classifier_path) != ckpt.sha256_file(classifier_file):
+        if classifier_path is not None and not ckpt.same_classifier(classifier_path, run_dir):
             raise CheckpointError(f"--classifier {classifier_path} differs from the classifier of {run_dir}")
     else:
+        if out is not None:
+            distributed.on_main(ctx, lambda: _refuse_existing(Path(out)))  # before a download
         classifier_file = Path(classifier_path)  # type: ignore[arg-type]
         tr.seed_everything(seed, ctx.rank)
 
+    # Inputs are checked (classifier weights, data) before a new run directory is made (issue 7).
     classifier = load_classifier(cfg, classifier_file, device)
     set_eval_frozen(classifier)
+    if ctx.is_main:
+        dataset = data.build_dataset(cfg, "train", root=data_root, download=True, augment=cfg.data.augment)
+    distributed.barrier(ctx)  # rank 0 downloads first
+    if not ctx.is_main:
+        dataset = data.build_dataset(cfg, "train", root=data_root, download=False, augment=cfg.data.augment)
+    if not resume:
+        run_dir = _run_dir(out, cfg, resume, ctx, stack)
     if ctx.is_main:
         ckpt.atomic_write_text(run_dir / ckpt.CONFIG_FILE, config_to_toml(cfg))
         if not resume:
             ckpt.save_tensors(run_dir / ckpt.CLASSIFIER_FILE, classifier.state_dict(), {"format": "carso-classifier"})
+            ckpt.write_classifier_reference(run_dir, classifier_file)  # its sha256, for --resume --classifier
 
     # The same initial purifier on every rank (DDP would broadcast rank 0's anyway).
     with torch.random.fork_rng(devices=[]):
@@ -221,12 +244,6 @@ def _train(cfg: Config, classifier_path: Path | None, out: Path | None, ctx: dis
             step_module, device_ids=[device.index] if on_cuda else None
         )
     purifier.train()
-
-    if ctx.is_main:
-        dataset = data.build_dataset(cfg, "train", root=data_root, download=True, augment=cfg.data.augment)
-    distributed.barrier(ctx)  # rank 0 downloads first
-    if not ctx.is_main:
-        dataset = data.build_dataset(cfg, "train", root=data_root, download=False, augment=cfg.data.augment)
 
     layers = list(purifier.spec.layers)
     plan = tr.balanced_batch_plan(t.batch_size, t.adversarial_fraction)
@@ -273,11 +290,12 @@ def _train(cfg: Config, classifier_path: Path | None, out: Path | None, ctx: dis
     def save(position: tr.Position, epoch_sums: list[float] | None) -> None:
         rng = tr.gather_rng(ctx)
         if ctx.is_main:
-            tr.save_training_state(
-                run_dir / CHECKPOINT, kind=KIND, position=position, model=purifier, optimizer=optimizer,
-                config_toml=config_to_toml(cfg), rng=rng, epoch_sums=epoch_sums,
-                extra={"seed": seed, "world_size": ctx.world_size, "global_batch": t.batch_size},
-            )
+            with ckpt.checkpoint_write(run_dir / CHECKPOINT):
+                tr.save_training_state(
+                    run_dir / CHECKPOINT, kind=KIND, position=position, model=purifier, optimizer=optimizer,
+                    config_toml=config_to_toml(cfg), rng=rng, epoch_sums=epoch_sums,
+                    extra={"seed": seed, "world_size": ctx.world_size, "global_batch": t.batch_size},
+                )
         distributed.barrier(ctx)
 
     metrics = run_dir / ckpt.METRICS_FILE
@@ -334,7 +352,7 @@ def cli(
     from carso_cli.cli import console
 
     if distributed.should_relaunch(gpus):
-        tr.check_gpus(gpus, device)
+        distributed.check_gpus(gpus, device)
         argv = distributed.relaunch_argv("train-purifier", preset=preset, classifier=classifier, out=out, epochs=epochs, batch_size=batch_size,
                               gpus=gpus, device=device, resume=resume, data_root=data_root, seed=seed, set=set_)
         if bf16 is not None:

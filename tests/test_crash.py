@@ -1,0 +1,195 @@
+"""Crash consistency (issue 14): a training or an evaluation killed with SIGKILL — between steps, or
+while a checkpoint is being written — and resumed with the command first typed plus ``--resume`` ends
+bitwise where an uninterrupted run ends, and every file left in the run directory loads. A write that
+fails midway (disk full, read-only directory) leaves the last checkpoint usable, no partial file, and
+one line saying so."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from carso_cli import checkpoint as ckpt
+from carso_cli import training as tr
+from carso_cli.cli import app
+from carso_cli.commands import train_classifier as tc
+from carso_cli.commands import train_purifier as tp
+from carso_cli.config import load_config
+from carso_cli.models import build_classifier
+
+runner = CliRunner()
+DRIVER = Path(__file__).with_name("fault_driver.py")
+REPO = Path(__file__).resolve().parent.parent
+# 32 examples in batches of 16: 2 steps an epoch, 2 epochs, a checkpoint after each epoch.
+PURIFIER = ["data.synthetic_train_size=32", "training.batch_size=16", "training.epochs=2", "training.lookahead_k=2",
+            "attacks.pgd_steps=1"]
+CLASSIFIER = ["data.synthetic_train_size=32", "data.synthetic_test_size=20", "classifier_training.batch_size=16",
+              "classifier_training.epochs=2", "classifier_training.pgd_steps=1"]
+sets = lambda overrides: [a for s in overrides for a in ("--set", s)]
+
+
+def run_with_fault(fault: str, argv: list[str]) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    return subprocess.run([sys.executable, str(DRIVER), fault, *argv], env=env, cwd=REPO, capture_output=True,
+                          text=True, timeout=300, check=False)
+
+
+def check_loads(path: Path, ignore: list[Path] = ()) -> None:  # type: ignore[assignment]
+    """Every file carso leaves in a run directory is whole: it loads by its kind."""
+    for p in sorted(q for q in path.rglob("*") if q.is_file() and q not in ignore):
+        name = p.name
+        if name.endswith(".safetensors"):
+            ckpt.load_tensors(p)
+        elif name.endswith(".jsonl"):
+            tr.read_metrics(p)
+        elif name.endswith((".json", ".lock")):
+            json.loads(p.read_text() or "{}")
+        elif name.endswith(".toml"):
+            load_config(p)
+        elif name.endswith(".png"):
+            assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", p
+        else:
+            raise AssertionError(f"unexpected file {p}")
+
+
+def same_tensors(a: Path, b: Path, skip: str = "rng.") -> None:
+    x, _ = ckpt.load_tensors(a)
+    y, _ = ckpt.load_tensors(b)
+    assert x.keys() == y.keys()
+    for k in x:
+        if not k.startswith(skip):
+            assert torch.equal(x[k], y[k]), (a.name, k)
+
+
+@pytest.fixture(scope="module")
+def classifier_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("crash") / "classifier.safetensors"
+    torch.manual_seed(0)
+    ckpt.save_tensors(path, build_classifier(load_config("smoke")).state_dict())
+    return path
+
+
+@pytest.fixture(scope="module")
+def whole_purifier(classifier_file: Path) -> Path:
+    out = classifier_file.parent / "whole"
+    argv = ["train-purifier", "--preset", "smoke", "--classifier", str(classifier_file), "--out", str(out),
+            "--device", "cpu", *sets(PURIFIER)]
+    assert runner.invoke(app, argv).exit_code == 0
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", ["kill-at-step:3", "kill-in-write:last.safetensors:2"])
+def test_purifier_killed_and_resumed(tmp_path: Path, classifier_file: Path, whole_purifier: Path, fault: str) -> None:
+    out = tmp_path / "run"
+    argv = ["train-purifier", "--preset", "smoke", "--classifier", str(classifier_file), "--out", str(out),
+            "--device", "cpu", *sets(PURIFIER)]
+    killed = run_with_fault(fault, argv)
+    assert killed.returncode == -9, killed.stdout[-2000:] + killed.stderr[-2000:]
+    assert tr.load_training_state(out / tp.CHECKPOINT, "purifier").position == tr.Position(1, 0)
+    # Killed in the write: between the complete temporary file and its rename onto the final name.
+    temporaries = sorted(out.rglob("*.tmp"))
+    assert [p.name.startswith(".last.safetensors.") for p in temporaries] == ([True] if "in-write" in fault else [])
+    check_loads(out, ignore=temporaries)
+
+    result = runner.invoke(app, [*argv, "--resume"])
+    assert result.exit_code == 0, result.output
+    assert "resumed from epoch 1, batch 0" in result.output
+    assert not list(out.rglob("*.tmp"))
+    check_loads(out)
+    same_tensors(whole_purifier / tp.CHECKPOINT, out / tp.CHECKPOINT)
+    same_tensors(whole_purifier / ckpt.PURIFIER_FILE, out / ckpt.PURIFIER_FILE)
+
+
+@pytest.mark.slow
+def test_classifier_killed_while_writing_and_resumed(tmp_path: Path) -> None:
+    whole, out = tmp_path / "whole.safetensors", tmp_path / "cut.safetensors"
+    argv = lambda o: ["train-classifier", "--preset", "smoke", "--out", str(o), "--device", "cpu", *sets(CLASSIFIER)]
+    assert runner.invoke(app, argv(whole)).exit_code == 0
+    killed = run_with_fault("kill-in-write:cut.state.safetensors:2", argv(out))
+    assert killed.returncode == -9, killed.stdout[-2000:] + killed.stderr[-2000:]
+    assert not out.exists()
+    assert tr.load_training_state(tc.companion(out, "state.safetensors"), "classifier").position == tr.Position(1, 0)
+    assert len(list(tmp_path.glob(".cut.state.safetensors.*.tmp"))) == 1
+    result = runner.invoke(app, [*argv(out), "--resume"])
+    assert result.exit_code == 0, result.output
+    assert "resumed from epoch 1, batch 0" in result.output
+    assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*.tmp"))
+    check_loads(tmp_path)
+    same_tensors(whole, out)
+    same_tensors(tc.companion(whole, "state.safetensors"), tc.companion(out, "state.safetensors"))
+
+
+@pytest.mark.slow
+def test_evaluation_killed_while_writing_and_resumed(tiny_run: Path) -> None:
+    args = ["eval", "--run", str(tiny_run), "--attack", "pgd-eot", "--n-examples", "6", "--batch-size", "2",
+            "--samples", "2", "--steps", "2", "--eot", "1", "--repeats", "2", "--device", "cpu"]
+    assert runner.invoke(app, [*args, "--name", "whole"]).exit_code == 0
+    killed = run_with_fault("kill-in-write:batch-*.json:2", [*args, "--name", "cut"])
+    assert killed.returncode == -9, killed.stdout[-2000:] + killed.stderr[-2000:]
+    folder = tiny_run / "eval" / "cut"
+    assert [p.name for p in sorted(folder.glob("batch-*.json"))] == ["batch-00000.json"]
+    result = runner.invoke(app, [*args, "--name", "cut", "--resume"])
+    assert result.exit_code == 0, result.output
+    assert "resumed: 1 batch(es) found on disk, 2 computed" in result.output
+    check_loads(folder)
+    whole, cut = (json.loads((tiny_run / "eval" / n / "results.json").read_text()) for n in ("whole", "cut"))
+    assert cut["flags"] == whole["flags"] and cut["metrics"] == whole["metrics"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# A write that fails midway
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("code, what", [(errno.ENOSPC, "no space left on device"), (errno.EROFS, "read-only file system")])
+def test_disk_full_while_writing_a_checkpoint(tmp_path: Path, classifier_file: Path, whole_purifier: Path,
+                                             monkeypatch: pytest.MonkeyPatch, code: int, what: str) -> None:
+    out = tmp_path / "run"
+    argv = ["train-purifier", "--preset", "smoke", "--classifier", str(classifier_file), "--out", str(out),
+            "--device", "cpu", *sets(PURIFIER)]
+    real, writes = ckpt.save_file, [0]
+
+    def save_file(tensors, filename, metadata=None):
+        if ".last.safetensors." in Path(filename).name:
+            writes[0] += 1
+            if writes[0] == 2:  # the disk fills up halfway through the second checkpoint
+                Path(filename).write_bytes(b"\0" * 100)
+                raise OSError(code, os.strerror(code))
+        return real(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(ckpt, "save_file", save_file)
+    result = runner.invoke(app, argv)
+    assert result.exit_code == 1
+    line = " ".join(result.output.split())
+    assert f"error: {what} while writing {out / tp.CHECKPOINT}; the last checkpoint, epoch 1, is intact; " \
+           "free space and rerun with --resume" in line, result.output
+    assert "Traceback" not in result.output
+    assert not list(out.rglob("*.tmp")) and not (out / ckpt.PURIFIER_FILE).exists()
+    check_loads(out)
+    monkeypatch.undo()
+    result = runner.invoke(app, [*argv, "--resume"])
+    assert result.exit_code == 0, result.output
+    same_tensors(whole_purifier / ckpt.PURIFIER_FILE, out / ckpt.PURIFIER_FILE)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories: chmod cannot simulate it")
+def test_read_only_run_directory(tmp_path: Path) -> None:
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    ckpt.atomic_write_text(folder / "a.txt", "old")
+    folder.chmod(0o555)
+    try:
+        with pytest.raises(ckpt.DiskWriteError, match="permission denied while writing"):
+            ckpt.atomic_write_text(folder / "a.txt", "new")
+        assert (folder / "a.txt").read_text() == "old" and sorted(p.name for p in folder.iterdir()) == ["a.txt"]
+    finally:
+        folder.chmod(0o755)
