@@ -189,3 +189,32 @@ def pgd_eot(
         Adversarial inputs (B, C, H, W) after the last step, detached.
     """
     return _pgd_loop(model, x, y, eps, steps, step_size, eot_iterations, random_start, generator, callback)
+
+
+def in_chunks(attack: Callable[..., Tensor], chunk: int | None, model: Model, x: Tensor, *args: object,
+              **kwargs: object) -> Tensor:
+    """``attack(model, x, *args, **kwargs)`` on slices of at most ``chunk`` examples, concatenated.
+
+    Bounds the memory of an attack (its autograd graph grows with the batch) without changing its
+    result: the attacks here are per-example (the loss is a sum over examples and the model is in eval
+    mode), so each example's adversarial input depends only on its own row. Every tensor argument whose
+    first dimension is the batch (``y``, per-example ``eps``, ``start_noise``) is sliced alongside ``x``;
+    floats and other values pass unchanged. ``chunk`` of None or ≥ the batch: one call.
+    """
+    n = x.shape[0]
+    if chunk is None or chunk >= n:
+        return attack(model, x, *args, **kwargs)
+    if chunk < 1:
+        raise ValueError(f"chunk must be ≥ 1, got {chunk}")
+
+    def part(value: object, lo: int, hi: int) -> object:
+        if isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == n:
+            return value[lo:hi]
+        return value
+
+    pieces = []
+    for lo in range(0, n, chunk):
+        hi = min(lo + chunk, n)
+        pieces.append(attack(model, x[lo:hi], *(part(a, lo, hi) for a in args),
+                             **{k: part(v, lo, hi) for k, v in kwargs.items()}))
+    return torch.cat(pieces)

@@ -62,3 +62,13 @@ def trained_smoke_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         load_config("smoke", TRAINED_SMOKE_CLASSIFIER), root / "classifier.safetensors", device=cpu, evaluate=False
     ).weights
     return train_purifier.run(load_config("smoke", TRAINED_SMOKE_PURIFIER), classifier, root / "run", device=cpu).run
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """``gpu``-marked tests need CUDA: skipped (with the reason shown) where there is none, as in CI."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (run `pytest -m gpu` on a GPU machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -45,6 +45,8 @@ def test_bench_attack_reports_throughput() -> None:
     report = json.loads(result.stdout)
     assert report["what"] == "attack" and report["example_gradients_per_s"] > 0
     assert report["randaa_hours_for_10k_upper_bound"] > 0 and report["environment"]["device"] == "cpu"
+    # CPU: the process's peak RSS, at least what torch itself occupies.
+    assert report["peak_memory_kind"] == "cpu_peak_rss" and report["peak_memory_bytes"] > 50 * 2**20
 
 
 @pytest.mark.slow
@@ -54,3 +56,4 @@ def test_bench_train_reports_throughput() -> None:
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["what"] == "train" and report["images_per_s"] > 0 and report["batch_size"] == 16
+    assert report["peak_memory_bytes"] > 50 * 2**20

@@ -25,6 +25,7 @@ from typing import Annotated, Any
 import torch
 import typer
 
+from carso_cli import memory
 from carso_cli.commands._common import DeviceOpt, PresetOpt, SetOpt, load_preset, resolve_device
 from carso_cli.config import Config
 
@@ -63,11 +64,19 @@ def bench_train(cfg: Config, device: torch.device, batch_size: int, batches: int
         classifier = build_classifier(cfg)
         weights = Path(tmp) / "classifier.safetensors"
         ckpt.save_tensors(weights, classifier.state_dict())
+        memory.reset_peak(device)
         result = train_purifier.run(cfg, weights, Path(tmp) / "run", device=device, seed=seed, console=console)
+        peak = memory.peak_bytes(device)
     last = result.records[-1]
     return {"images_per_s": last["images_per_s"], "epoch_s": last["time_s"], "batch_size": batch_size,
             "batches": batches, "adversarial_fraction": cfg.training.adversarial_fraction,
-            "pgd_steps": cfg.attacks.pgd_steps}
+            "pgd_steps": cfg.attacks.pgd_steps, **_peak(device, peak)}
+
+
+def _peak(device: torch.device, peak: int) -> dict[str, Any]:
+    """Peak memory: CUDA's max allocated (this run), or the process's peak RSS on CPU (since start)."""
+    what = "cuda_max_memory_allocated" if device.type == "cuda" else "cpu_peak_rss"
+    return {"peak_memory_bytes": peak, "peak_memory": memory.format_bytes(peak), "peak_memory_kind": what}
 
 
 def bench_attack(cfg: Config, device: torch.device, batch_size: int, iterations: int, seed: int = 0,
@@ -94,9 +103,7 @@ def bench_attack(cfg: Config, device: torch.device, batch_size: int, iterations:
         torch.autograd.grad(loss, xa)
 
     step()  # warm-up (allocator, cuDNN autotuning)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
+    memory.reset_peak(device)
     t0 = time.perf_counter()
     for _ in range(iterations):
         step()
@@ -110,9 +117,7 @@ def bench_attack(cfg: Config, device: torch.device, batch_size: int, iterations:
     test_set = 10_000
     out = {"example_gradients_per_s": grads_per_s, "batch_size": batch_size, "samples": cfg.inference.samples,
            "bf16": bf16, "randaa_hours_for_10k_upper_bound": test_set * per_example / grads_per_s / 3600}
-    if device.type == "cuda":
-        out["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-    return out
+    return {**out, **_peak(device, memory.peak_bytes(device))}
 
 
 def cli(
@@ -134,11 +139,13 @@ def cli(
     if what is What.train:
         # With --json, stdout carries the JSON alone: training progress goes to stderr.
         result = bench_train(cfg, dev, batch_size, batches, console=err_console if json_out else console)
-        headline = f"{result['images_per_s']:,.0f} images/s (purifier training, preset {cfg.name})"
+        headline = (f"{result['images_per_s']:,.0f} images/s, peak memory {result['peak_memory']} "
+                    f"(purifier training, preset {cfg.name})")
     else:
         result = bench_attack(cfg, dev, batch_size, batches, bf16=bf16)
         headline = (f"{result['example_gradients_per_s']:,.1f} end-to-end example-gradients/s → randomized AutoAttack "
-                    f"on 10,000 examples ≤ {result['randaa_hours_for_10k_upper_bound']:,.1f} h (preset {cfg.name})")
+                    f"on 10,000 examples ≤ {result['randaa_hours_for_10k_upper_bound']:,.1f} h, "
+                    f"peak memory {result['peak_memory']} (preset {cfg.name})")
     if json_out:
         print(json.dumps({"what": what.value, "preset": cfg.name, **result, "environment": env}))
     else:

@@ -150,3 +150,43 @@ def cli(
     for i, (name, shape) in enumerate(layers):
         lt.add_row(str(i), name, "×".join(map(str, shape)))
     console.print(lt)
+
+
+def memory_table(cfg: Config, gpus: int = 1, gpu_memory: str | None = None) -> Table:
+    """Estimated peak GPU memory of one training step and one evaluation batch at the preset's sizes.
+
+    Activations are measured (bytes autograd saves per example, float32, on the CPU); with
+    ``gpu_memory`` the largest ``--attack-chunk`` / ``--micro-batch`` / eval batch that fit it.
+    """
+    from carso_cli import memory
+
+    fp = memory.measure(cfg)
+    t = cfg.training
+    batch = max(1, t.batch_size // max(1, gpus))
+    attacked = round(t.adversarial_fraction * batch)
+    table = Table(title=f"GPU memory, float32 estimate (bf16 autocast needs less): per-process batch {batch} "
+                        f"({t.batch_size} over {gpus} GPU{'s' if gpus > 1 else ''})")
+    table.add_column("what")
+    table.add_column("peak", justify="right")
+    table.add_column("per example", justify="right")
+
+    def row(name: str, peak: int, per: int | None = None) -> None:
+        table.add_row(name, memory.format_bytes(peak), memory.format_bytes(per) if per else "")
+
+    pe = fp.per_example
+    step = memory.estimate_training(fp, batch, attacked, cfg.training.attack_chunk, cfg.training.micro_batch)
+    row(f"training: attacks ({step.attack_chunk} at once)", step.attack_phase, pe.attack)
+    row(f"training: representation + purifier ({step.micro_batch} at once)", step.purifier_phase,
+        pe.representation + pe.purifier)
+    row("training step peak", step.peak)
+    eval_batch = 64
+    row(f"evaluation: attack step on CARSO, batch {eval_batch}, {cfg.inference.samples} samples",
+        memory.estimate_evaluation(fp, eval_batch), pe.evaluation)
+    if gpu_memory is not None:
+        budget = memory.parse_size(gpu_memory)
+        fits = memory.fitting_options(fp, budget, batch)
+        table.add_section()
+        for key, value in fits.items():
+            option = {"attack_chunk": "--attack-chunk", "micro_batch": "--micro-batch", "eval_batch": "eval --batch-size"}[key]
+            table.add_row(f"largest {option} within {gpu_memory}", str(value) if value else "none fits", "")
+    return table

@@ -1,0 +1,261 @@
+"""GPU memory: sizes, peak measurement, estimates of a training step and an evaluation batch.
+
+One training step of the purifier (section 4.4) has two memory peaks:
+
+- the attack phase: FGSM/PGD through the classifier keeps the classifier's autograd graph for every
+  attacked example at once — bounded by ``--attack-chunk`` (the attacks are per-example, so chunking
+  does not change them);
+- the purifier phase: the representation (26 layers, Table 7) plus the VAE's autograd graph — bounded
+  by ``--micro-batch`` (gradient accumulation over micro-batches, each captured and purified in turn;
+  BatchNorm then sees micro-batches, "ghost" batch norm).
+
+The estimates measure the bytes autograd saves for backward per example (a forward of two examples
+on the CPU at the preset's full sizes, float32), and add parameters, gradients and optimizer state.
+bf16 autocast roughly halves the activation terms, so float32 figures are an upper bound.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import resource
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from carso_cli.errors import CarsoError
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+# Allocator fragmentation and workspace (cuDNN, NCCL buckets) on top of what tensors hold.
+OVERHEAD = 1.15
+PROBE = 2  # examples per measuring forward
+
+
+def parse_size(text: str) -> int:
+    """``80GB`` (10⁹), ``80GiB`` (2³⁰), ``512MB``, or a number of bytes → bytes."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise CarsoError(f"cannot read a memory size from '{text}' (e.g. 80GB, 80GiB, 24000MB)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def format_bytes(n: float) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{int(n)} B"
+
+
+def parse_chunk(text: str | int | None, what: str) -> int | str | None:
+    """An ``--attack-chunk``/``--micro-batch`` value: a positive count, ``auto``, or 0/None (whole batch)."""
+    if text is None:
+        return None
+    if isinstance(text, str) and text.strip().lower() == "auto":
+        return "auto"
+    try:
+        value = int(text)
+    except (TypeError, ValueError):
+        raise CarsoError(f"{what}: expected a number of examples or 'auto', got '{text}'") from None
+    if value < 0:
+        raise CarsoError(f"{what}: must be ≥ 1 (or 0 for the whole batch), got {value}")
+    return value or None
+
+
+# --------------------------------------------------------------------------------------------------
+# Measuring
+# --------------------------------------------------------------------------------------------------
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_bytes(device: torch.device) -> int:
+    """Peak memory so far: CUDA's max allocated since ``reset_peak``, or the process's peak RSS on CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        return int(torch.cuda.max_memory_allocated(device))
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)  # Linux reports KiB, macOS bytes
+
+
+def saved_bytes(fn: Callable[[], Any]) -> int:
+    """Bytes of the distinct tensors autograd saves for backward while ``fn()`` runs (its activations)."""
+    seen: dict[tuple[int, str], int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        seen[(storage.data_ptr(), str(t.device))] = storage.nbytes()
+        return t
+
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+def _params_bytes(module: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+@dataclasses.dataclass
+class PerExample:
+    """Bytes per example of each phase, measured at the preset's full sizes (float32)."""
+
+    attack: int          # classifier graph of one attacked example (FGSM/PGD step)
+    representation: int  # the captured representation (Table 7 layers), kept for the purifier pass
+    purifier: int        # the purifier's VAE graph (training)
+    evaluation: int      # CARSO end to end with the preset's samples (an attack's gradient)
+    image: int
+
+
+@dataclasses.dataclass
+class Footprint:
+    classifier_params: int
+    purifier_params: int
+    purifier_inference_params: int
+    per_example: PerExample
+
+
+def measure(cfg: Any) -> Footprint:
+    """Measure the preset's models on the CPU: parameters and per-example activation bytes."""
+    from carso_cli.models import CARSO, Purifier, build_classifier, build_purifier, purifier_spec_for
+    from carso_cli.models.representation import forward_with_representation
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        classifier = build_classifier(cfg).eval()
+        purifier = build_purifier(cfg, classifier).train()
+        inference = Purifier(purifier_spec_for(cfg, classifier), inference_only=True).eval()
+        size, channels = cfg.data.image_size, cfg.data.channels
+        x = torch.rand(PROBE, channels, size, size)
+        y = torch.zeros(PROBE, dtype=torch.long)
+        for p in classifier.parameters():
+            p.requires_grad_(False)
+
+        def attack() -> None:
+            torch.nn.functional.cross_entropy(classifier(x.clone().requires_grad_(True)), y)
+
+        with torch.no_grad():
+            _, representation = forward_with_representation(classifier, list(purifier.spec.layers), x, keep_graph=False)
+        rep_bytes = sum(r.numel() * r.element_size() for r in representation)
+
+        def purify() -> None:
+            p = purifier
+            assert p.input_encoder is not None and p.joint_encoder is not None
+            c = p.condition_encoder(representation)
+            mu, logvar = p.joint_encoder(p.input_encoder(x), c)
+            p.decoder(mu + torch.exp(0.5 * logvar), c)
+
+        model = CARSO(classifier, inference, samples=cfg.inference.samples, aggregation="dexp-logsum")
+
+        def evaluate() -> None:
+            model(x.clone().requires_grad_(True))
+
+        per = PerExample(
+            attack=saved_bytes(attack) // PROBE,
+            representation=rep_bytes // PROBE,
+            purifier=saved_bytes(purify) // PROBE,
+            evaluation=saved_bytes(evaluate) // PROBE,
+            image=channels * size * size * 4,
+        )
+    return Footprint(_params_bytes(classifier), _params_bytes(purifier), _params_bytes(inference), per)
+
+
+# --------------------------------------------------------------------------------------------------
+# Estimating
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class TrainingEstimate:
+    batch: int            # per-process batch
+    attack_chunk: int     # examples attacked at once
+    micro_batch: int      # examples per purifier forward/backward
+    static: int           # parameters, gradients, optimizer state, the batch's images
+    attack_phase: int
+    purifier_phase: int
+
+    @property
+    def peak(self) -> int:
+        return max(self.attack_phase, self.purifier_phase)
+
+
+def training_static(fp: Footprint, batch: int) -> int:
+    # Purifier: weights, gradients, RAdam's two moments, Lookahead's slow weights (5 copies); the frozen
+    # classifier's weights; the clean batch and the purifier's input.
+    return fp.classifier_params + 5 * fp.purifier_params + 2 * batch * fp.per_example.image
+
+
+def estimate_training(fp: Footprint, batch: int, attacked: int, attack_chunk: int | None = None,
+                      micro_batch: int | None = None) -> TrainingEstimate:
+    """Peak bytes of one purifier training step for a per-process ``batch`` with ``attacked`` examples."""
+    chunk = min(attack_chunk or attacked, attacked) if attacked else 0
+    micro = min(micro_batch or batch, batch)
+    static = training_static(fp, batch)
+    pe = fp.per_example
+    attack_phase = static + chunk * pe.attack
+    # The representation is captured per micro-batch, right before the purifier pass that consumes it.
+    purifier_phase = static + micro * (pe.representation + pe.purifier)
+    return TrainingEstimate(batch, chunk, micro, int(static * OVERHEAD), int(attack_phase * OVERHEAD),
+                            int(purifier_phase * OVERHEAD))
+
+
+def estimate_evaluation(fp: Footprint, batch: int) -> int:
+    """Peak bytes of one attack step on CARSO (forward + input gradient) for ``batch`` examples."""
+    static = fp.classifier_params + fp.purifier_inference_params + 2 * batch * fp.per_example.image
+    return int((static + batch * fp.per_example.evaluation) * OVERHEAD)
+
+
+def largest_fitting(budget: int, fixed: int, per_example: int, cap: int) -> int:
+    """The largest count n ≤ cap with (fixed + n·per_example)·OVERHEAD ≤ budget (0 if none fits)."""
+    room = budget / OVERHEAD - fixed
+    if room <= 0 or per_example <= 0:
+        return 0 if room <= 0 else cap
+    return max(0, min(cap, int(room // per_example)))
+
+
+def fitting_options(fp: Footprint, budget: int, batch: int) -> dict[str, int]:
+    """The largest attack chunk and micro-batch that fit ``budget`` (0: not even one example fits)."""
+    static = training_static(fp, batch)
+    pe = fp.per_example
+    return {
+        "attack_chunk": largest_fitting(budget, static, pe.attack, batch),
+        "micro_batch": largest_fitting(budget, static, pe.representation + pe.purifier, batch),
+        "eval_batch": largest_fitting(budget, fp.classifier_params + fp.purifier_inference_params,
+                                      pe.evaluation + 2 * pe.image, 10_000),
+    }
+
+
+def auto_chunk(device: torch.device, fixed: int, per_example: int, cap: int) -> int:
+    """``auto``: the largest chunk the device's free memory holds now (CPU: the whole batch)."""
+    if device.type != "cuda":
+        return cap
+    free, _total = torch.cuda.mem_get_info(device)
+    return max(1, largest_fitting(int(free + torch.cuda.memory_allocated(device)), fixed, per_example, cap))
+
+
+# --------------------------------------------------------------------------------------------------
+# Out of memory
+# --------------------------------------------------------------------------------------------------
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def out_of_memory_message(device: torch.device, batch: int, attack_chunk: int | None, micro_batch: int | None,
+                          suggestion: dict[str, int] | None = None) -> str:
+    """One line: what was in use, the peak, and the options that would fit."""
+    peak = format_bytes(peak_bytes(device))
+    used = (f"per-process batch {batch}, --attack-chunk {attack_chunk or batch}, "
+            f"--micro-batch {micro_batch or batch}")
+    fix = "lower --attack-chunk / --micro-batch (or pass 'auto')"
+    if suggestion:
+        fix = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in suggestion.items() if v) + " should fit"
+    return f"out of GPU memory on {device} ({used}; peak {peak}): {fix}; `carso info --gpu-memory` estimates them"

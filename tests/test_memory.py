@@ -1,0 +1,104 @@
+"""Memory-bounded steps (issue 9): chunked attacks equal unchunked ones, sizes, estimates vs measurement."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from carso_cli import attacks as atk
+from carso_cli import memory
+from carso_cli.config import load_config
+from carso_cli.errors import CarsoError
+
+
+def _cnn() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(8 * 8 * 8, 10))
+    return model.eval()
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7])
+def test_chunked_attacks_equal_unchunked(chunk: int) -> None:
+    model = _cnn()
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.rand(10, 3, 8, 8, generator=g), torch.randint(0, 10, (10,), generator=g)
+    eps = torch.linspace(2 / 255, 8 / 255, 10)  # per-example ε, sliced alongside x
+    noise = torch.rand(x.shape, generator=g)
+    whole = atk.pgd(model, x, y, eps, 5, 0.01, start_noise=noise)
+    parts = atk.in_chunks(atk.pgd, chunk, model, x, y, eps, 5, 0.01, start_noise=noise)
+    # Per-example attacks: only float rounding of batched convolutions may differ.
+    assert torch.allclose(whole, parts, atol=1e-6, rtol=0)
+    assert torch.allclose(atk.fgsm(model, x, y, eps), atk.in_chunks(atk.fgsm, chunk, model, x, y, eps), atol=1e-6, rtol=0)
+
+
+def test_in_chunks_calls_once_when_the_chunk_holds_the_batch() -> None:
+    calls = []
+
+    def attack(model: object, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        calls.append(x.shape[0])
+        return x
+
+    x = torch.zeros(5, 1)
+    atk.in_chunks(attack, None, None, x, torch.zeros(5))
+    atk.in_chunks(attack, 5, None, x, torch.zeros(5))
+    atk.in_chunks(attack, 2, None, x, torch.zeros(5))
+    assert calls == [5, 5, 2, 2, 1]
+
+
+@pytest.mark.parametrize("text,expected", [("80GB", 80 * 10**9), ("80GiB", 80 * 2**30), ("512MB", 512 * 10**6),
+                                           ("1.5 GiB", int(1.5 * 2**30)), ("1000", 1000)])
+def test_parse_size(text: str, expected: int) -> None:
+    assert memory.parse_size(text) == expected
+
+
+def test_bad_sizes_and_chunks_are_clear_errors() -> None:
+    with pytest.raises(CarsoError, match="80 parsecs"):
+        memory.parse_size("80 parsecs")
+    with pytest.raises(CarsoError, match="--attack-chunk"):
+        memory.parse_chunk("lots", "--attack-chunk")
+    assert memory.parse_chunk("auto", "x") == "auto"
+    assert memory.parse_chunk("0", "x") is None and memory.parse_chunk(64, "x") == 64
+
+
+def test_saved_bytes_counts_activations() -> None:
+    lin = nn.Linear(100, 100)
+    x = torch.rand(8, 100)
+    small = memory.saved_bytes(lambda: lin(x).relu().sum())
+    big = memory.saved_bytes(lambda: lin(torch.rand(64, 100)).relu().sum())
+    # Linear saves its input, ReLU its output: 2 × B × 100 floats (the weights are not counted anew).
+    assert 8 * 100 * 4 <= small <= 8 * 100 * 4 * 2 + 100 * 100 * 4
+    assert big > 6 * (small - 100 * 100 * 4)
+
+
+def test_estimates_grow_with_the_batch_and_chunks_bound_them(smoke_cfg) -> None:
+    fp = memory.measure(smoke_cfg)
+    pe = fp.per_example
+    assert pe.attack > 0 and pe.purifier > 0 and pe.evaluation > pe.attack  # CARSO runs N classifier passes
+    full = memory.estimate_training(fp, 256, 128)
+    bounded = memory.estimate_training(fp, 256, 128, attack_chunk=16, micro_batch=16)
+    assert bounded.peak < full.peak and bounded.attack_chunk == 16 and bounded.micro_batch == 16
+    fits = memory.fitting_options(fp, bounded.peak, 256)
+    # What fitting_options offers for a budget really fits it, and one more example would not.
+    assert memory.estimate_training(fp, 256, 256, fits["attack_chunk"], fits["micro_batch"]).peak <= bounded.peak
+    assert memory.estimate_training(fp, 256, 256, fits["attack_chunk"] + 1, 1).attack_phase > bounded.peak
+
+
+def test_paper_preset_on_one_80gb_gpu_needs_bounded_steps() -> None:
+    """The cifar10 preset's global batch of 5,120 in one piece does not fit 80 GB; bounded steps do."""
+    cfg = load_config("cifar10")
+    fp = memory.measure(cfg)
+    batch = cfg.training.batch_size
+    budget = memory.parse_size("80GB")
+    assert memory.estimate_training(fp, batch, batch // 2).peak > budget
+    fits = memory.fitting_options(fp, budget, batch)
+    assert 0 < fits["micro_batch"] < batch and 0 < fits["attack_chunk"]
+    assert memory.estimate_training(fp, batch, batch // 2, fits["attack_chunk"], fits["micro_batch"]).peak <= budget
+
+
+def test_out_of_memory_message_names_the_options() -> None:
+    line = memory.out_of_memory_message(torch.device("cpu"), 5120, 640, None, {"attack_chunk": 320, "micro_batch": 64})
+    assert "per-process batch 5120" in line and "--attack-chunk 640" in line and "--micro-batch 5120" in line
+    assert "--attack-chunk 320 --micro-batch 64 should fit" in line and "\n" not in line
+    assert memory.is_out_of_memory(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"))
