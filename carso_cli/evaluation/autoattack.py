@@ -76,6 +76,8 @@ def make_autoattack(
     aa.square.n_queries = square_queries
     if version == "rand":
         aa.apgd.eot_iter = eot
+    if version == "custom":
+        aa.apgd.n_restarts = 1  # as the rand version (the library's default for custom is 5)
     return aa
 
 
