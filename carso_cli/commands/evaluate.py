@@ -2,8 +2,10 @@
 
 The classifier alone is attacked by the standard AutoAttack, CARSO end-to-end by the randomized one
 (APGD-CE + APGD-DLR with EoT), both through pyautoattack (section 5.1); ``--attack pgd-eot`` runs the
-PGD+EoT pipeline of Lee & Kim 2024 instead (Table 14). The machinery — seeding, resume, sharding —
-lives in the package ``carso_cli/evaluation/``.
+PGD+EoT pipeline of Lee & Kim 2024 instead (Table 14). Whenever CARSO is evaluated the default is
+``--attack adaptive``: the paper's randAA plus attacks through other surfaces and transfers, with the
+per-example worst case (C/adaptive, issue 8); ``--attack autoattack`` is the paper's protocol alone.
+The machinery — seeding, resume, sharding — lives in the package ``carso_cli/evaluation/``.
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 One module per concern: ``seeding`` (per-example z), ``autoattack`` (pyautoattack), ``gradients``
 (PGD+EoT, gradient health), ``adaptive`` (the worst case over attack surfaces), ``settings``, ``store``
-(resumable results), ``saturation`` (CE-gradient saturation per surface), ``batch`` (one batch), ``runner`` (the split, sharded), ``report``, ``cost``.
+(resumable results), ``saturation`` (CE-gradient saturation per surface), ``batch`` (one batch),
+``runner`` (the split, sharded), ``report``, ``cost``.
 Everything other modules use is re-exported here.
 """
 
