@@ -35,7 +35,7 @@ def trained_copy(trained_smoke_run: Path, tmp_path: Path) -> Path:
 
 def test_eval_autoattack_table_and_results_file(trained_copy: Path) -> None:
     tiny_run = trained_copy
-    code, out = _eval(tiny_run, "--n-examples", "12", "--batch-size", "6", "--samples", "4")
+    code, out = _eval(tiny_run, "--attack", "autoattack", "--n-examples", "12", "--batch-size", "6", "--samples", "4")
     assert code == 0, out
     for column in ("AT/Cl", "C/Cl", "AT/AA", "C/randAA", "PGD+EoT", "single draw", "worst case"):
         assert column in out
@@ -59,6 +59,53 @@ def test_eval_autoattack_table_and_results_file(trained_copy: Path) -> None:
     assert m["AT/AA"]["accuracy"] <= m["AT/Cl"]["accuracy"] and m["C/randAA"]["accuracy"] <= m["C/Cl"]["accuracy"]
     rep = r["reclassification"]["randAA"]
     assert rep["worst"] <= rep["single"] and rep["repeats"] == 2
+
+
+def test_eval_adaptive_is_the_default_for_carso_and_resumes(trained_copy: Path) -> None:
+    """Issue 8: ``carso eval --target carso`` runs the adaptive evaluation; C/randAA in it is the paper's
+    protocol's (same flags as ``--attack autoattack``); the worst case is the AND over attacks; no
+    saturation alarm on a normal model; an interrupted run resumes to the same flags."""
+    run = trained_copy
+    args = ["--target", "carso", "--n-examples", "8", "--batch-size", "4", "--samples", "4"]
+    code, out = _eval(run, *args)
+    assert code == 0, out
+    for column in ("C/Cl", "C/randAA", "C/adaptive", "saturated", "adaptive evaluation", "broke first",
+                   "randAA on dexp-logsum", "PGD+EoT on dexp-logsum", "transfer: AA on the classifier"):
+        assert column in out, column
+    assert "warning: the cross-entropy gradient" not in out  # the tool does not cry wolf
+    r = _results(run, "adaptive")
+    assert r["settings"]["attack"] == "adaptive" and r["settings"]["square"] is False
+    flags, block = r["flags"], r["adaptive"]
+    assert r["saturation"]["flagged"] == [] and set(r["saturation"]["surfaces"]) == {"dexp", "dexp-logsum"}
+    assert [a["attack"] for a in block["attacks"]] == ["randaa", "randaa-logsum", "pgd-eot-logsum",
+                                                      "transfer-classifier", "transfer-logit"]
+    # Every example right on the clean draw is either broken first by exactly one attack or robust.
+    clean = sum(flags["carso_clean"])
+    assert sum(a["broken_first"] for a in block["attacks"]) + block["worst_case"]["correct"] == clean
+    assert block["attacks"][-1]["robust_after"] == block["worst_case"]["correct"] == r["metrics"]["C/adaptive"]["correct"]
+    assert all(a <= b for a, b in zip(flags["carso_adaptive"], flags["carso_randaa"]))
+    # C/randAA is the paper's protocol, unchanged.
+    code, out = _eval(run, *args, "--attack", "autoattack")
+    assert code == 0, out
+    paper = _results(run, "autoattack")["flags"]
+    for key in ("carso_clean", "carso_randaa", "carso_randaa_library", "carso_randaa_repeats"):
+        assert paper[key] == flags[key], key
+    # Interrupted after the first batch: resuming computes the second only, to the same flags.
+    folder = run / "eval" / "adaptive"
+    (folder / "batch-00001.json").unlink()
+    (folder / "results.json").unlink()
+    code, out = _eval(run, *args, "--resume")
+    assert code == 0, out
+    assert "resumed: 1 batch(es) found on disk, 1 computed" in out
+    again = _results(run, "adaptive")
+    assert again["flags"] == flags and again["metrics"] == r["metrics"]
+    assert [{**a, "wall_s": 0} for a in again["adaptive"]["attacks"]] == [{**a, "wall_s": 0} for a in block["attacks"]]
+
+
+def test_eval_square_needs_adaptive(tiny_run: Path) -> None:
+    code, out = _eval(tiny_run, "--attack", "pgd-eot", "--square", "--n-examples", "2")
+    assert code == 1 and "--square" in out and "Traceback" not in out
+    assert not (tiny_run / "eval").exists()
 
 
 def test_eval_classifier_is_broken_at_eps_one(tiny_run: Path) -> None:

@@ -2,8 +2,10 @@
 
 The classifier alone is attacked by the standard AutoAttack, CARSO end-to-end by the randomized one
 (APGD-CE + APGD-DLR with EoT), both through pyautoattack (section 5.1); ``--attack pgd-eot`` runs the
-PGD+EoT pipeline of Lee & Kim 2024 instead (Table 14). The machinery — seeding, resume, sharding —
-lives in ``carso_cli/evaluation.py``.
+PGD+EoT pipeline of Lee & Kim 2024 instead (Table 14). Whenever CARSO is evaluated the default is
+``--attack adaptive``: the paper's randAA plus attacks through other surfaces and transfers, with the
+per-example worst case (C/adaptive, issue 8); ``--attack autoattack`` is the paper's protocol alone.
+The machinery — seeding, resume, sharding — lives in the package ``carso_cli/evaluation/``.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ RunOpt = Annotated[
 
 
 class Attack(str, Enum):
+    adaptive = "adaptive"
     autoattack = "autoattack"
     pgd_eot = "pgd-eot"
     none = "none"
@@ -75,9 +78,13 @@ def format_eps(eps: float) -> str:
 def build_settings(
     cfg: Any, *, attack: str, target: str, eps: str | float | None, n_examples: int | None, dataset_size: int,
     batch_size: int, samples: int | None, aggregation: str | None, seed: int, repeats: int,
-    steps: int | None, eot: int | None, queries: int, precision: str = "float32",
+    steps: int | None, eot: int | None, queries: int, precision: str = "float32", square: bool = False,
+    saturation_threshold: float = 0.1,
 ) -> ev.EvalSettings:
     """EvalSettings from the options; the preset supplies ε, samples, aggregation, steps and EoT."""
+    if square and attack != "adaptive":
+        raise CarsoError("--square adds the Square attack to --attack adaptive; it has no effect with "
+                         f"--attack {attack}")
     eps_value = cfg.attacks.eps if eps is None else parse_eps(eps, "--eps")
     if n_examples is not None and n_examples < 1:
         raise CarsoError(f"--n-examples must be at least 1, got {n_examples}")
@@ -101,6 +108,8 @@ def build_settings(
         pgd_steps=cfg.attacks.pgd_eot_steps if steps is None else steps,
         pgd_step_size=cfg.attacks.pgd_eot_step_size,
         pgd_eot=cfg.attacks.pgd_eot_iterations if eot is None else eot,
+        square=square,
+        saturation_threshold=saturation_threshold,
         precision=precision,
         dataset=cfg.data.dataset,
     )
@@ -110,10 +119,15 @@ def build_settings(
     return s
 
 
+def default_attack(target: str) -> str:
+    """The adaptive evaluation whenever CARSO is evaluated (issue 8); the paper's AutoAttack otherwise."""
+    return "autoattack" if target == "classifier" else "adaptive"
+
+
 def run(
     run_dir: Path | None = None,
     *,
-    attack: str = "autoattack",
+    attack: str | None = None,
     target: str = "both",
     eps: str | float | None = None,
     n_examples: int | None = None,
@@ -130,6 +144,8 @@ def run(
     name: str | None = None,
     data_root: Path = Path("data"),
     precision: str = "float32",
+    square: bool = False,
+    saturation_threshold: float = 0.1,
     console: Console | None = None,
     show_progress: bool = True,
     adversarial: Path | None = None,
@@ -145,6 +161,7 @@ def run(
                            batch_size=batch_size, samples=samples, aggregation=aggregation, eps=eps,
                            device=resolve_device(device), data_root=data_root, console=console)
         return ev.EvalOutcome(results, Path(results.pop("path")), 1, 0)
+    attack = attack or default_attack(target)
     from carso_cli.data import build_dataset
     from carso_cli.models import load_run
 
@@ -165,7 +182,8 @@ def run(
         s = build_settings(
             cfg, attack=attack, target=target, eps=eps, n_examples=n_examples, dataset_size=len(dataset),
             batch_size=batch_size, samples=samples, aggregation=aggregation, seed=seed, repeats=repeats,
-            steps=steps, eot=eot, queries=queries, precision=precision,
+            steps=steps, eot=eot, queries=queries, precision=precision, square=square,
+            saturation_threshold=saturation_threshold,
         )
         if s.precision == "bfloat16" and ctx.device.type != "cuda":
             raise CarsoError("--precision bfloat16 needs a CUDA device")
@@ -259,15 +277,42 @@ def _pct(m: dict[str, Any] | None) -> str:
 
 
 def render(results: dict[str, Any], console: Console) -> None:
-    """Table 2's columns and, for CARSO, the re-classification report."""
+    """Table 2's columns (with C/adaptive and the saturation column) and, for CARSO, the detail tables."""
     s = results["settings"]
     metrics = results["metrics"]
     columns = [c for c, _ in ev.COLUMNS if c in metrics or c in ("AT/Cl", "C/Cl", "AT/AA", "C/randAA", "PGD+EoT")]
+    saturation = results.get("saturation")
     t = Table(title=f"accuracy (Table 2) — ε = {format_eps(s['eps'])}, {results['n_examples']} examples")
     for c in columns:
         t.add_column(c, justify="right")
-    t.add_row(*[_pct(metrics.get(c)) for c in columns])
+    cells = [_pct(metrics.get(c)) for c in columns]
+    if saturation:  # the paper's surface (or the model's own): the worst of the clean and adversarial points
+        name = next(iter(saturation["surfaces"]))
+        worst = max(p["fraction"] for p in saturation["surfaces"][name].values())
+        t.add_column("saturated", justify="right")
+        cells.append(f"[yellow]{100 * worst:.1f}%[/]" if name in saturation["flagged"] else f"{100 * worst:.1f}%")
+    t.add_row(*cells)
     console.print(t)
+    if saturation:
+        g = Table(title="examples with a zero or non-finite cross-entropy gradient, per attack surface (one draw)")
+        for col in ("surface", "clean point", "adversarial point"):
+            g.add_column(col, justify="left" if col == "surface" else "right")
+        for name, points in saturation["surfaces"].items():
+            style = "yellow" if name in saturation["flagged"] else ""
+            g.add_row(name, *(f"{100 * points[p]['fraction']:.1f}% ({points[p]['saturated']}/{points[p]['total']})"
+                              if p in points else "—" for p in ("clean", "adversarial")), style=style)
+        console.print(g)
+    adaptive = results.get("adaptive")
+    if adaptive:
+        a = Table(title="adaptive evaluation — an example is robust only if it survives every attack, in this order")
+        for col in ("attack", "attacked", "broke first", "robust after", "time"):
+            a.add_column(col, justify="left" if col == "attack" else "right")
+        for row in adaptive["attacks"]:
+            a.add_row(row["title"], str(row["attacked"]), str(row["broken_first"]), str(row["robust_after"]),
+                      f"{row['wall_s']:.1f} s")
+        w = adaptive["worst_case"]
+        a.add_row("[bold]C/adaptive (worst case)[/]", "", "", f"[bold]{w['correct']}/{w['total']}[/]", "")
+        console.print(a)
     report = results.get("reclassification") or {}
     if report:
         r = Table(title=f"CARSO re-classified {s['repeats']}× per example (stochastic: {s['samples']} samples)")
@@ -279,6 +324,14 @@ def render(results: dict[str, Any], console: Console) -> None:
             r.add_row(name, f"{100 * v['single']:.2f}%", f"{100 * v['mean']:.2f} ± {100 * v['std']:.2f}%",
                       f"{100 * v['worst']:.2f}%")
         console.print(r)
+    if saturation and saturation["flagged"]:
+        remedy = "" if s["attack"] == "adaptive" else "; --attack adaptive attacks the same decision through dexp-logsum"
+        console.print(
+            f"[yellow]warning: the cross-entropy gradient is zero or non-finite for more than "
+            f"{100 * saturation['threshold']:.0f}% of examples on the {', '.join(saturation['flagged'])} surface(s): "
+            f"cross-entropy attacks there (APGD-CE, PGD+EoT) are blunted and overstate robustness{remedy}.[/]",
+            highlight=False,
+        )
     warnings = results.get("library_warnings") or []
     if warnings:
         console.print(f"[yellow]{len(warnings)} distinct warning(s) from the attack library (in the results file)[/]")
@@ -286,7 +339,7 @@ def render(results: dict[str, Any], console: Console) -> None:
 
 def cli(
     run: RunOpt = None,
-    attack: Annotated[Attack, typer.Option("--attack", help="autoattack: standard AA on the classifier, randAA on CARSO (section 5.1); pgd-eot: Lee & Kim 2024 (Table 14); none: clean only.")] = Attack.autoattack,
+    attack: Annotated[Optional[Attack], typer.Option("--attack", help="adaptive (default when CARSO is evaluated): the per-example worst case over randAA on the paper's and the dexp-logsum surface, PGD+EoT on dexp-logsum and transfer attacks; autoattack: the paper's protocol, standard AA on the classifier, randAA on CARSO (section 5.1); pgd-eot: Lee & Kim 2024 (Table 14); none: clean only.")] = None,
     target: Annotated[Target, typer.Option("--target", help="Which model(s) to evaluate.")] = Target.both,
     eps: Annotated[Optional[str], typer.Option("--eps", help="ℓ∞ radius: a fraction like 8/255 or a float in [0, 1] (default: the preset's).")] = None,
     n_examples: Annotated[Optional[int], typer.Option("--n-examples", help="First N test examples (default: all).")] = None,
@@ -305,6 +358,8 @@ def cli(
     data_root: DataRootOpt = Path("data"),
     precision: Annotated[Precision, typer.Option("--precision", help="bfloat16 autocast for CARSO on CUDA (faster; float32 is the reference).")] = Precision.float32,
     adversarial: Annotated[Optional[Path], typer.Option("--adversarial", help="Evaluate on the adversarial examples of this file (.safetensors, or .pt with x_adv, y, optionally idx) instead of attacking.")] = None,
+    square: Annotated[bool, typer.Option("--square", help="Add the Square black-box attack (--queries) to --attack adaptive.")] = False,
+    saturation_threshold: Annotated[float, typer.Option("--saturation-threshold", help="Warn when more than this fraction of examples has a zero or non-finite CE gradient on an attack surface.")] = 0.1,
 ) -> None:
     """Clean and robust accuracy of the classifier and of CARSO (the paper's Table 2)."""
     from carso_cli.cli import console
@@ -317,16 +372,18 @@ def cli(
             "eval", run=run, attack=attack, target=target, eps=eps, n_examples=n_examples, batch_size=batch_size,
             samples=samples, aggregation=aggregation, device=device, seed=seed, resume=resume, repeats=repeats,
             steps=steps, eot=eot, queries=queries, name=name, data_root=data_root, precision=precision,
+            square=square, saturation_threshold=saturation_threshold,
         )
         code = distributed.relaunch(gpus, argv)
         if code != 0:
             raise typer.Exit(code)
         return
     run_fn(
-        run, attack=attack.value, target=target.value, eps=eps, n_examples=n_examples, batch_size=batch_size,
+        run, attack=attack.value if attack else None, target=target.value, eps=eps, n_examples=n_examples, batch_size=batch_size,
         samples=samples, aggregation=aggregation.value if aggregation else None, device=device, seed=seed,
         resume=resume, repeats=repeats, steps=steps, eot=eot, queries=queries, name=name, data_root=data_root,
-        precision=precision.value, console=console, adversarial=adversarial,
+        precision=precision.value, square=square, saturation_threshold=saturation_threshold, console=console,
+        adversarial=adversarial,
     )
 
 

@@ -11,6 +11,10 @@
 5. **blackbox** — neither the Square attack nor a transfer attack (PGD against the classifier alone, fed
    to CARSO) is markedly stronger than the end-to-end white-box attack (the same PGD+EoT budget):
    if one were, the white-box gradients would be masked.
+6. **saturation** — the fraction of examples whose cross-entropy input gradient is exactly zero or
+   non-finite on the paper's ``dexp`` surface and on ``dexp-logsum`` (the same decision): fails when the
+   paper's surface is saturated above the threshold while ``dexp-logsum`` is not — cross-entropy attacks
+   on the paper's surface are then blunted, and ``carso eval --attack adaptive`` is the remedy.
 
 Every stochastic draw is seeded per example (``evaluation.ExampleSeededSampler``).
 """
@@ -45,7 +49,7 @@ from carso_cli.commands._common import (
 from carso_cli.config import parse_eps
 from carso_cli.errors import CarsoError
 
-CHECKS = ("large-eps", "gradients", "monotonic", "eot", "blackbox")
+CHECKS = ("large-eps", "gradients", "monotonic", "eot", "blackbox", "saturation")
 SANITY_FORMAT = "carso-sanity/1"
 
 
@@ -80,6 +84,8 @@ class SanitySettings:
     # 5. black-box attacks.
     queries: int = 1000
     blackbox_tolerance: float = 0.05
+    # 6. gradient saturation of the paper's surface.
+    saturation_threshold: float = 0.1
 
 
 @dataclass
@@ -289,6 +295,31 @@ class Checker:
         )
 
 
+    def saturation(self) -> CheckResult:
+        s = self.s
+        fractions: dict[str, float] = {}
+        for name in ev.SURFACES:
+            count = 0
+            with ev.surface(self.carso, name):
+                for x, y, idx in self.batches:
+                    count += int(ev.saturated_flags(self.carso, x, y, idx, seed=s.seed).sum())
+            fractions[name] = count / self.n
+            self.tick("gradient saturation")
+        paper, logsum = fractions[ev.PAPER_SURFACE], fractions[ev.LOGSUM_SURFACE]
+        above = paper > s.saturation_threshold
+        # Saturated where the logsum surface is not: the paper's surface hides robustness that is not there.
+        status = "fail" if above and logsum <= s.saturation_threshold else "warn" if above else "pass"
+        hint = ("cross-entropy attacks on the paper's surface are blunted: evaluate with "
+                "`carso eval --attack adaptive` (the default), which attacks the same decision through dexp-logsum"
+                if above else "")
+        return CheckResult(
+            "saturation", "CE-gradient saturation (dexp vs dexp-logsum)", status,
+            ", ".join(f"{name} {100 * f:.1f}%" for name, f in fractions.items()),
+            f"dexp ≤ {100 * s.saturation_threshold:.0f}% of examples",
+            {"fraction": fractions, "threshold": s.saturation_threshold, "hint": hint},
+        )
+
+
 def run(
     run_dir: Path | None = None,
     *,
@@ -373,6 +404,9 @@ def render(report: SanityReport, console: Console) -> None:
     for i, c in enumerate(report.checks, 1):
         t.add_row(str(CHECKS.index(c.key) + 1), c.title, STATUS[c.status], c.measured, c.threshold)
     console.print(t)
+    for c in report.checks:
+        if c.status != "pass" and c.details.get("hint"):
+            console.print(f"[yellow]{c.key}: {c.details['hint']}[/]", highlight=False)
     verdict = "[green]all checks passed[/]" if report.passed else "[bold red]some checks failed[/]"
     console.print(f"{verdict} — report: {report.path}", highlight=False)
 
@@ -401,12 +435,13 @@ def cli(
     monotonic_tolerance: Annotated[float, typer.Option("--monotonic-tolerance", help="Allowed accuracy rise with ε, beyond noise.")] = 0.05,
     min_eot_cosine: Annotated[float, typer.Option("--min-eot-cosine", help="Warn below this EoT-gradient agreement.")] = 0.5,
     blackbox_tolerance: Annotated[float, typer.Option("--blackbox-tolerance", help="How much stronger a black-box attack may be, beyond noise.")] = 0.05,
+    saturation_threshold: Annotated[float, typer.Option("--saturation-threshold", help="Largest fraction of examples with a zero or non-finite CE gradient on the paper's surface.")] = 0.1,
     out: Annotated[Optional[Path], typer.Option("--out", help="JSON report (default: RUN/sanity.json).")] = None,
     device: DeviceOpt = None,
     seed: SeedOpt = 0,
     data_root: DataRootOpt = Path("data"),
 ) -> None:
-    """Checks an honest robustness claim needs (large ε, gradients, ε-monotonicity, EoT, black-box)."""
+    """Checks an honest robustness claim needs (large ε, gradients, ε-monotonicity, EoT, black-box, saturation)."""
     from carso_cli.cli import console
     from carso_cli.config import load_config
 
@@ -435,6 +470,7 @@ def cli(
         min_eot_cosine=min_eot_cosine,
         queries=queries,
         blackbox_tolerance=blackbox_tolerance,
+        saturation_threshold=saturation_threshold,
     )
     report = run_fn(run, settings=s, device=device, data_root=data_root, out=out, console=console)
     if not report.passed:

@@ -1,0 +1,106 @@
+"""Robustness evaluation: the pieces ``carso eval`` and ``carso sanity`` are made of.
+
+One module per concern: ``seeding`` (per-example z), ``autoattack`` (pyautoattack), ``gradients``
+(PGD+EoT, gradient health), ``adaptive`` (the worst case over attack surfaces), ``settings``, ``store``
+(resumable results), ``saturation`` (CE-gradient saturation per surface), ``batch`` (one batch),
+``runner`` (the split, sharded), ``report``, ``cost``.
+Everything other modules use is re-exported here.
+"""
+
+# ruff: noqa: F401 — the public names of the package, re-exported
+
+from __future__ import annotations
+
+from carso_cli.evaluation.adaptive import (
+    AdaptiveResult,
+    AttackOutcome,
+    adaptive_attack,
+    adaptive_summary,
+    attacks_of,
+)
+from carso_cli.evaluation.autoattack import (
+    AUTOATTACK_LOGGER,
+    AutoAttackResult,
+    RichLogHandler,
+    _Collector,
+    _row_keys,
+    _set_apgd_iterations,
+    autoattack_flags,
+    library_logging,
+    make_autoattack,
+)
+from carso_cli.evaluation.batch import (
+    Autocast,
+    CountCalls,
+    _flags,
+    evaluate_batch,
+    load_examples,
+)
+from carso_cli.evaluation.cost import (
+    estimate_seconds,
+    expected_calls,
+    format_duration,
+    passes_per_example,
+    probe_seconds,
+)
+from carso_cli.evaluation.gradients import (
+    LOSSES,
+    GradientStats,
+    dlr_loss,
+    eot_agreement,
+    eot_gradient,
+    gradient_health,
+    input_gradient,
+    label_rank,
+    pgd_eot_examples,
+)
+from carso_cli.evaluation.report import (
+    COLUMNS,
+    library_versions,
+    merge_records,
+    summarize,
+)
+from carso_cli.evaluation.runner import (
+    EvalOutcome,
+    evaluate,
+)
+from carso_cli.evaluation.saturation import (
+    LOGSUM_SURFACE,
+    PAPER_SURFACE,
+    SURFACES,
+    saturated_flags,
+    saturation_summary,
+    surface,
+    surfaces_of,
+)
+from carso_cli.evaluation.seeding import (
+    STREAM_ADV,
+    STREAM_ADV_REPEATS,
+    STREAM_ATTACK,
+    STREAM_CLEAN,
+    STREAM_CLEAN_REPEATS,
+    STREAM_EOT_A,
+    STREAM_EOT_B,
+    STREAM_GRADIENTS,
+    ExampleSeededSampler,
+    classifier_flags,
+    draw_flags,
+    example_seed,
+    find_carso,
+    predict,
+    seed_everything,
+    seeded_latents,
+)
+from carso_cli.evaluation.settings import (
+    ATTACKS,
+    TARGETS,
+    EvalSettings,
+    batch_ranges,
+)
+from carso_cli.evaluation.store import (
+    RESULTS_FILE,
+    RESULTS_FORMAT,
+    SETTINGS_FILE,
+    ResultsStore,
+    dumps_compact,
+)

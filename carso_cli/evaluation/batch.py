@@ -1,0 +1,161 @@
+"""The evaluation of one batch: every per-example flag, for every target and attack."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from carso_cli.evaluation.adaptive import adaptive_attack, flag_key
+from carso_cli.evaluation.autoattack import autoattack_flags
+from carso_cli.evaluation.gradients import pgd_eot_examples
+from carso_cli.evaluation.saturation import flag_key as saturation_key
+from carso_cli.evaluation.saturation import saturated_flags, surface, surfaces_of
+from carso_cli.evaluation.seeding import (
+    STREAM_ADV,
+    STREAM_ADV_REPEATS,
+    STREAM_CLEAN,
+    STREAM_CLEAN_REPEATS,
+    classifier_flags,
+    draw_flags,
+    example_seed,
+)
+from carso_cli.evaluation.settings import EvalSettings
+
+
+class Autocast(nn.Module):
+    """Runs a model under bfloat16 autocast (CUDA), returning float32 scores."""
+
+    def __init__(self, model: nn.Module, device: torch.device) -> None:
+        super().__init__()
+        self.model = model
+        self.device_type = device.type
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(self.device_type, dtype=torch.bfloat16):
+            return self.model(x).float()
+
+
+class CountCalls(nn.Module):
+    """Wraps a model and calls ``on_call()`` after every forward (drives progress bars inside attacks)."""
+
+    def __init__(self, model: nn.Module, on_call: Callable[[], None]) -> None:
+        super().__init__()
+        self.model = model
+        self.on_call = on_call
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.model(x)
+        self.on_call()
+        return out
+
+
+def _flags(t: torch.Tensor) -> list[int]:
+    return [int(v) for v in t.reshape(-1).tolist()]
+
+
+def evaluate_batch(
+    classifier: nn.Module, carso: nn.Module | None, x: torch.Tensor, y: torch.Tensor, indices: range,
+    settings: EvalSettings, device: torch.device, on_call: Callable[[], None] | None = None,
+    adversarial: dict[str, torch.Tensor] | None = None,
+) -> dict[str, Any]:
+    """Every flag of one batch. x (B, C, H, W) and y (B,) on ``device``; returns JSON-ready lists.
+
+    Keys (each a list over the batch, or ``repeats`` lists for ``*_repeats``):
+    ``classifier_clean``, ``carso_clean``, ``carso_clean_repeats``; with AutoAttack (``autoattack`` and
+    ``adaptive``) ``classifier_aa``, ``carso_randaa`` (+ ``carso_randaa_library``, ``carso_randaa_repeats``);
+    with PGD+EoT ``classifier_pgd_eot``, ``carso_pgd_eot`` (+ ``carso_pgd_eot_repeats``); with ``adaptive``
+    ``carso_adaptive`` (the worst case) and one ``adaptive_<attack>`` list per attack (1/0/-1, see
+    ``adaptive``), with ``adaptive_wall_s`` (attack → seconds); for CARSO ``saturation_<surface>_<point>``.
+    A robust flag is set only when the clean flag is too (robust accuracy ≤ clean accuracy by construction).
+
+    ``adversarial``: when a dict is given, it is filled with each attack's adversarial examples (B, C, H, W)
+    on the CPU, by flag key (``classifier_aa``, ``carso_randaa``, ``adaptive_<attack>``, ``carso_adaptive``
+    — the per-example worst case, …); an example an attack did not change is its input.
+    """
+    s = settings
+    out: dict[str, Any] = {}
+    warnings: list[str] = []
+    keep = adversarial if adversarial is not None else {}
+    tick = on_call or (lambda: None)
+    counted_classifier = CountCalls(classifier, tick)
+    counted_carso = CountCalls(carso, tick) if carso is not None else None
+    idx = list(indices)
+    if "classifier" in s.targets:
+        clean = classifier_flags(classifier, x, y)
+        out["classifier_clean"] = _flags(clean)
+        if s.attack in ("autoattack", "adaptive"):
+            res = autoattack_flags(counted_classifier, x, y, eps=s.eps, version="standard",
+                                   seed=example_seed(s.seed, "classifier", idx[0], bits=31),
+                                   device=device, steps=s.aa_steps, square_queries=s.square_queries)
+            out["classifier_aa"] = _flags(res.flags & clean)
+            keep["classifier_aa"] = res.x_adv.cpu()
+            warnings += [f"classifier: {w}" for w in res.warnings]
+        elif s.attack == "pgd-eot":
+            # The classifier is deterministic: one EoT iteration is the same attack, 20× cheaper.
+            x_adv = pgd_eot_examples(counted_classifier, x, y, idx, eps=s.eps, steps=s.pgd_steps,
+                                     step_size=s.pgd_step_size, eot=1, seed=s.seed)
+            out["classifier_pgd_eot"] = _flags(classifier_flags(classifier, x_adv, y) & clean)
+            keep["classifier_pgd_eot"] = x_adv.cpu()
+    if "carso" in s.targets and carso is not None and counted_carso is not None:
+        clean_r = draw_flags(carso, x, y, idx, s.seed, STREAM_CLEAN_REPEATS, s.repeats)
+        clean = draw_flags(carso, x, y, idx, s.seed, STREAM_CLEAN)[0]
+        out["carso_clean"] = _flags(clean)
+        out["carso_clean_repeats"] = [_flags(r) for r in clean_r]
+        x_adv = x_final = None
+        if s.attack == "autoattack":
+            # The library's z come from the global RNG: the standard sampler, not the seeded one.
+            res = autoattack_flags(counted_carso, x, y, eps=s.eps, version="rand",
+                                   seed=example_seed(s.seed, "carso", idx[0], bits=31),
+                                   device=device, steps=s.aa_steps, eot=s.aa_eot)
+            out["carso_randaa_library"] = _flags(res.flags)
+            out["carso_randaa"] = _flags(res.flags & clean)
+            x_adv, key = res.candidates, "carso_randaa"
+            warnings += [f"carso: {w}" for w in res.warnings]
+        elif s.attack == "pgd-eot":
+            x_adv = pgd_eot_examples(counted_carso, x, y, idx, eps=s.eps, steps=s.pgd_steps,
+                                     step_size=s.pgd_step_size, eot=s.pgd_eot, seed=s.seed)
+            single = draw_flags(carso, x_adv, y, idx, s.seed, STREAM_ADV)[0]
+            out["carso_pgd_eot"] = _flags(single & clean)
+            key = "carso_pgd_eot"
+        elif s.attack == "adaptive":
+            result = adaptive_attack(counted_carso, carso, counted_classifier, x, y, idx, clean, s, device)
+            first = result.attacks[0]  # randAA on the model's surface: Table 2's column, as ``autoattack``
+            assert first.library_flags is not None and first.repeats is not None
+            out["carso_randaa_library"] = _flags(first.library_flags)
+            out["carso_randaa"] = _flags(first.library_flags & clean)
+            out["carso_randaa_repeats"] = [_flags(r) for r in first.repeats]
+            for a in result.attacks:
+                out[flag_key(a.name)] = _flags(a.flags)
+                keep[flag_key(a.name)] = a.candidates.cpu()
+                warnings += [f"carso {a.name}: {w}" for w in a.warnings]
+            out["carso_adaptive"] = _flags(result.robust)
+            out["adaptive_wall_s"] = {a.name: round(a.wall_s, 3) for a in result.attacks}
+            keep["carso_randaa"] = first.candidates.cpu()
+            keep["carso_adaptive"] = x_final = result.worst
+        if x_adv is not None:
+            reps = draw_flags(carso, x_adv, y, idx, s.seed, STREAM_ADV_REPEATS, s.repeats)
+            out[f"{key}_repeats"] = [_flags(r) for r in reps]
+            keep[key] = x_final = x_adv
+        # Saturation of each surface's CE gradient, at the clean and the final adversarial point.
+        points = {"clean": x} if x_final is None else {"clean": x, "adversarial": x_final}
+        for name in surfaces_of(s.aggregation):
+            with surface(carso, name):
+                for point, xp in points.items():
+                    out[saturation_key(name, point)] = _flags(saturated_flags(carso, xp, y, idx, seed=s.seed))
+    for k, v in keep.items():
+        keep[k] = v.detach().cpu()
+    out["warnings"] = warnings
+    return out
+
+
+def load_examples(dataset: Any, indices: range) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack ``dataset[i]`` for i in ``indices`` → x (B, C, H, W) float32, y (B,) int64."""
+    xs, ys = [], []
+    for i in indices:
+        x, y = dataset[i]
+        xs.append(torch.as_tensor(x, dtype=torch.float32))
+        ys.append(int(y))
+    return torch.stack(xs), torch.tensor(ys, dtype=torch.long)

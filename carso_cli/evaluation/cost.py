@@ -1,0 +1,96 @@
+"""Cost estimate: forward passes per batch and a rough wall time (a warning before a run that would take days)."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+from torch import nn
+
+from carso_cli.evaluation.gradients import input_gradient
+from carso_cli.evaluation.settings import EvalSettings
+
+
+def expected_calls(s: EvalSettings) -> int | None:
+    """Forward passes ``evaluate_batch`` makes through the attacked models (None when unknown).
+
+    randAA: the library's clean pass and two checks, then per APGD run one clean pass, (steps + 1)
+    EoT-averaged gradients and a final pass (an upper bound: APGD-DLR is skipped when nothing is left).
+    The standard version's count depends on how many examples each attack leaves: unknown.
+    """
+    total = 0
+    if "classifier" in s.targets:
+        if s.attack in ("autoattack", "adaptive"):
+            return None
+        total += s.pgd_steps if s.attack == "pgd-eot" else 0
+    if "carso" in s.targets:
+        randaa = 3 + 2 * (2 + s.aa_eot * (s.aa_steps + 1))
+        if s.attack == "autoattack":
+            total += randaa
+        elif s.attack == "adaptive":
+            # An upper bound: three randAA runs, PGD+EoT and the classifier transfer, repeats, Square;
+            # later attacks only see the examples still robust.
+            total += 3 * randaa + s.pgd_steps * s.pgd_eot + 2 * (s.repeats + 1) * 4
+            total += s.square_queries if s.square else 0
+        elif s.attack == "pgd-eot":
+            total += s.pgd_steps * s.pgd_eot
+    return total or None
+
+
+def passes_per_example(s: EvalSettings, num_classes: int) -> tuple[float, float]:
+    """(CARSO, classifier) forward+backward passes per example — an upper bound for AutoAttack."""
+    carso = classifier = 0.0
+    if "carso" in s.targets:
+        if s.attack == "autoattack":
+            carso = 2 * (s.aa_eot * (s.aa_steps + 1) + 2)  # APGD-CE and APGD-DLR
+        elif s.attack == "adaptive":  # an upper bound: as if no attack broke anything
+            carso = 3 * 2 * (s.aa_eot * (s.aa_steps + 1) + 2) + s.pgd_steps * s.pgd_eot
+            carso += 5 * 2 * s.repeats / 3 + (s.square_queries / 3 if s.square else 0)
+        elif s.attack == "pgd-eot":
+            carso = s.pgd_steps * s.pgd_eot
+        carso += 2 * s.repeats / 3  # re-classification: forwards only (~⅓ of a forward+backward)
+    if "classifier" in s.targets:
+        targets = min(9, num_classes - 1)
+        if s.attack in ("autoattack", "adaptive"):
+            # APGD-CE, APGD-T (9 targets), FAB-T (9 targets, ~2 passes a step), Square (forwards).
+            classifier = (s.aa_steps + 2) * (1 + targets + 2 * targets) + s.square_queries / 3
+        elif s.attack == "pgd-eot":
+            classifier = s.pgd_steps
+    return carso, classifier
+
+
+def probe_seconds(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Seconds for one forward+backward of ``model`` on ``x`` (after one warm-up)."""
+    for i in range(2):
+        if x.device.type == "cuda":
+            torch.cuda.synchronize(x.device)
+        t0 = time.perf_counter()
+        input_gradient(model, x, y)
+        if x.device.type == "cuda":
+            torch.cuda.synchronize(x.device)
+        dt = time.perf_counter() - t0
+    return dt
+
+
+def estimate_seconds(
+    classifier: nn.Module, carso: nn.Module | None, x: torch.Tensor, y: torch.Tensor, s: EvalSettings,
+    num_classes: int, world_size: int = 1,
+) -> float:
+    """A rough wall-time estimate of the whole evaluation, from timing one pass on ``x``."""
+    n_carso, n_classifier = passes_per_example(s, num_classes)
+    per_carso = probe_seconds(carso, x, y) / x.shape[0] if carso is not None and n_carso else 0.0
+    per_classifier = probe_seconds(classifier, x, y) / x.shape[0] if n_classifier else 0.0
+    return s.n_examples * (n_carso * per_carso + n_classifier * per_classifier) / max(world_size, 1)
+
+
+def format_duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 172800:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"

@@ -1,0 +1,154 @@
+"""The whole split: sharded over processes (whole batches, contiguous ranges), resumable, gathered on rank 0.
+
+1 process and N processes give the same numbers.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from carso_cli import checkpoint as ckpt
+from carso_cli import distributed
+from carso_cli.evaluation.adaptive import adaptive_summary
+from carso_cli.evaluation.autoattack import library_logging
+from carso_cli.evaluation.batch import Autocast, evaluate_batch, load_examples
+from carso_cli.evaluation.cost import expected_calls
+from carso_cli.evaluation.report import library_versions, merge_records, summarize
+from carso_cli.evaluation.saturation import saturation_summary
+from carso_cli.evaluation.settings import EvalSettings, batch_ranges
+from carso_cli.evaluation.store import (
+    RESULTS_FILE,
+    RESULTS_FORMAT,
+    ResultsStore,
+    dumps_compact,
+)
+from carso_cli.models.carso import CARSO
+
+
+@dataclass
+class EvalOutcome:
+    results: dict[str, Any] | None  # the results file's content (main process), else None
+    path: Path | None
+    computed: int  # batches computed by this process
+    resumed: int  # batches found on disk by this process
+
+
+def evaluate(
+    classifier: nn.Module,
+    carso: CARSO | None,
+    dataset: Any,
+    settings: EvalSettings,
+    store: ResultsStore,
+    ctx: distributed.DistContext,
+    *,
+    run: Path | None = None,
+    progress: Any = None,
+    console: Any = None,
+    extra: dict[str, Any] | None = None,
+) -> EvalOutcome:
+    """Evaluate the first ``settings.n_examples`` examples of ``dataset``; rank 0 writes the results.
+
+    Every process takes a contiguous range of whole batches; finished batches are skipped with
+    ``store.resume``. ``progress`` (a rich Progress, main process) gets an example-level task and a
+    per-batch task counting forward passes.
+    """
+    s = settings
+    s.validate()
+    device = ctx.device
+    store.check()
+    if ctx.is_main:
+        store.prepare()
+    distributed.barrier(ctx)
+    started = time.time()
+    batches = batch_ranges(s.n_examples, s.batch_size)
+    mine = distributed.shard(len(batches), ctx.rank, ctx.world_size)
+    model: nn.Module | None = carso
+    if carso is not None and s.precision == "bfloat16":
+        model = Autocast(carso, device)
+    n_mine = sum(len(batches[k]) for k in mine)
+    task = progress.add_task("examples", total=n_mine) if progress is not None else None
+    calls = progress.add_task("forward passes", total=None, visible=False) if progress is not None else None
+    records: list[dict[str, Any]] = []
+    computed = resumed = 0
+    with library_logging(console if ctx.is_main else None):
+        for k in mine:
+            rng = batches[k]
+            record = store.load(k)
+            if record is None:
+                x, y = load_examples(dataset, rng)
+                x, y = x.to(device), y.to(device)
+                if progress is not None:
+                    progress.reset(calls, total=expected_calls(s), visible=True,
+                                   description=f"batch {k + 1}/{len(batches)} — forward passes")
+                tick = (lambda: progress.advance(calls)) if progress is not None else None
+                t0 = time.time()
+                flags = evaluate_batch(classifier, model, x, y, rng, s, device, on_call=tick)
+                record = {"batch": k, "start": rng.start, "stop": rng.stop, "settings": store.settings,
+                          "flags": flags, "wall_s": round(time.time() - t0, 3), "rank": ctx.rank}
+                store.save(k, record)
+                computed += 1
+            else:
+                resumed += 1
+            records.append(record)
+            if progress is not None:
+                progress.advance(task, len(rng))
+    if progress is not None:
+        progress.update(calls, visible=False)
+    gathered = distributed.gather_objects(records, ctx)
+    if not ctx.is_main or gathered is None:
+        return EvalOutcome(None, None, computed, resumed)
+    all_records = [r for part in gathered for r in part]
+    flags = merge_records(all_records)
+    metrics, report = summarize(flags)
+    warnings = sorted({w for r in all_records for w in r["flags"].get("warnings", [])})
+    results = {
+        "format": RESULTS_FORMAT,
+        "name": store.dir.name,
+        "run": str(run) if run is not None else None,
+        "settings": store.settings,
+        "seed": s.seed,
+        "n_examples": s.n_examples,
+        "batches": len(batches),
+        "metrics": metrics,
+        "reclassification": report,
+        "adaptive": adaptive_summary(flags, _wall_per_attack(all_records)),
+        "saturation": saturation_summary(flags, s.saturation_threshold),
+        "flags": flags,
+        "library_warnings": warnings,
+        "wall_time_s": round(sum(r["wall_s"] for r in all_records), 3),
+        "elapsed_s": round(time.time() - started, 3),
+        "processes": ctx.world_size,
+        "device": str(device),
+        "versions": library_versions(),
+        "notes": [
+            "A robust flag is set only when the clean flag (same model, single draw) is set too.",
+            (
+                "CARSO's clean, re-classification and PGD+EoT draws are seeded per example (independent of "
+                "batching and processes); AutoAttack's internal randomness is seeded per batch, so its "
+                "results depend on the batch size but not on the number of processes."
+            ),
+            "reclassification.*.worst: robust only if the single draw and all repeats are right.",
+            (
+                "adaptive: an example is robust only if it survives every attack (each judged by the single "
+                "draw and all repeats); attacks skip examples already broken, so each attack's 'broken_first' "
+                "counts the examples it broke first and 'robust_after' the survivors of it and all before it."
+            ),
+        ],
+        **(extra or {}),
+    }
+    path = store.dir / RESULTS_FILE
+    ckpt.atomic_write_text(path, dumps_compact(results))
+    return EvalOutcome(results, path, computed, resumed)
+
+
+def _wall_per_attack(records: list[dict[str, Any]]) -> dict[str, float]:
+    wall: dict[str, float] = {}
+    for r in records:
+        for name, seconds in (r["flags"].get("adaptive_wall_s") or {}).items():
+            wall[name] = wall.get(name, 0.0) + seconds
+    return wall
