@@ -111,6 +111,12 @@ class TrainingConfig:
     # The loss whose gradient is taken: "mean" over the global batch of the per-example sums (section 5.1's
     # summed BCE + β·KL, per example), or "sum" over the global batch (the code: loss × world_size under DDP).
     loss_reduction: str = "mean"
+    # Memory bounds (carso_cli/memory.py), 0 = the whole per-process batch, or "auto" (from free GPU
+    # memory). attack_chunk: examples attacked at once (exact: the attacks are per-example).
+    # micro_batch: examples per purifier forward/backward, gradients accumulated; BatchNorm then
+    # normalises over micro-batches ("ghost" batch norm), not the global batch of section 4.4.
+    attack_chunk: int | str = 0
+    micro_batch: int | str = 0
 
 
 @dataclass

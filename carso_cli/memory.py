@@ -257,5 +257,5 @@ def out_of_memory_message(device: torch.device, batch: int, attack_chunk: int | 
             f"--micro-batch {micro_batch or batch}")
     fix = "lower --attack-chunk / --micro-batch (or pass 'auto')"
     if suggestion:
-        fix = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in suggestion.items() if v) + " should fit"
+        fix = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in suggestion.items() if v and k in ("attack_chunk", "micro_batch")) + " should fit"
     return f"out of GPU memory on {device} ({used}; peak {peak}): {fix}; `carso info --gpu-memory` estimates them"

@@ -52,7 +52,7 @@ def test_bench_attack_reports_throughput() -> None:
 @pytest.mark.slow
 def test_bench_train_reports_throughput() -> None:
     result = runner.invoke(app, ["bench", "train", "--preset", "smoke", "--batch-size", "16", "--batches", "1",
-                                 "--device", "cpu", "--json", "--set", "attacks.pgd_steps=1"])
+                                 "--device", "cpu", "--json", "--set", "attacks.pgd_steps=1", "--micro-batch", "8"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["what"] == "train" and report["images_per_s"] > 0 and report["batch_size"] == 16

@@ -102,3 +102,124 @@ def test_out_of_memory_message_names_the_options() -> None:
     assert "per-process batch 5120" in line and "--attack-chunk 640" in line and "--micro-batch 5120" in line
     assert "--attack-chunk 320 --micro-batch 64 should fit" in line and "\n" not in line
     assert memory.is_out_of_memory(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"))
+
+
+# --------------------------------------------------------------------------------------------------
+# Training with bounded steps
+# --------------------------------------------------------------------------------------------------
+
+
+def test_accumulation_over_micro_batches_equals_one_batch(smoke_cfg) -> None:
+    """For a purifier whose BatchNorm is in eval mode, micro-batches give the one-batch gradient."""
+    from carso_cli import training as tr
+    from carso_cli.commands.train_purifier import PurifierTrainStep
+    from carso_cli.models import build_classifier, build_purifier
+    from carso_cli.models.representation import forward_with_representation
+
+    torch.manual_seed(0)
+    classifier = build_classifier(smoke_cfg).eval()
+    purifier = build_purifier(smoke_cfg, classifier).eval()  # BN uses running statistics
+    module = PurifierTrainStep(purifier)
+    x = torch.rand(10, 3, 32, 32)
+    noise = torch.randn(10, purifier.spec.fjoint)
+    with torch.no_grad():
+        _, rep = forward_with_representation(classifier, list(purifier.spec.layers), x, keep_graph=False)
+
+    def step(part: slice) -> torch.Tensor:
+        x_hat, mu, logvar = module(x[part], [r[part] for r in rep], noise[part])
+        loss = tr.vae_loss(x_hat, x[part], mu, logvar, 0.5)
+        (loss.total / 10).backward()
+        return torch.stack([loss.total.detach(), loss.bce.detach()])
+
+    grads, sums = [], []
+    for micro in (None, 4, 3):
+        purifier.zero_grad(set_to_none=True)
+        sums.append(tr.accumulate(10, micro, step))
+        grads.append({k: p.grad.clone() for k, p in purifier.named_parameters() if p.grad is not None})
+    for other, total in zip(grads[1:], sums[1:]):
+        assert other.keys() == grads[0].keys() and grads[0]
+        for k in grads[0]:
+            assert torch.allclose(other[k], grads[0][k], rtol=1e-4, atol=1e-6), k
+        assert torch.allclose(total, sums[0], rtol=1e-5)
+
+
+TINY = ["--set", "data.synthetic_train_size=32", "--set", "training.batch_size=16", "--set", "training.epochs=1",
+        "--set", "attacks.pgd_steps=2", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory: pytest.TempPathFactory):
+    from carso_cli import checkpoint as ckpt
+    from carso_cli.models import build_classifier
+
+    path = tmp_path_factory.mktemp("cls") / "classifier.safetensors"
+    torch.manual_seed(0)
+    ckpt.save_tensors(path, build_classifier(load_config("smoke")).state_dict())
+    return path
+
+
+def _train(out, weights, *extra: str):
+    from typer.testing import CliRunner
+
+    from carso_cli import checkpoint as ckpt
+    from carso_cli.cli import app
+
+    result = CliRunner().invoke(app, ["train-purifier", "--preset", "smoke", "--classifier", str(weights),
+                                      "--out", str(out), *TINY, *extra])
+    assert result.exit_code == 0, result.output
+    return ckpt.load_tensors(out / ckpt.PURIFIER_FILE)[0]
+
+
+@pytest.mark.slow
+def test_cli_bounds_keep_the_result(tmp_path, weights) -> None:
+    """``--micro-batch`` = the batch is bitwise the plain run; ``--attack-chunk`` changes only rounding."""
+    from carso_cli.config import load_config as load
+
+    plain = _train(tmp_path / "plain", weights)
+    same = _train(tmp_path / "micro16", weights, "--micro-batch", "16")
+    assert all(torch.equal(plain[k], same[k]) for k in plain)
+    chunked = _train(tmp_path / "chunk3", weights, "--attack-chunk", "3")
+    assert all(torch.allclose(plain[k], chunked[k], atol=1e-5, rtol=1e-4) for k in plain)
+    recorded = load(tmp_path / "chunk3" / "config.toml")
+    assert recorded.training.attack_chunk == 3 and load(tmp_path / "micro16" / "config.toml").training.micro_batch == 16
+
+
+def test_out_of_memory_in_training_is_one_line(tmp_path, weights, monkeypatch) -> None:
+    """A (simulated) CUDA out-of-memory gives one line naming the bounds in use, and no traceback."""
+    from typer.testing import CliRunner
+
+    from carso_cli.cli import app
+
+    def boom(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(atk, "pgd", boom)
+    result = CliRunner().invoke(app, ["train-purifier", "--preset", "smoke", "--classifier", str(weights),
+                                      "--out", str(tmp_path / "oom"), *TINY, "--attack-chunk", "4"])
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert "out of GPU memory" in result.output and "--attack-chunk 4" in result.output
+    assert "per-process batch 16" in result.output
+    assert not (tmp_path / "oom").exists()  # a failed start leaves nothing
+
+
+def test_bad_bound_values_are_refused(tmp_path, weights) -> None:
+    from typer.testing import CliRunner
+
+    from carso_cli.cli import app
+
+    result = CliRunner().invoke(app, ["train-purifier", "--preset", "smoke", "--classifier", str(weights),
+                                      "--out", str(tmp_path / "x"), *TINY, "--micro-batch", "lots"])
+    assert result.exit_code != 0 and "--micro-batch" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "x").exists()
+
+
+def test_info_prints_the_memory_estimate_and_what_fits() -> None:
+    from typer.testing import CliRunner
+
+    from carso_cli.cli import app
+
+    result = CliRunner().invoke(app, ["info", "--preset", "smoke", "--gpu-memory", "200MB"])
+    assert result.exit_code == 0, result.output
+    assert "training step peak" in result.output and "largest --micro-batch within 200MB" in result.output
+    bad = CliRunner().invoke(app, ["info", "--preset", "smoke", "--gpu-memory", "lots"])
+    assert bad.exit_code != 0 and "cannot read a memory size" in bad.output

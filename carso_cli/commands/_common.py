@@ -62,3 +62,25 @@ def load_preset(preset: str, sets: list[str] | None = None, **explicit: Any) -> 
         overrides[key] = value
     overrides.update({k: v for k, v in explicit.items() if v is not None})
     return load_config(preset, overrides)
+
+
+AttackChunkOpt = Annotated[Optional[str], typer.Option(
+    "--attack-chunk", help="Attack at most N examples at once (or 'auto': from free GPU memory); bounds memory, "
+                           "same adversarial examples. Default: the preset's training.attack_chunk (0 = all).")]
+MicroBatchOpt = Annotated[Optional[str], typer.Option(
+    "--micro-batch", help="Purifier forward/backward over micro-batches of M examples, gradients accumulated (or "
+                          "'auto'). BatchNorm then normalises per micro-batch ('ghost' batch norm), not over the "
+                          "global batch as in the paper; recorded in the run's config.")]
+
+
+def memory_sets(sets: list[str] | None, attack_chunk: str | None, micro_batch: str | None) -> list[str] | None:
+    """``--attack-chunk`` / ``--micro-batch`` as ``--set`` overrides (so relaunch and resume carry them)."""
+    from carso_cli.memory import parse_chunk
+
+    extra = []
+    for key, value, option in (("attack_chunk", attack_chunk, "--attack-chunk"),
+                               ("micro_batch", micro_batch, "--micro-batch")):
+        if value is not None:
+            parsed = parse_chunk(value, option)
+            extra.append(f"training.{key}={parsed if parsed is not None else 0}")
+    return [*(sets or []), *extra] or None

@@ -26,7 +26,16 @@ import torch
 import typer
 
 from carso_cli import memory
-from carso_cli.commands._common import DeviceOpt, PresetOpt, SetOpt, load_preset, resolve_device
+from carso_cli.commands._common import (
+    AttackChunkOpt,
+    DeviceOpt,
+    MicroBatchOpt,
+    PresetOpt,
+    SetOpt,
+    load_preset,
+    memory_sets,
+    resolve_device,
+)
 from carso_cli.config import Config
 
 
@@ -129,11 +138,13 @@ def cli(
     bf16: Annotated[bool, typer.Option("--bf16/--no-bf16", help="attack: bf16 autocast (CUDA).")] = False,
     device: DeviceOpt = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a sentence.")] = False,
+    attack_chunk: AttackChunkOpt = None,
+    micro_batch: MicroBatchOpt = None,
 ) -> None:
     """Measure throughput of the preset's full model on synthetic data (for BENCHMARKS.md)."""
     from carso_cli.cli import console, err_console
 
-    cfg = load_preset(preset, set_)
+    cfg = load_preset(preset, memory_sets(set_, attack_chunk, micro_batch))
     dev = resolve_device(device)
     env = environment(dev)
     if what is What.train:

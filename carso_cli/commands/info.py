@@ -106,7 +106,9 @@ def cli(
     set_: SetOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the resolved preset and a 'derived' block as JSON.")] = False,
     diff_with: Annotated[Optional[str], typer.Option("--diff", metavar="PRESET", help="List the resolved keys that differ from this preset's.")] = None,
-    gpus: Annotated[int, typer.Option("--gpus", min=1, help="Processes for derived.adversarial_per_attack.")] = 1,
+    gpus: Annotated[int, typer.Option("--gpus", min=1, help="Processes (the per-process batch of derived.adversarial_per_attack and the memory estimate).")] = 1,
+    gpu_memory: Annotated[Optional[str], typer.Option("--gpu-memory", help="A GPU's memory, e.g. 80GB or 80GiB: print the largest --attack-chunk / --micro-batch / eval batch that fit it.")] = None,
+    show_memory: Annotated[bool, typer.Option("--memory/--no-memory", help="Estimate peak GPU memory (measures activations on the CPU: a few seconds at full size).")] = True,
 ) -> None:
     """Show a preset's modules, representation layers and parameter counts (nothing is trained)."""
     from carso_cli.cli import console
@@ -150,6 +152,8 @@ def cli(
     for i, (name, shape) in enumerate(layers):
         lt.add_row(str(i), name, "×".join(map(str, shape)))
     console.print(lt)
+    if show_memory or gpu_memory is not None:
+        console.print(memory_table(cfg, gpus, gpu_memory))
 
 
 def memory_table(cfg: Config, gpus: int = 1, gpu_memory: str | None = None) -> Table:
@@ -163,7 +167,8 @@ def memory_table(cfg: Config, gpus: int = 1, gpu_memory: str | None = None) -> T
     fp = memory.measure(cfg)
     t = cfg.training
     batch = max(1, t.batch_size // max(1, gpus))
-    attacked = round(t.adversarial_fraction * batch)
+    # FGSM and PGD run as two calls (training.batches): at most half the perturbed examples at once.
+    attacked = -(-round(t.adversarial_fraction * batch) // 2)
     table = Table(title=f"GPU memory, float32 estimate (bf16 autocast needs less): per-process batch {batch} "
                         f"({t.batch_size} over {gpus} GPU{'s' if gpus > 1 else ''})")
     table.add_column("what")

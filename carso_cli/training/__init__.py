@@ -19,6 +19,7 @@ Conventions (all documented here once):
   states as uint8) plus a JSON header (position, config, format version), written atomically.
 """
 
+from carso_cli.training.accumulate import accumulate
 from carso_cli.training.batches import (
     ATTACK_GROUPS,
     CLEAN,
@@ -64,6 +65,7 @@ from carso_cli.training.state import (
 )
 
 __all__ = [
+    "accumulate",
     "ATTACK_GROUPS",
     "CLEAN",
     "STATE_FORMAT",

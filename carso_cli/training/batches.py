@@ -103,6 +103,7 @@ def make_balanced_batch(
     global_plan: BalancedPlan | None = None,
     offset: int = 0,
     eps_scale: float = 1.0,
+    chunk: int | None = None,
 ) -> torch.Tensor:
     """The purifier's input for a batch: clean examples as they are, the others attacked.
 
@@ -119,6 +120,8 @@ def make_balanced_batch(
             batch order) and this rank takes its own: the result does not depend on the rank split.
             Without them, the draws are exactly those of ``attacks.pgd(..., generator=generator)``.
         eps_scale: pixel ε per unit of ``attacks.fgsm_eps``/``pgd_eps`` (``attack_strengths``).
+        chunk: attack at most this many examples at once (``--attack-chunk``; None: all). The attacks
+            are per-example, so this bounds memory without changing the result.
     Returns:
         (B, C, H, W) purifier input in [0, 1].
     """
@@ -133,7 +136,8 @@ def make_balanced_batch(
     fgsm_idx = torch.nonzero((groups == 0) | (groups == 2)).flatten()
     pgd_idx = torch.nonzero(is_pgd).flatten()
     if fgsm_idx.numel():
-        x_in[fgsm_idx] = atk.fgsm(classifier, x[fgsm_idx], y[fgsm_idx], strengths[groups[fgsm_idx]])
+        x_in[fgsm_idx] = atk.in_chunks(atk.fgsm, chunk, classifier, x[fgsm_idx], y[fgsm_idx],
+                                       strengths[groups[fgsm_idx]])
     if global_plan is None:
         global_plan, offset = plan, 0
     global_pgd = (global_plan.groups == 1) | (global_plan.groups == 3)
@@ -147,8 +151,9 @@ def make_balanced_batch(
             # before … before+n of it (the PGD examples of earlier ranks come first).
             noise = torch.rand((total, *x.shape[1:]), generator=generator, device=device, dtype=x.dtype)
             noise = noise[before:before + pgd_idx.numel()]
-        x_in[pgd_idx] = atk.pgd(classifier, x[pgd_idx], y[pgd_idx], strengths[groups[pgd_idx]], attacks.pgd_steps,
-                                attacks.pgd_step_size, random_start=noise is not None, start_noise=noise)
+        x_in[pgd_idx] = atk.in_chunks(atk.pgd, chunk, classifier, x[pgd_idx], y[pgd_idx], strengths[groups[pgd_idx]],
+                                      attacks.pgd_steps, attacks.pgd_step_size, random_start=noise is not None,
+                                      start_noise=noise)
     elif attacks.pgd_random_start and bool(global_pgd.any()):
         # Keep the generator in step with the other ranks (they drew the global PGD noise).
         device = generator.device if generator is not None else x.device
