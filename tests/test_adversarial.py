@@ -11,6 +11,7 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 import carso_cli
+import carso_cli.checkpoint
 from carso_cli.adversarial import load_adversarial, save_adversarial
 from carso_cli.cli import app
 from carso_cli.data import build_dataset
@@ -121,3 +122,21 @@ def test_pt_file_that_is_not_tensors_is_refused(attacked: dict, tmp_path: Path) 
     torch.save({"x_adv": attacked["x_adv"], "y": attacked["y"], "note": object()}, path)  # needs unpickling code
     code, out = _eval(attacked["run"], "--adversarial", str(path))
     assert code == 1 and "not a readable .pt file" in out and "Traceback" not in out
+
+
+def test_eval_save_adversarial_then_adversarial_gives_the_same_robust_count(attacked: dict, tmp_path: Path) -> None:
+    """``carso eval --save-adversarial A`` then ``carso eval --adversarial A``: the same robust count."""
+    run = attacked["run"]
+    saved = tmp_path / "A.safetensors"
+    code, out = _eval(run, "--target", "classifier", "--attack", "autoattack", "--n-examples", str(N),
+                      "--batch-size", "4", "--steps", "2", "--name", "saved", "--save-adversarial", str(saved))
+    assert code == 0, out
+    first = _results(run, "saved")
+    (aa,) = load_adversarial(saved)
+    assert aa.attack == "classifier_aa" and aa.x_adv.shape[0] == N and aa.idx.tolist() == list(range(N))
+    stored = carso_cli.checkpoint.load_tensors(saved)[0]["flags.classifier_aa"]
+    assert stored.int().tolist() == first["flags"]["classifier_aa"]
+    code, out = _eval(run, "--target", "classifier", "--adversarial", str(saved), "--name", "reloaded")
+    assert code == 0, out
+    again = _results(run, "reloaded")
+    assert again["metrics"]["AT/classifier_aa"]["correct"] == first["metrics"]["AT/AA"]["correct"]

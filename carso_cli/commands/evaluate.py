@@ -149,10 +149,13 @@ def run(
     console: Console | None = None,
     show_progress: bool = True,
     adversarial: Path | None = None,
+    save_adversarial: Path | None = None,
 ) -> ev.EvalOutcome:
     """Evaluate a run; returns the outcome (results on the main process). Prints when ``console`` is given.
 
     With ``adversarial``: the examples of that file instead of an attack (``carso_cli.adversarial``).
+    With ``save_adversarial``: every attack's adversarial examples (and the adaptive worst case) with
+    labels, test-set indices and per-example flags, to that safetensors file.
     """
     if adversarial is not None:
         from carso_cli.adversarial import run_eval
@@ -218,7 +221,7 @@ def run(
             progress.start()
         try:
             outcome = ev.evaluate(classifier, carso, dataset, s, store, ctx, run=loaded.run, progress=progress,
-                                  console=out)
+                                  console=out, keep_adversarial=save_adversarial is not None)
         finally:
             if progress is not None:
                 progress.stop()
@@ -227,6 +230,15 @@ def run(
                 out.print(f"resumed: {outcome.resumed} batch(es) found on disk, {outcome.computed} computed")
             render(outcome.results, out)
             out.print(f"results: {outcome.path}", highlight=False)
+        if ctx.is_main and save_adversarial is not None and outcome.results is not None:
+            from carso_cli.adversarial import save_adversarial as write
+            from carso_cli.evaluation.runner import collect_adversarial
+
+            found = collect_adversarial(store, outcome.results)
+            write(save_adversarial, found["y"], found["idx"], found["attacks"], s.eps,
+                  {"run": str(loaded.run), "evaluation": str(eval_dir)})
+            if out is not None:
+                out.print(f"adversarial examples ({', '.join(found['attacks'])}): {save_adversarial}", highlight=False)
         return outcome
     except BaseException as err:
         stack.__exit__(type(err), err, err.__traceback__)  # the failure reaches the clean-up of a failed start
@@ -357,6 +369,7 @@ def cli(
     name: Annotated[Optional[str], typer.Option("--name", help="Results go to RUN/eval/NAME (default: the attack's name).")] = None,
     data_root: DataRootOpt = Path("data"),
     precision: Annotated[Precision, typer.Option("--precision", help="bfloat16 autocast for CARSO on CUDA (faster; float32 is the reference).")] = Precision.float32,
+    save_adversarial: Annotated[Optional[Path], typer.Option("--save-adversarial", help="Write every attack's adversarial examples, labels, test-set indices and per-example flags to this safetensors file.")] = None,
     adversarial: Annotated[Optional[Path], typer.Option("--adversarial", help="Evaluate on the adversarial examples of this file (.safetensors, or .pt with x_adv, y, optionally idx) instead of attacking.")] = None,
     square: Annotated[bool, typer.Option("--square", help="Add the Square black-box attack (--queries) to --attack adaptive.")] = False,
     saturation_threshold: Annotated[float, typer.Option("--saturation-threshold", help="Warn when more than this fraction of examples has a zero or non-finite CE gradient on an attack surface.")] = 0.1,
@@ -372,7 +385,7 @@ def cli(
             "eval", run=run, attack=attack, target=target, eps=eps, n_examples=n_examples, batch_size=batch_size,
             samples=samples, aggregation=aggregation, device=device, seed=seed, resume=resume, repeats=repeats,
             steps=steps, eot=eot, queries=queries, name=name, data_root=data_root, precision=precision,
-            square=square, saturation_threshold=saturation_threshold,
+            square=square, saturation_threshold=saturation_threshold, save_adversarial=save_adversarial,
         )
         code = distributed.relaunch(gpus, argv)
         if code != 0:
@@ -383,7 +396,7 @@ def cli(
         samples=samples, aggregation=aggregation.value if aggregation else None, device=device, seed=seed,
         resume=resume, repeats=repeats, steps=steps, eot=eot, queries=queries, name=name, data_root=data_root,
         precision=precision.value, square=square, saturation_threshold=saturation_threshold, console=console,
-        adversarial=adversarial,
+        adversarial=adversarial, save_adversarial=save_adversarial,
     )
 
 

@@ -10,10 +10,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from carso_cli import checkpoint as ckpt
 from carso_cli import distributed
+from carso_cli.errors import CarsoError
 from carso_cli.evaluation.adaptive import adaptive_summary
 from carso_cli.evaluation.autoattack import library_logging
 from carso_cli.evaluation.batch import Autocast, evaluate_batch, load_examples
@@ -28,6 +30,31 @@ from carso_cli.evaluation.store import (
     dumps_compact,
 )
 from carso_cli.models.carso import CARSO
+
+
+def adversarial_path(store: ResultsStore, k: int) -> Path:
+    """Where batch ``k``'s adversarial examples are kept (``--save-adversarial``)."""
+    return store.batch_path(k).with_suffix(".adversarial.safetensors")
+
+
+def collect_adversarial(store: ResultsStore, results: dict[str, Any]) -> dict[str, Any]:
+    """The whole evaluation's adversarial examples, labels, test-set indices and per-attack flags.
+
+    Returns ``save_adversarial``'s arguments: y, idx and attack → (x_adv, flags), the flags being the
+    results' per-example flags of the same key (robust: 1/True).
+    """
+    parts = []
+    for k in range(results["batches"]):
+        path = adversarial_path(store, k)
+        if not path.is_file():
+            raise CarsoError(f"the adversarial examples of batch {k} were not kept (that batch was computed without "
+                             "--save-adversarial): rerun with another --name")
+        parts.append(ckpt.load_tensors(path)[0])
+    names = [n for n in parts[0] if n != "y" and n in results["flags"]]
+    flags = results["flags"]
+    attacks = {n: (torch.cat([p[n] for p in parts]), torch.tensor([f == 1 for f in flags[n]])) for n in names}
+    n = sum(p["y"].shape[0] for p in parts)
+    return {"y": torch.cat([p["y"] for p in parts]), "idx": torch.arange(n), "attacks": attacks}
 
 
 @dataclass
@@ -50,12 +77,14 @@ def evaluate(
     progress: Any = None,
     console: Any = None,
     extra: dict[str, Any] | None = None,
+    keep_adversarial: bool = False,
 ) -> EvalOutcome:
     """Evaluate the first ``settings.n_examples`` examples of ``dataset``; rank 0 writes the results.
 
     Every process takes a contiguous range of whole batches; finished batches are skipped with
     ``store.resume``. ``progress`` (a rich Progress, main process) gets an example-level task and a
-    per-batch task counting forward passes.
+    per-batch task counting forward passes. ``keep_adversarial``: each batch's adversarial examples are
+    kept beside its flags (``adversarial_path``), for ``--save-adversarial``.
     """
     s = settings
     s.validate()
@@ -87,7 +116,10 @@ def evaluate(
                                    description=f"batch {k + 1}/{len(batches)} — forward passes")
                 tick = (lambda: progress.advance(calls)) if progress is not None else None
                 t0 = time.time()
-                flags = evaluate_batch(classifier, model, x, y, rng, s, device, on_call=tick)
+                adversarial: dict[str, torch.Tensor] | None = {} if keep_adversarial else None
+                flags = evaluate_batch(classifier, model, x, y, rng, s, device, on_call=tick, adversarial=adversarial)
+                if adversarial:
+                    ckpt.save_tensors(adversarial_path(store, k), {"y": y.cpu(), **adversarial})
                 record = {"batch": k, "start": rng.start, "stop": rng.stop, "settings": store.settings,
                           "flags": flags, "wall_s": round(time.time() - t0, 3), "rank": ctx.rank}
                 store.save(k, record)
