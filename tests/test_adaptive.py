@@ -120,8 +120,8 @@ def test_adaptive_attack_on_a_batch_skips_broken_examples_and_fills_adversarial(
 # --------------------------------------------------------------------------------------------------
 
 SCALE = 20.0
-# 32 examples, 10 steps, 2 EoT: the adaptive evaluation's attacks, and PGD+EoT on the paper's surface.
-SCALED = ["--target", "carso", "--n-examples", "32", "--batch-size", "32", "--samples", "4", "--steps", "10",
+# 16 examples, 6 steps, 2 EoT: the adaptive evaluation's attacks, and PGD+EoT on the paper's surface.
+SCALED = ["--target", "carso", "--n-examples", "16", "--batch-size", "16", "--samples", "4", "--steps", "6",
           "--eot", "2", "--repeats", "2", "--device", "cpu"]
 
 

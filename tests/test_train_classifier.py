@@ -14,6 +14,7 @@ import torch
 from typer.testing import CliRunner
 
 from carso_cli import checkpoint as ckpt
+from carso_cli import distributed
 from carso_cli import training as tr
 from carso_cli.cli import app
 from carso_cli.commands import train_classifier as tc
@@ -72,7 +73,7 @@ def test_precise_bn_averages_the_training_inputs() -> None:
     x = torch.randn(200, 3, 4, 4) * 2 + 1
     dataset = torch.utils.data.TensorDataset(x, torch.zeros(200, dtype=torch.long))
     model = torch.nn.Sequential(torch.nn.BatchNorm2d(3, momentum=0.01))
-    spec = tr.LoopSpec(ctx=tr.DistContext(), dataset=dataset, global_batch=50, epochs=1, seed=0, sums=["n"])
+    spec = tr.LoopSpec(ctx=distributed.DistContext(), dataset=dataset, global_batch=50, epochs=1, seed=0, sums=["n"])
     tc.recalibrate_bn(model, spec, lambda b: b.x, epoch=0)
     bn = model[0]
     assert bn.momentum == 0.01  # restored
