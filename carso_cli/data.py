@@ -2,8 +2,8 @@
 
 Every dataset yields ``(x, y)`` with ``x`` a float32 tensor (C, H, W) in [0, 1] at the preset's image
 size and ``y`` an int class index; normalisation lives inside the models (RobustBench convention), so
-attacks and the purifier see pixels. Training augmentation (random crop with padding + horizontal
-flip) is a preset option; evaluation never augments.
+attacks and the purifier see pixels. Training augmentation (torchvision's random crop with padding +
+horizontal flip, seeded per example by the training loop) is a preset option; evaluation never augments.
 
 Problems the user can fix (missing files while offline, a class count or channel count that does not
 match the preset, an empty folder) raise ``DataError`` with the path and what was expected there.
@@ -43,31 +43,41 @@ Transform = Callable[[Tensor], Tensor]
 # --------------------------------------------------------------------------------------------------
 
 
-def train_augmentation(padding: int) -> Transform:
-    """Random crop with zero ``padding`` + random horizontal flip, on (C, H, W) tensors."""
-    return PadCropFlip(padding)
+def train_augmentation(padding: int, size: int) -> Transform:
+    """Random crop of ``size`` from the image zero-padded by ``padding`` + random horizontal flip.
+
+    torchvision's own ``transforms.v2`` (the field's standard CIFAR augmentation), on (C, H, W) tensors.
+    They draw from torch's global RNG; ``SeededExamples`` seeds that RNG per example, so the augmentation
+    of an example depends only on (seed, epoch, index), not on workers, processes or a resume.
+    """
+    from torchvision.transforms import v2
+
+    steps: list[Transform] = []
+    if padding > 0:
+        steps.append(v2.RandomCrop(size, padding=padding, fill=0, padding_mode="constant"))
+    steps.append(v2.RandomHorizontalFlip(p=0.5))
+    return v2.Compose(steps)
 
 
-class PadCropFlip:
-    """Zero-pad by ``padding`` on every side, crop a random window of the original size, flip half.
+class SeededExamples(Dataset):
+    """``dataset`` with each example's random transform seeded by ``seed_of(index)``.
 
-    Draws from torch's global RNG, which a DataLoader seeds per worker from its generator, so a
-    seeded loader (``make_loader``) gives reproducible augmentation.
+    The draw happens inside ``torch.random.fork_rng`` (CPU only), so reading an example neither depends
+    on nor changes the process's global RNG: example *i* of an epoch is augmented the same in one process
+    or N, with or without loader workers, and after a mid-epoch resume. ``seed_of`` must pickle (a
+    module-level function or a ``functools.partial`` of one) for loader workers.
     """
 
-    def __init__(self, padding: int) -> None:
-        self.padding = max(0, padding)
+    def __init__(self, dataset: Dataset, seed_of: Callable[[int], int]) -> None:
+        self.dataset, self.seed_of = dataset, seed_of
 
-    def __call__(self, x: Tensor) -> Tensor:
-        p = self.padding
-        if p > 0:
-            h, w = x.shape[-2:]
-            padded = torch.nn.functional.pad(x, (p, p, p, p))
-            i, j = torch.randint(0, 2 * p + 1, (2,)).tolist()
-            x = padded[..., i : i + h, j : j + w]
-        if bool(torch.rand(()) < 0.5):
-            x = x.flip(-1)
-        return x.contiguous()
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> Any:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed_of(int(index)))
+            return self.dataset[index]
 
 
 def _pil_mode(channels: int) -> str:
@@ -447,7 +457,7 @@ def build_dataset(
     d = cfg.data
     if augment is None:
         augment = d.augment and split == "train"
-    transform = train_augmentation(d.crop_padding) if augment and split == "train" else None
+    transform = train_augmentation(d.crop_padding, d.image_size) if augment and split == "train" else None
     root = Path(root).expanduser()
     if d.dataset == "synthetic":
         size = d.synthetic_train_size if split == "train" else d.synthetic_test_size

@@ -12,9 +12,9 @@ from PIL import Image
 
 from carso_cli.config import Config, load_config
 from carso_cli.data import (
-    PadCropFlip,
     SyntheticDataset,
     build_dataset,
+    train_augmentation,
     dataset_class_names,
     make_loader,
 )
@@ -86,7 +86,11 @@ def test_build_dataset_synthetic_from_the_smoke_preset(smoke_cfg: Config) -> Non
     assert torch.equal(build_dataset(smoke_cfg, "val")[3][0], test[3][0])
     # Augmentation only ever applies to the training split.
     assert build_dataset(smoke_cfg, "test", augment=True).transform is None
-    assert isinstance(build_dataset(smoke_cfg, "train", augment=True).transform, PadCropFlip)
+    from torchvision.transforms import v2
+
+    steps = build_dataset(smoke_cfg, "train", augment=True).transform.transforms  # torchvision's, not ours
+    assert [type(t) for t in steps] == [v2.RandomCrop, v2.RandomHorizontalFlip]
+    assert steps[0].padding == [smoke_cfg.data.crop_padding] * 4
     with pytest.raises(DataError, match="split"):
         build_dataset(smoke_cfg, "holdout")
 
@@ -94,13 +98,17 @@ def test_build_dataset_synthetic_from_the_smoke_preset(smoke_cfg: Config) -> Non
 def test_augmentation_is_a_padded_crop_or_flip_of_the_image() -> None:
     x = torch.rand(3, 8, 8)
     torch.manual_seed(0)
-    aug = PadCropFlip(2)
-    for _ in range(20):
+    aug = train_augmentation(2, 8)
+    seen = set()
+    for _ in range(40):
         out = aug(x)
         assert out.shape == x.shape
         padded = F.pad(x, (2, 2, 2, 2))
         windows = [padded[:, i : i + 8, j : j + 8] for i in range(5) for j in range(5)]
-        assert any(torch.equal(out, w) or torch.equal(out, w.flip(-1)) for w in windows)
+        matches = [(k, f) for k, w in enumerate(windows) for f in (0, 1) if torch.equal(out, w.flip(-1) if f else w)]
+        assert matches
+        seen.update(matches)
+    assert len(seen) > 10 and {f for _, f in seen} == {0, 1}  # it does crop and flip at random
 
 
 def test_make_loader_shuffles_reproducibly(smoke_cfg: Config) -> None:

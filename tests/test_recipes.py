@@ -216,22 +216,3 @@ def test_last_partial_batch_kept_or_dropped() -> None:
     assert all(torch.equal(a, b) for a, b in zip(dropped, kept))  # the same order, one batch more
     assert sorted(torch.cat(kept).tolist()) == list(range(40))
     assert len(tr.epoch_batches(40, 16, 3, 1, drop_last=False, min_last=9)) == 2  # fewer than one per process
-
-
-def test_augmentation_is_seeded(tmp_path: Path) -> None:
-    """``data.augment`` (off in the -code recipes): the same seed gives the same augmented batches, in
-    the loop's data order; off, the loop yields the images as they are."""
-    from carso_cli.data import build_dataset
-    from carso_cli.distributed import DistContext
-
-    def first_batch(augment: bool, seed: int) -> torch.Tensor:
-        cfg = load_config("smoke", {"data.synthetic_train_size": 32, "data.augment": augment})
-        spec = tr.LoopSpec(ctx=DistContext(), dataset=build_dataset(cfg, "train", tmp_path), global_batch=16,
-                           epochs=1, seed=0, sums=["n"])
-        tr.seed_everything(seed)
-        return next(iter(tr.local_batches(spec, 0))).x
-
-    assert torch.equal(first_batch(True, 1), first_batch(True, 1))
-    assert not torch.equal(first_batch(True, 1), first_batch(True, 2))
-    plain = first_batch(False, 1)
-    assert torch.equal(plain, first_batch(False, 2)) and not torch.equal(plain, first_batch(True, 1))

@@ -83,7 +83,8 @@ def test_precise_bn_averages_the_training_inputs() -> None:
 
 
 def test_resume_after_sigterm_equals_uninterrupted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    cfg = lambda: tiny_cfg("data.synthetic_train_size=48")
+    # With augmentation on (the paper presets'): a resumed epoch augments as an uninterrupted one.
+    cfg = lambda: tiny_cfg("data.synthetic_train_size=48", "data.augment=true")
     whole = tc.run(cfg(), tmp_path / "whole.safetensors", device=CPU, evaluate=False)
 
     real = tr.loop._all_reduce
@@ -104,7 +105,8 @@ def test_resume_after_sigterm_equals_uninterrupted(tmp_path: Path, monkeypatch: 
 
     # The command a user would have typed for this run, with --resume added.
     argv = ["train-classifier", "--preset", "smoke", "--out", str(out), "--device", "cpu",
-            *[a for s in (*TINY, "data.synthetic_train_size=48") for a in ("--set", s)], "--resume"]
+            *[a for s in (*TINY, "data.synthetic_train_size=48", "data.augment=true") for a in ("--set", s)],
+            "--resume"]
     result = runner.invoke(app, argv)
     assert result.exit_code == 0, result.output
     assert "resumed from epoch 1, batch 2" in result.output
@@ -119,7 +121,8 @@ def test_resume_after_sigterm_equals_uninterrupted(tmp_path: Path, monkeypatch: 
 def test_two_processes_gloo_equal_one_process(tmp_path: Path) -> None:
     """PGD adversarial training with ``--gpus 2 --device cpu``: the attack runs the train-mode model, so
     its BatchNorm statistics are synchronised across ranks too; the weights equal one process's."""
-    sets = [*TINY, "data.synthetic_train_size=32", "data.synthetic_test_size=50", "classifier_training.epochs=1"]
+    sets = [*TINY, "data.synthetic_train_size=32", "data.synthetic_test_size=50", "classifier_training.epochs=1",
+            "data.augment=true"]  # augmentation is keyed by example, so both processes augment as one does
     one = tc.run(tiny_cfg(*sets[len(TINY):]), tmp_path / "one.safetensors", device=CPU, evaluate=False).weights
     cmd = [sys.executable, "-m", "carso_cli", "train-classifier", "--gpus", "2", "--device", "cpu", "--preset", "smoke",
            "--out", str(tmp_path / "two.safetensors"), *[a for s in sets for a in ("--set", s)]]

@@ -12,9 +12,9 @@ Conventions (all documented here once):
   epoch, the PGD random starts and the VAE's reparameterisation noise are drawn for the *global* batch
   from generators seeded so, then sliced for the local rank. Hence N processes compute what one
   process with the global batch computes, and a run resumed mid-epoch continues exactly as an
-  uninterrupted one. Data augmentation (when a preset turns it on) draws from each process's own RNG:
-  it is seeded, saved and restored, but differs between 1 and N processes, and, with loader workers,
-  after a mid-epoch resume (workers are seeded per epoch).
+  uninterrupted one. Data augmentation (when a preset turns it on) is torchvision's, seeded per example
+  by (seed, epoch, dataset index): the same in 1 or N processes, with or without loader workers, and
+  after a mid-epoch resume.
 - Checkpoints are safetensors: tensors (model, flattened optimiser state, Lookahead slow weights, RNG
   states as uint8) plus a JSON header (position, config, format version), written atomically.
 """

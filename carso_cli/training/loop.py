@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -17,6 +18,12 @@ from carso_cli.training.metrics import append_metrics
 from carso_cli.training.randomness import derived_seed, epoch_batches
 from carso_cli.training.signals import StopSignal
 from carso_cli.training.state import Position
+
+
+# Third key of the epoch-level random streams: -1 the data order (``epoch_batches``), -2 the loader's
+# worker seeds, -3 the augmentation of each example (keyed further by its dataset index). Step-level
+# streams use a batch index (>= 0) there instead.
+AUGMENTATION_STREAM = -3
 
 
 class TrainingInterrupted(TrainingError):
@@ -94,12 +101,15 @@ def _all_reduce(values: torch.Tensor, ctx: DistContext) -> torch.Tensor:
 def _loader(spec: LoopSpec, batches: list[torch.Tensor], start: int, lo: int, hi: int, epoch: int):
     """A loader over this rank's rows of ``batches[start:]`` (exactly one local batch per step).
 
-    Its generator (worker seeds) is keyed by (seed, epoch), so it draws nothing from the global RNG.
+    Example *i*'s augmentation is seeded by (seed, epoch, i) (``SeededExamples``) and the loader's own
+    generator (worker seeds) by (seed, epoch): nothing is drawn from the process's global RNG, so the
+    batches depend neither on the number of processes or workers nor on where a resumed epoch starts.
     """
-    from carso_cli.data import make_loader
+    from carso_cli.data import SeededExamples, make_loader
 
     indices = [int(i) for b in batches[start:] for i in b[lo:hi]]
-    return make_loader(spec.dataset, hi - lo, shuffle=False, device=spec.ctx.device, num_workers=spec.num_workers,
+    examples = SeededExamples(spec.dataset, functools.partial(derived_seed, spec.seed, epoch, AUGMENTATION_STREAM))
+    return make_loader(examples, hi - lo, shuffle=False, device=spec.ctx.device, num_workers=spec.num_workers,
                        seed=derived_seed(spec.seed, epoch, -2), drop_last=False, sampler=_ListSampler(indices))
 
 
