@@ -9,8 +9,8 @@ One training step of the purifier (section 4.4) has two memory peaks:
   by ``--micro-batch`` (gradient accumulation over micro-batches, each captured and purified in turn;
   BatchNorm then sees micro-batches, "ghost" batch norm).
 
-The estimates measure the bytes autograd saves for backward per example (a forward of two examples
-on the CPU at the preset's full sizes, float32), and add parameters, gradients and optimizer state.
+The estimates measure the bytes autograd saves for backward per example (forwards of two and four
+examples on the CPU at the preset's full sizes, float32, differenced), and add parameters, gradients and optimizer state.
 bf16 autocast roughly halves the activation terms, so float32 figures are an upper bound.
 """
 
@@ -32,7 +32,7 @@ _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 # Allocator fragmentation and workspace (cuDNN, NCCL buckets) on top of what tensors hold.
 OVERHEAD = 1.15
-PROBE = 2  # examples per measuring forward
+PROBES = (2, 4)  # batch sizes of the measuring forwards (their difference is per-example)
 
 
 def parse_size(text: str) -> int:
@@ -122,6 +122,16 @@ class Footprint:
     per_example: PerExample
 
 
+def per_example_bytes(fn: Callable[[int], Any], probes: tuple[int, int] = PROBES) -> int:
+    """Saved-for-backward bytes per example of ``fn(n)``, from the difference of two batch sizes.
+
+    The difference cancels what does not grow with the batch (weights that autograd saves for the
+    backward of a convolution or linear layer), which a single probe would count as activations.
+    """
+    small, large = probes
+    return max(0, (saved_bytes(lambda: fn(large)) - saved_bytes(lambda: fn(small))) // (large - small))
+
+
 def measure(cfg: Any) -> Footprint:
     """Measure the preset's models on the CPU: parameters and per-example activation bytes."""
     from carso_cli.models import CARSO, Purifier, build_classifier, build_purifier, purifier_spec_for
@@ -133,35 +143,37 @@ def measure(cfg: Any) -> Footprint:
         purifier = build_purifier(cfg, classifier).train()
         inference = Purifier(purifier_spec_for(cfg, classifier), inference_only=True).eval()
         size, channels = cfg.data.image_size, cfg.data.channels
-        x = torch.rand(PROBE, channels, size, size)
-        y = torch.zeros(PROBE, dtype=torch.long)
+        images = torch.rand(max(PROBES), channels, size, size)
+        labels = torch.zeros(max(PROBES), dtype=torch.long)
         for p in classifier.parameters():
             p.requires_grad_(False)
+        layers = list(purifier.spec.layers)
 
-        def attack() -> None:
-            torch.nn.functional.cross_entropy(classifier(x.clone().requires_grad_(True)), y)
+        def attack(n: int) -> None:
+            torch.nn.functional.cross_entropy(classifier(images[:n].clone().requires_grad_(True)), labels[:n])
 
-        with torch.no_grad():
-            _, representation = forward_with_representation(classifier, list(purifier.spec.layers), x, keep_graph=False)
-        rep_bytes = sum(r.numel() * r.element_size() for r in representation)
+        def represent(n: int) -> list[torch.Tensor]:
+            with torch.no_grad():
+                return forward_with_representation(classifier, layers, images[:n], keep_graph=False)[1]
 
-        def purify() -> None:
+        def purify(n: int) -> None:
             p = purifier
             assert p.input_encoder is not None and p.joint_encoder is not None
-            c = p.condition_encoder(representation)
-            mu, logvar = p.joint_encoder(p.input_encoder(x), c)
+            c = p.condition_encoder(represent(n))
+            mu, logvar = p.joint_encoder(p.input_encoder(images[:n]), c)
             p.decoder(mu + torch.exp(0.5 * logvar), c)
 
         model = CARSO(classifier, inference, samples=cfg.inference.samples, aggregation="dexp-logsum")
 
-        def evaluate() -> None:
-            model(x.clone().requires_grad_(True))
+        def evaluate(n: int) -> None:
+            model(images[:n].clone().requires_grad_(True))
 
+        representation = represent(1)
         per = PerExample(
-            attack=saved_bytes(attack) // PROBE,
-            representation=rep_bytes // PROBE,
-            purifier=saved_bytes(purify) // PROBE,
-            evaluation=saved_bytes(evaluate) // PROBE,
+            attack=per_example_bytes(attack),
+            representation=sum(r.numel() * r.element_size() for r in representation),
+            purifier=per_example_bytes(purify),
+            evaluation=per_example_bytes(evaluate),
             image=channels * size * size * 4,
         )
     return Footprint(_params_bytes(classifier), _params_bytes(purifier), _params_bytes(inference), per)
