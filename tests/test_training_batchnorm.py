@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import copy
+import datetime
 from pathlib import Path
 
 import pytest
@@ -63,7 +64,8 @@ def test_outside_a_process_group_it_is_batchnorm2d(momentum: float | None) -> No
 def _rank_worker(rank: int, world: int, store: str, out: str) -> None:
     """One rank: two training steps on its shard with each momentum, then an eval pass; results to a file."""
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))  # a hang fails, not blocks
     try:
         lo, hi = SHARDS[rank]
         results = {}
@@ -89,7 +91,9 @@ def _rank_worker(rank: int, world: int, store: str, out: str) -> None:
 def test_two_gloo_processes_equal_one_process_on_the_global_batch(tmp_path: Path) -> None:
     """Each rank's rows, the running statistics and the gradients (input rows on each rank; weight and bias
     summed over ranks, as DDP's all-reduce does) equal nn.BatchNorm2d on the concatenated global batch."""
-    mp.spawn(_rank_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
+    # fork: the children start at once, without importing torch again (spawn costs seconds per process).
+    mp.start_processes(_rank_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True,
+                       start_method="fork")
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     tight = {"rtol": 1e-10, "atol": 1e-10}
     for momentum in MOMENTA:
