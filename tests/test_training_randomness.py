@@ -82,3 +82,9 @@ def test_seed_everything_differs_by_rank() -> None:
         assert a != b
     for a, b in zip(rank0, other_seed):
         assert a != b
+
+
+def test_derived_seed_low_bits_depend_on_high_key_bits() -> None:
+    """NumPy is seeded with the low 32 bits: keys differing only in high bits must not share them."""
+    low = {tr.derived_seed(s) % 2**32 for s in (0, 2**36, 2**40, 2**48, 2**62)}
+    assert len(low) == 5

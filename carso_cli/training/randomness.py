@@ -18,6 +18,13 @@ def derived_seed(*keys: int) -> int:
     for k in keys:
         h = (h ^ (k + 0x632BE59BD9B4E019 + (h << 6) + (h >> 2))) & 0xFFFFFFFFFFFFFFFF
         h = (h * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    # splitmix64's finaliser: the products above carry low bits up but never high bits down, so without
+    # it the low 32 bits (NumPy's seed) would ignore the keys' high bits.
+    h ^= h >> 30
+    h = (h * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    h ^= h >> 27
+    h = (h * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    h ^= h >> 31
     return h & 0x7FFFFFFFFFFFFFFF
 
 
