@@ -192,19 +192,26 @@ def pgd_eot(
 
 
 def in_chunks(attack: Callable[..., Tensor], chunk: int | None, model: Model, x: Tensor, *args: object,
-              **kwargs: object) -> Tensor:
+              parts: int | None = None, **kwargs: object) -> Tensor:
     """``attack(model, x, *args, **kwargs)`` on slices of at most ``chunk`` examples, concatenated.
 
     Bounds the memory of an attack (its autograd graph grows with the batch) without changing its
     result: the attacks here are per-example (the loss is a sum over examples and the model is in eval
     mode), so each example's adversarial input depends only on its own row. Every tensor argument whose
     first dimension is the batch (``y``, per-example ``eps``, ``start_noise``) is sliced alongside ``x``;
-    floats and other values pass unchanged. ``chunk`` of None or ≥ the batch: one call.
+    floats and other values pass unchanged. ``chunk`` of None or ≥ the batch: one call. ``parts``: exactly
+    that many near-equal slices instead (every rank the same count, when the model's BatchNorm is
+    synchronised across ranks).
+
+    A model in train mode (the classifier's adversarial training) normalises each slice with its own
+    BatchNorm statistics: there, chunking changes the adversarial examples ("ghost" batch norm).
     """
+    from carso_cli.memory import split
+
     n = x.shape[0]
-    if chunk is None or chunk >= n:
+    if parts is None and (chunk is None or chunk >= n):
         return attack(model, x, *args, **kwargs)
-    if chunk < 1:
+    if parts is None and chunk is not None and chunk < 1:
         raise ValueError(f"chunk must be ≥ 1, got {chunk}")
 
     def part(value: object, lo: int, hi: int) -> object:
@@ -213,8 +220,8 @@ def in_chunks(attack: Callable[..., Tensor], chunk: int | None, model: Model, x:
         return value
 
     pieces = []
-    for lo in range(0, n, chunk):
-        hi = min(lo + chunk, n)
+    for rows in split(n, chunk, parts):
+        lo, hi = rows.start, rows.stop
         pieces.append(attack(model, x[lo:hi], *(part(a, lo, hi) for a in args),
                              **{k: part(v, lo, hi) for k, v in kwargs.items()}))
     return torch.cat(pieces)

@@ -158,6 +158,11 @@ class ClassifierTrainingConfig:
     adversarial: str = "pgd"  # "pgd" or "none"
     pgd_steps: int = 10
     pgd_step_size: float = 2 / 255
+    # Memory bounds, as training.attack_chunk / micro_batch (0 = the whole per-process batch, or "auto").
+    # The model is attacked in train mode (Madry et al.), so both change BatchNorm's batch statistics
+    # ("ghost" batch norm): unlike the purifier's attacks, chunked PGD here is not the unchunked one.
+    attack_chunk: int | str = 0
+    micro_batch: int | str = 0
 
 
 @dataclass

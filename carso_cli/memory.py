@@ -65,24 +65,61 @@ def parse_chunk(text: str | int | None, what: str) -> int | str | None:
     return value or None
 
 
+def split(n: int, size: int | None, parts: int | None = None) -> list[slice]:
+    """Rows ``0 … n-1`` as ``parts`` near-equal slices, else slices of at most ``size`` (None: one slice)."""
+    if parts is not None:
+        bounds = [i * n // parts for i in range(parts + 1)]
+        return [slice(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]
+    if not size or size >= n:
+        return [slice(0, n)]
+    return [slice(lo, min(lo + size, n)) for lo in range(0, n, size)]
+
+
 # --------------------------------------------------------------------------------------------------
 # Measuring
 # --------------------------------------------------------------------------------------------------
 
 
 def reset_peak(device: torch.device) -> None:
+    """Start a new peak: CUDA's allocator statistics, or (Linux) the process's RSS high-water mark."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:  # "5" resets VmHWM (Linux ≥ 4.0); elsewhere the peak counts from the start of the process
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
 
 
 def peak_bytes(device: torch.device) -> int:
-    """Peak memory so far: CUDA's max allocated since ``reset_peak``, or the process's peak RSS on CPU."""
+    """Peak memory since ``reset_peak``: CUDA's max allocated, or the process's peak RSS on the CPU.
+
+    On Linux the RSS peak is /proc's VmHWM, which belongs to this program; ``getrusage``'s maxrss (the
+    fallback) also counts what a forking parent had resident before ``exec``.
+    """
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         return int(torch.cuda.max_memory_allocated(device))
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(rss if sys.platform == "darwin" else rss * 1024)  # Linux reports KiB, macOS bytes
+
+
+def current_rss() -> int:
+    """This process's resident set size now (Linux; 0 where /proc is missing)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize()
+    except OSError:
+        return 0
 
 
 def saved_bytes(fn: Callable[[], Any]) -> int:
@@ -202,6 +239,18 @@ def training_static(fp: Footprint, batch: int) -> int:
     # Purifier: weights, gradients, RAdam's two moments, Lookahead's slow weights (5 copies); the frozen
     # classifier's weights; the clean batch and the purifier's input.
     return fp.classifier_params + 5 * fp.purifier_params + 2 * batch * fp.per_example.image
+
+
+def classifier_training_static(fp: Footprint, batch: int) -> int:
+    # train-classifier: weights, gradients and SGD momentum (3 copies); the clean batch and its PGD version.
+    return 3 * fp.classifier_params + 2 * batch * fp.per_example.image
+
+
+def classifier_fitting_options(fp: Footprint, budget: int, batch: int) -> dict[str, int]:
+    """train-classifier: the largest attack chunk and micro-batch within ``budget``. Both phases keep the
+    classifier's graph per example (PGD for the input gradient, the step for the weights' gradients)."""
+    fits = largest_fitting(budget, classifier_training_static(fp, batch), fp.per_example.attack, batch)
+    return {"attack_chunk": fits, "micro_batch": fits}
 
 
 def estimate_training(fp: Footprint, batch: int, attacked: int, attack_chunk: int | None = None,

@@ -1,30 +1,40 @@
-"""Run one phase of a purifier training step on the CPU and print its peak RSS growth (bytes).
+"""Run each phase of a purifier training step on the CPU and print how far the RSS peak rose (bytes).
 
-Used by tests/test_memory.py in a fresh process, because a process's peak RSS never goes down:
-``python tests/memory_probe.py attack|purifier N [--set key=value ...]``. A small warm-up pass first
-(oneDNN primitives, thread pools), then the RSS is read and the phase runs on N examples; the output
-is one JSON object: {"phase", "n", "growth"}.
+Used by tests/test_memory.py in a fresh process: ``python tests/memory_probe.py N [--set key=value ...]``.
+A small warm-up pass first (oneDNN primitives, thread pools); then, per phase, the peak is reset
+(``memory.reset_peak``: Linux's VmHWM), the phase runs on N examples, and the rise of the peak over
+the RSS before it is the phase's memory. Prints one JSON object {"attack": bytes, "purifier": bytes}.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
-import resource
 import sys
 
 import torch
 
+from carso_cli import memory
 from carso_cli.config import load_config, parse_override
 from carso_cli.models import build_classifier, build_purifier
 from carso_cli.models.representation import forward_with_representation
 
-
-def rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
+CPU = torch.device("cpu")
 
 
-def main(phase: str, n: int, sets: list[str]) -> None:
+def _trim() -> None:
+    """Hand the C heap's free memory back (glibc keeps freed blocks resident, and the next phase would
+    reuse them unseen by the RSS)."""
+    libc = ctypes.util.find_library("c")
+    if libc:
+        try:
+            ctypes.CDLL(libc).malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc
+            pass
+
+
+def main(n: int, sets: list[str]) -> None:
     torch.set_num_threads(1)
     cfg = load_config("smoke", dict(parse_override(s) for s in sets))
     torch.manual_seed(0)
@@ -37,12 +47,12 @@ def main(phase: str, n: int, sets: list[str]) -> None:
     images = torch.rand(n, cfg.data.channels, size, size)
     labels = torch.zeros(n, dtype=torch.long)
 
-    def attack(k: int) -> None:  # one PGD/FGSM step: input gradient through the classifier
+    def attack(k: int) -> None:  # one PGD/FGSM step: the input gradient through the classifier
         x = images[:k].clone().requires_grad_(True)
         loss = torch.nn.functional.cross_entropy(classifier(x), labels[:k])
         torch.autograd.grad(loss, x)
 
-    def purify(k: int) -> None:  # representation capture, then the VAE's forward and backward
+    def purify(k: int) -> None:  # the representation's capture, then the VAE's forward and backward
         p = purifier
         with torch.no_grad():
             _, rep = forward_with_representation(classifier, layers, images[:k], keep_graph=False)
@@ -52,13 +62,16 @@ def main(phase: str, n: int, sets: list[str]) -> None:
         torch.nn.functional.binary_cross_entropy(x_hat, images[:k], reduction="sum").backward()
         p.zero_grad(set_to_none=True)
 
-    run = {"attack": attack, "purifier": purify}[phase]
-    run(4)  # warm-up
-    base = rss()
-    run(n)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
-    print(json.dumps({"phase": phase, "n": n, "growth": max(0, peak - base)}))
+    out = {}
+    for name, phase in (("attack", attack), ("purifier", purify)):
+        phase(4)  # warm-up
+        _trim()
+        memory.reset_peak(CPU)
+        base = memory.current_rss()
+        phase(n)
+        out[name] = max(0, memory.peak_bytes(CPU) - base)
+    print(json.dumps(out))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), [a for a in sys.argv[3:] if a != "--set"])
+    main(int(sys.argv[1]), [a for a in sys.argv[2:] if a != "--set"])

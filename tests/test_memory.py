@@ -232,21 +232,50 @@ def test_info_prints_the_memory_estimate_and_what_fits() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads the RSS from /proc (Linux)")
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="resets the RSS peak through /proc (Linux)")
 def test_per_example_estimates_match_the_cpu_peak_rss(smoke_cfg) -> None:
-    """The measured per-example bytes (``memory.measure``) against what a fresh process's RSS grows by
-    when it runs each phase on 512 examples. The estimate counts what autograd saves; the backward's
-    transient gradients come on top (more, relatively, for the shallow smoke classifier than for
-    WideResNet-28-10), so the RSS may exceed it — within the stated band. Weights counted as
-    activations (a single-size probe) put the purifier's estimate at 1.6× the RSS, outside it."""
+    """The measured per-example bytes (``memory.measure``) against how far a fresh process's RSS peak
+    rises when it runs each phase on 512 examples (``tests/memory_probe.py``). The estimate counts what
+    autograd saves; the backward's transient gradients come on top (relatively more for the shallow smoke
+    classifier than for WideResNet-28-10), so the RSS may exceed it — within the stated band. Weights
+    counted as activations (a single-size probe) put the purifier's estimate at 1.6× the RSS, outside it."""
     fp = memory.measure(smoke_cfg)
     per = {"attack": fp.per_example.attack, "purifier": fp.per_example.representation + fp.per_example.purifier}
     n = 512
+    done = subprocess.run([sys.executable, str(Path(__file__).with_name("memory_probe.py")), str(n)],
+                          capture_output=True, text=True, timeout=300, check=False,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    growth = json.loads(done.stdout.strip().splitlines()[-1])
     for phase, bytes_per_example in per.items():
-        done = subprocess.run([sys.executable, str(Path(__file__).with_name("memory_probe.py")), phase, str(n)],
-                              capture_output=True, text=True, timeout=300, check=False,
-                              env={**os.environ, "OMP_NUM_THREADS": "1"})
-        assert done.returncode == 0, done.stderr[-2000:]
-        growth = json.loads(done.stdout.strip().splitlines()[-1])["growth"]
-        ratio = growth / (n * bytes_per_example)
-        assert 0.75 <= ratio <= 1.6, (phase, ratio, memory.format_bytes(growth))
+        ratio = growth[phase] / (n * bytes_per_example)
+        assert 0.75 <= ratio <= 1.6, (phase, ratio, memory.format_bytes(growth[phase]))
+
+
+def test_cpu_peak_is_this_programs_and_resets() -> None:
+    """``peak_bytes`` on the CPU: at least the current RSS, raised by a large allocation, lowered by
+    ``reset_peak`` once it is freed (Linux)."""
+    cpu = torch.device("cpu")
+    memory.reset_peak(cpu)
+    assert memory.peak_bytes(cpu) >= memory.current_rss() > 0
+    before = memory.peak_bytes(cpu)
+    big = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+    assert memory.peak_bytes(cpu) >= before + 60 * 2**20
+    del big
+    if Path("/proc/self/clear_refs").exists():
+        memory.reset_peak(cpu)
+        assert memory.peak_bytes(cpu) < before + 60 * 2**20
+
+
+def test_split_and_pieces_agree_across_ranks() -> None:
+    from carso_cli.training.bounds import pieces
+
+    assert memory.split(10, 4) == [slice(0, 4), slice(4, 8), slice(8, 10)]
+    assert memory.split(10, None) == [slice(0, 10)] and memory.split(3, 8) == [slice(0, 3)]
+    # A global batch of 15 over 2 ranks (8 + 7 rows), bound 7: both cut 2 pieces, none above 7 rows.
+    parts = pieces(15, 2, 7)
+    assert parts == 2 and pieces(15, 2, None) is None and pieces(16, 2, 8) == 1
+    for rows in (8, 7):
+        cut = memory.split(rows, 7, parts)
+        assert len(cut) == 2 and max(s.stop - s.start for s in cut) <= 7
+        assert [i for s in cut for i in range(s.start, s.stop)] == list(range(rows))

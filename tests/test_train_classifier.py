@@ -189,3 +189,89 @@ def test_gpus_without_cuda_is_an_error(tmp_path: Path, monkeypatch: pytest.Monke
     assert result.exit_code == 1
     assert "--gpus 3: no CUDA device visible; --device cpu runs 3 CPU processes" in " ".join(result.output.split())
     assert list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------------------------------
+# Memory bounds (issue 9): --attack-chunk / --micro-batch, out of memory
+# --------------------------------------------------------------------------------------------------
+
+
+def _argv(out: Path, *extra: str) -> list[str]:
+    return ["train-classifier", "--preset", "smoke", "--out", str(out), "--device", "cpu",
+            *[a for s in TINY for a in ("--set", s)], *extra]
+
+
+def test_micro_batch_of_the_whole_batch_is_the_plain_run(tmp_path: Path) -> None:
+    plain, bounded, chunked = tmp_path / "plain.safetensors", tmp_path / "m16.safetensors", tmp_path / "c5.safetensors"
+    for out, extra in ((plain, ()), (bounded, ("--micro-batch", "16", "--attack-chunk", "16")),
+                       (chunked, ("--micro-batch", "5", "--attack-chunk", "6"))):
+        result = runner.invoke(app, _argv(out, *extra))
+        assert result.exit_code == 0, result.output
+    a, _ = ckpt.load_tensors(plain)
+    b, _ = ckpt.load_tensors(bounded)
+    c, _ = ckpt.load_tensors(chunked)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # one piece each: bitwise the run without bounds
+    # Smaller pieces: ghost batch norm (train-mode BatchNorm over 6- and 5-example pieces) — another run.
+    assert any(not torch.equal(a[k], c[k]) for k in a) and all(torch.isfinite(c[k]).all() for k in c)
+    recorded = load_config(tc.companion(chunked, "config.toml")).classifier_training
+    assert (recorded.micro_batch, recorded.attack_chunk) == (5, 6)
+
+
+def _limited_pgd(limit: int, calls: list[int]):
+    """attacks.pgd under a simulated allocator limit: more than ``limit`` examples at once run out of memory."""
+    from carso_cli import attacks
+
+    real = attacks.pgd
+
+    def pgd(model, x, *args, **kwargs):
+        calls.append(x.shape[0])
+        if x.shape[0] > limit:
+            raise torch.cuda.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {x.shape[0]} examples")
+        return real(model, x, *args, **kwargs)
+
+    return pgd
+
+
+def test_auto_bounds_halve_once_on_out_of_memory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from carso_cli import attacks
+
+    calls: list[int] = []
+    monkeypatch.setattr(attacks, "pgd", _limited_pgd(8, calls))
+    out = tmp_path / "auto.safetensors"
+    result = runner.invoke(app, _argv(out, "--attack-chunk", "auto"))
+    assert result.exit_code == 0, result.output
+    assert "'auto' halved to --attack-chunk 8 --micro-batch 8, retrying the batch once" in " ".join(result.output.split())
+    assert calls[:3] == [16, 8, 8] and set(calls[3:]) == {8}  # the halved bound stays for the later batches
+    assert load_config(tc.companion(out, "config.toml")).classifier_training.attack_chunk == "auto"
+
+    # Still out of memory after halving, or an explicit bound: one line, nothing left behind.
+    monkeypatch.setattr(attacks, "pgd", _limited_pgd(4, []))
+    for extra in (("--attack-chunk", "auto"), ("--attack-chunk", "12")):
+        failed = tmp_path / f"oom-{extra[1]}.safetensors"
+        result = runner.invoke(app, _argv(failed, *extra))
+        text = " ".join(result.output.split())
+        assert result.exit_code != 0 and "Traceback" not in result.output
+        assert "out of GPU memory" in text and "per-process batch 16" in text
+        assert f"--attack-chunk {8 if extra[1] == 'auto' else 12}" in text
+        assert not list(tmp_path.glob(f"oom-{extra[1]}*"))  # a failed start leaves nothing
+
+
+@pytest.mark.slow
+def test_two_processes_with_unequal_shards_cut_as_many_pieces(tmp_path: Path) -> None:
+    """Global batch 15 over 2 processes (8 + 7 rows) with bounds of 7: rank 0 alone would cut 2 pieces and
+    rank 1 one, and the synchronised BatchNorm of rank 0's second piece would wait forever; both cut 2."""
+    sets = [*TINY, "data.synthetic_train_size=30", "classifier_training.batch_size=15", "classifier_training.epochs=1"]
+    cmd = [sys.executable, "-m", "carso_cli", "train-classifier", "--gpus", "2", "--device", "cpu", "--preset", "smoke",
+           "--out", str(tmp_path / "two.safetensors"), *[a for s in sets for a in ("--set", s)],
+           "--attack-chunk", "7", "--micro-batch", "7"]
+    # Its own session, so a hang (the fault this guards against) kills torchrun's workers too.
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        stdout, stderr = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail("the two processes hung: ranks cut their rows into different numbers of pieces")
+    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    assert ckpt.load_tensors(tmp_path / "two.safetensors")[0]

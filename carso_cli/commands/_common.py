@@ -67,14 +67,24 @@ def load_preset(preset: str, sets: list[str] | None = None, **explicit: Any) -> 
 AttackChunkOpt = Annotated[Optional[str], typer.Option(
     "--attack-chunk", help="Attack at most N examples at once (or 'auto': from free GPU memory); bounds memory, "
                            "same adversarial examples. Default: the preset's training.attack_chunk (0 = all).")]
+ClassifierAttackChunkOpt = Annotated[Optional[str], typer.Option(
+    "--attack-chunk", help="PGD on at most N examples at once (or 'auto': from free GPU memory). The model is "
+                           "attacked in train mode, so each chunk has its own BatchNorm statistics ('ghost' batch "
+                           "norm): bounds memory, slightly different examples. Default: "
+                           "classifier_training.attack_chunk (0 = all).")]
+ClassifierMicroBatchOpt = Annotated[Optional[str], typer.Option(
+    "--micro-batch", help="Forward/backward over micro-batches of M examples, gradients accumulated (or 'auto'). "
+                          "BatchNorm then normalises per micro-batch ('ghost' batch norm); recorded in the config.")]
 MicroBatchOpt = Annotated[Optional[str], typer.Option(
     "--micro-batch", help="Purifier forward/backward over micro-batches of M examples, gradients accumulated (or "
                           "'auto'). BatchNorm then normalises per micro-batch ('ghost' batch norm), not over the "
                           "global batch as in the paper; recorded in the run's config.")]
 
 
-def memory_sets(sets: list[str] | None, attack_chunk: str | None, micro_batch: str | None) -> list[str] | None:
-    """``--attack-chunk`` / ``--micro-batch`` as ``--set`` overrides (so relaunch and resume carry them)."""
+def memory_sets(sets: list[str] | None, attack_chunk: str | None, micro_batch: str | None,
+                section: str = "training") -> list[str] | None:
+    """``--attack-chunk`` / ``--micro-batch`` as ``--set`` overrides of ``section`` (so relaunch and resume
+    carry them): ``training`` for the purifier, ``classifier_training`` for ``train-classifier``."""
     from carso_cli.memory import parse_chunk
 
     extra = []
@@ -82,5 +92,5 @@ def memory_sets(sets: list[str] | None, attack_chunk: str | None, micro_batch: s
                                ("micro_batch", micro_batch, "--micro-batch")):
         if value is not None:
             parsed = parse_chunk(value, option)
-            extra.append(f"training.{key}={parsed if parsed is not None else 0}")
+            extra.append(f"{section}.{key}={parsed if parsed is not None else 0}")
     return [*(sets or []), *extra] or None

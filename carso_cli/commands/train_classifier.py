@@ -29,14 +29,17 @@ from torch import nn
 
 from carso_cli import attacks
 from carso_cli import checkpoint as ckpt
-from carso_cli import distributed, locking
+from carso_cli import distributed, locking, memory
 from carso_cli import training as tr
 from carso_cli.commands._common import (
+    ClassifierAttackChunkOpt,
+    ClassifierMicroBatchOpt,
     DataRootOpt,
     DeviceOpt,
     GpusOpt,
     SeedOpt,
     SetOpt,
+    memory_sets,
     load_preset,
     resolve_device,
 )
@@ -49,6 +52,7 @@ from carso_cli.config import (
 )
 from carso_cli.errors import CarsoError, CheckpointError, ConfigError
 from carso_cli.models import build_classifier
+from carso_cli.training.bounds import Bounds, pieces, run_bounded
 
 KIND = "classifier"
 SUMS = ["loss", "correct", "count"]
@@ -255,33 +259,62 @@ def _train(cfg: Config, out: Path | None, ctx: distributed.DistContext, resume: 
     def start_epoch(epoch: int) -> dict[str, float]:
         return {"lr": tr.cosine_lr(ct.lr, epoch * batches_per_epoch, total_steps)}
 
+    bounds = Bounds.parse(ct.attack_chunk, ct.micro_batch)
+
+    def footprint(n: int) -> tuple[int, int, int]:  # for "auto": static bytes, per attacked, per trained example
+        fp = memory.measure(cfg)
+        return memory.classifier_training_static(fp, n), fp.per_example.attack, fp.per_example.attack
+
     def make_input(b: tr.Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """(training input, labels) of a batch: PGD examples (adversarial training) or the clean ones."""
         x = b.x.to(device, non_blocking=True)
         y = b.y.to(device, non_blocking=True)
         if on_cuda:
             x = x.contiguous(memory_format=torch.channels_last)
+        bounds.resolve(x.shape[0], device, lambda: footprint(x.shape[0]))
         if adversarial:
             # Madry et al.: PGD from a uniform random start, drawn for the global batch (rank-independent).
-            # The model stays in train mode, as in Madry et al.'s and Rice et al.'s training code.
+            # The model stays in train mode, as in Madry et al.'s and Rice et al.'s training code; its
+            # (synchronised) BatchNorm then runs collectives, so every rank attacks in as many chunks.
             gen = tr.batch_generator(device, seed, b.epoch, b.index, 3)
             noise = torch.rand((b.global_size, *x.shape[1:]), generator=gen, device=device)[b.lo:b.hi]
             with autocast():
-                x = attacks.pgd(model, x, y, eps, ct.pgd_steps, ct.pgd_step_size, start_noise=noise)
+                x = attacks.in_chunks(attacks.pgd, bounds.attack_chunk, model, x, y, eps, ct.pgd_steps,
+                                      ct.pgd_step_size, start_noise=noise,
+                                      parts=pieces(b.global_size, ctx.world_size, bounds.attack_chunk))
         return x, y
 
+    def say(line: str) -> None:
+        if ctx.is_main and console is not None:
+            console.print(line, soft_wrap=True)
+
     def compute(b: tr.Batch) -> torch.Tensor:
+        n = b.hi - b.lo
+
+        def fits() -> dict[str, int]:
+            return memory.classifier_fitting_options(memory.measure(cfg),
+                                                     torch.cuda.get_device_properties(device).total_memory, n)
+
+        return run_bounded(lambda: compute_bounded(b), bounds, n, device,
+                           lambda: optimizer.zero_grad(set_to_none=True), fits, say)
+
+    def compute_bounded(b: tr.Batch) -> torch.Tensor:
         for group in optimizer.param_groups:
             group["lr"] = tr.cosine_lr(ct.lr, b.epoch * batches_per_epoch + b.index, total_steps)
         x, y = make_input(b)
-        with autocast():
-            logits = net(x)
-        loss = F.cross_entropy(logits.float(), y, reduction="sum")
-        # DDP averages gradients over ranks: Σ_local / B_global · world = the global batch mean.
-        (loss * (ctx.world_size / b.global_size)).backward()
-        correct = (logits.detach().argmax(1) == y).sum()
-        return torch.stack([loss.detach().double(), correct.double(),
-                            torch.tensor(float(y.shape[0]), device=device, dtype=torch.float64)])
+
+        def step(rows: slice) -> torch.Tensor:
+            with autocast():
+                logits = net(x[rows])
+            loss = F.cross_entropy(logits.float(), y[rows], reduction="sum")
+            # DDP averages gradients over ranks: Σ_local / B_global · world = the global batch mean.
+            (loss * (ctx.world_size / b.global_size)).backward()
+            correct = (logits.detach().argmax(1) == y[rows]).sum()
+            return torch.stack([loss.detach().double(), correct.double()])
+
+        sums = tr.accumulate(x.shape[0], bounds.micro_batch, step, net.no_sync if ctx.distributed else None,  # type: ignore[arg-type]
+                             parts=pieces(b.global_size, ctx.world_size, bounds.micro_batch))
+        return torch.cat([sums, torch.tensor([float(y.shape[0])], device=sums.device, dtype=torch.float64)])
 
     def update() -> None:
         optimizer.step()
@@ -347,10 +380,13 @@ def cli(
     seed: SeedOpt = 0,
     bf16: Annotated[Optional[bool], typer.Option("--bf16/--no-bf16", help="bfloat16 autocast on CUDA (default: the preset's training.bf16).")] = None,
     set_: SetOpt = None,
+    attack_chunk: ClassifierAttackChunkOpt = None,
+    micro_batch: ClassifierMicroBatchOpt = None,
 ) -> None:
     """Train the preset's classifier (PGD adversarial or standard); prints the weights' path."""
     from carso_cli.cli import console
 
+    set_ = memory_sets(set_, attack_chunk, micro_batch, section="classifier_training")
     if distributed.should_relaunch(gpus):
         distributed.check_gpus(gpus, device)
         argv = distributed.relaunch_argv("train-classifier", preset=preset, adversarial=adversarial, out=out, epochs=epochs,

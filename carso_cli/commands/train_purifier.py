@@ -57,6 +57,7 @@ from carso_cli.models import (
     write_run,
 )
 from carso_cli.models.representation import forward_with_representation
+from carso_cli.training.bounds import Bounds, pieces, run_bounded
 
 CHECKPOINT = Path("checkpoints") / "last.safetensors"
 CURVES_FILE = "curves.png"
@@ -86,51 +87,6 @@ class PurifierTrainStep(nn.Module):
         mu, logvar = p.joint_encoder(p.input_encoder(x), c)
         z = mu + noise.to(mu.dtype) * torch.exp(0.5 * logvar)  # reparameterisation trick
         return p.decoder(z, c), mu, logvar
-
-
-@dataclasses.dataclass
-class Bounds:
-    """The ``--attack-chunk`` / ``--micro-batch`` in use: a count, None (the whole batch) or "auto".
-
-    "auto" is resolved at the first batch from the device's free memory and the preset's measured
-    footprint (``carso_cli.memory``; on the CPU: the whole batch). On CUDA out-of-memory, "auto" bounds
-    are halved and the batch retried once; explicit ones are reported with what would fit.
-    """
-
-    chunk: int | str | None
-    micro: int | str | None
-    halved: bool = False
-
-    def __post_init__(self) -> None:
-        self.auto = "auto" in (self.chunk, self.micro)
-
-    def resolve(self, n: int, device: torch.device, cfg: Config) -> None:
-        if self.chunk != "auto" and self.micro != "auto":
-            return
-        if device.type != "cuda":
-            self.chunk = None if self.chunk == "auto" else self.chunk
-            self.micro = None if self.micro == "auto" else self.micro
-            return
-        fp = memory.measure(cfg)
-        static = memory.training_static(fp, n)
-        if self.chunk == "auto":
-            self.chunk = memory.auto_chunk(device, static, fp.per_example.attack, n)
-        if self.micro == "auto":
-            self.micro = memory.auto_chunk(device, static, fp.per_example.representation + fp.per_example.purifier, n)
-
-    def halve_auto(self, n: int) -> bool:
-        """Halve the automatic bounds once; False when there is nothing left to try."""
-        if not self.auto or self.halved:
-            return False
-        self.halved = True
-        self.chunk = max(1, int(self.chunk or n) // 2)
-        self.micro = max(1, int(self.micro or n) // 2)
-        return True
-
-
-def _free_cuda(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 @dataclasses.dataclass
@@ -319,39 +275,37 @@ def _train(cfg: Config, classifier_path: Path | None, out: Path | None, ctx: dis
         beta[0] = tr.beta_at_epoch(t, epoch)
         return {"beta": beta[0], "lr": lr}
 
-    bounds = Bounds(memory.parse_chunk(t.attack_chunk, "--attack-chunk"),
-                    memory.parse_chunk(t.micro_batch, "--micro-batch"))
+    bounds = Bounds.parse(t.attack_chunk, t.micro_batch)
+
+    def say(line: str) -> None:
+        if ctx.is_main and console is not None:
+            console.print(line, soft_wrap=True)
 
     def compute(b: tr.Batch) -> torch.Tensor:
-        try:
-            return compute_bounded(b)
-        except RuntimeError as exc:
-            if not memory.is_out_of_memory(exc):
-                raise
-            optimizer.zero_grad(set_to_none=True)
-            _free_cuda(device)
-            n = b.hi - b.lo
-            if not bounds.halve_auto(n):
-                fits = memory.fitting_options(memory.measure(cfg), torch.cuda.get_device_properties(device).total_memory, n) \
-                    if device.type == "cuda" else None
-                raise CarsoError(memory.out_of_memory_message(device, n, bounds.chunk, bounds.micro, fits)) from None
-            if ctx.is_main and console is not None:
-                console.print(f"out of GPU memory: 'auto' halved to --attack-chunk {bounds.chunk} "
-                              f"--micro-batch {bounds.micro}, retrying the batch once", soft_wrap=True)
-            return compute_bounded(b)
+        n = b.hi - b.lo
 
-    def compute_bounded(b: tr.Batch) -> torch.Tensor:
+        def footprint() -> tuple[int, int, int]:  # for "auto": static bytes, per attacked, per purified example
+            fp = memory.measure(cfg)
+            return memory.training_static(fp, n), fp.per_example.attack, fp.per_example.representation + fp.per_example.purifier
+
+        def fits() -> dict[str, int]:
+            return memory.fitting_options(memory.measure(cfg), torch.cuda.get_device_properties(device).total_memory, n)
+
+        return run_bounded(lambda: compute_bounded(b, footprint), bounds, n, device,
+                           lambda: optimizer.zero_grad(set_to_none=True), fits, say)
+
+    def compute_bounded(b: tr.Batch, footprint) -> torch.Tensor:
         x = b.x.to(device, non_blocking=True)
         y = b.y.to(device, non_blocking=True)
         if on_cuda:
             x = x.contiguous(memory_format=torch.channels_last)
         n = x.shape[0]
-        bounds.resolve(n, device, cfg)
+        bounds.resolve(n, device, footprint)
         gen = tr.batch_generator(device, seed, b.epoch, b.index, 2)
         with autocast():
             plan = plan_for(b.global_size)
             x_in = tr.make_balanced_batch(classifier, x, y, plan.slice(b.lo, b.hi), cfg.attacks, gen,
-                                          global_plan=plan, offset=b.lo, eps_scale=eps_scale, chunk=bounds.chunk)
+                                          global_plan=plan, offset=b.lo, eps_scale=eps_scale, chunk=bounds.attack_chunk)
         noise = torch.randn((b.global_size, fjoint), generator=gen, device=device)[b.lo:b.hi]
 
         def step(part: slice) -> torch.Tensor:
@@ -363,7 +317,9 @@ def _train(cfg: Config, classifier_path: Path | None, out: Path | None, ctx: dis
             (loss.total * loss_scale(b.global_size)).backward()
             return torch.stack([loss.total.detach(), loss.bce.detach(), loss.kl.detach()]).double()
 
-        sums = tr.accumulate(n, bounds.micro, step, step_module.no_sync if ctx.distributed else None)  # type: ignore[arg-type]
+        # Every rank cuts its rows into the same number of micro-batches (SyncBatchNorm, DDP: bounds.pieces).
+        sums = tr.accumulate(n, bounds.micro_batch, step, step_module.no_sync if ctx.distributed else None,  # type: ignore[arg-type]
+                             parts=pieces(b.global_size, ctx.world_size, bounds.micro_batch))
         return torch.cat([sums, torch.tensor([float(n)], device=device, dtype=torch.float64)])
 
     def update() -> None:
