@@ -208,6 +208,29 @@ def test_out_of_memory_in_training_is_one_line(tmp_path, weights, monkeypatch) -
     assert not (tmp_path / "oom").exists()  # a failed start leaves nothing
 
 
+def test_auto_bounds_halve_once_in_purifier_training(tmp_path, weights, monkeypatch) -> None:
+    """``--attack-chunk auto`` under a simulated allocator limit of 3 attacked examples: the batch of 16
+    attacks 4 with PGD at once, runs out, is retried with the chunk halved to 2, and the run completes."""
+    from typer.testing import CliRunner
+
+    from carso_cli.cli import app
+
+    real, calls = atk.pgd, []
+
+    def pgd(model, x, *args, **kwargs):
+        calls.append(x.shape[0])
+        if x.shape[0] > 3:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.00 GiB")
+        return real(model, x, *args, **kwargs)
+
+    monkeypatch.setattr(atk, "pgd", pgd)
+    result = CliRunner().invoke(app, ["train-purifier", "--preset", "smoke", "--classifier", str(weights),
+                                      "--out", str(tmp_path / "auto"), *TINY, "--attack-chunk", "auto"])
+    assert result.exit_code == 0, result.output
+    assert "'auto' halved to --attack-chunk 2 --micro-batch 8" in " ".join(result.output.split())
+    assert calls[0] == 4 and set(calls[1:]) == {2}
+
+
 def test_bad_bound_values_are_refused(tmp_path, weights) -> None:
     from typer.testing import CliRunner
 
@@ -227,6 +250,10 @@ def test_info_prints_the_memory_estimate_and_what_fits() -> None:
     result = CliRunner().invoke(app, ["info", "--preset", "smoke", "--gpu-memory", "200MB"])
     assert result.exit_code == 0, result.output
     assert "training step peak" in result.output and "largest --micro-batch within 200MB" in result.output
+    auto = CliRunner().invoke(app, ["info", "--preset", "smoke", "--set", "training.attack_chunk=auto",
+                                    "--set", "training.micro_batch=16"])
+    assert auto.exit_code == 0, auto.output  # "auto" is chosen at run time: the unbounded attack is estimated
+    assert "attacks (8 at once)" in auto.output and "purifier (16 at once)" in auto.output
     bad = CliRunner().invoke(app, ["info", "--preset", "smoke", "--gpu-memory", "lots"])
     assert bad.exit_code != 0 and "cannot read a memory size" in bad.output
 

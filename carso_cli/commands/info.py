@@ -179,7 +179,11 @@ def memory_table(cfg: Config, gpus: int = 1, gpu_memory: str | None = None) -> T
         table.add_row(name, memory.format_bytes(peak), memory.format_bytes(per) if per else "")
 
     pe = fp.per_example
-    step = memory.estimate_training(fp, batch, attacked, cfg.training.attack_chunk, cfg.training.micro_batch)
+    # "auto" bounds are chosen at run time from free memory: estimate the unbounded step, and the table
+    # below (--gpu-memory) says what fits.
+    chunk, micro = (None if v == "auto" else memory.parse_chunk(v, k) for k, v in
+                    (("training.attack_chunk", cfg.training.attack_chunk), ("training.micro_batch", cfg.training.micro_batch)))
+    step = memory.estimate_training(fp, batch, attacked, chunk, micro)  # type: ignore[arg-type]
     row(f"training: attacks ({step.attack_chunk} at once)", step.attack_phase, pe.attack)
     row(f"training: representation + purifier ({step.micro_batch} at once)", step.purifier_phase,
         pe.representation + pe.purifier)

@@ -291,8 +291,11 @@ def _train(cfg: Config, classifier_path: Path | None, out: Path | None, ctx: dis
         def fits() -> dict[str, int]:
             return memory.fitting_options(memory.measure(cfg), torch.cuda.get_device_properties(device).total_memory, n)
 
+        # FGSM and PGD run as two calls (make_balanced_batch): the larger one is what a chunk bounds.
+        groups = plan_for(b.global_size).slice(b.lo, b.hi).groups
+        attacked = max(int(((groups == 0) | (groups == 2)).sum()), int(((groups == 1) | (groups == 3)).sum()))
         return run_bounded(lambda: compute_bounded(b, footprint), bounds, n, device,
-                           lambda: optimizer.zero_grad(set_to_none=True), fits, say)
+                           lambda: optimizer.zero_grad(set_to_none=True), fits, say, attacked=attacked)
 
     def compute_bounded(b: tr.Batch, footprint) -> torch.Tensor:
         x = b.x.to(device, non_blocking=True)

@@ -67,12 +67,13 @@ class Bounds:
         if self.micro == "auto":
             self.micro = memory.auto_chunk(device, static, per_step, n)
 
-    def halve_auto(self, n: int) -> bool:
-        """Halve the automatic bounds once; False when there is nothing left to try."""
+    def halve_auto(self, n: int, attacked: int | None = None) -> bool:
+        """Halve the automatic bounds once (an unbounded chunk: half of the ``attacked`` examples the
+        largest attack call had, default ``n``); False when there is nothing left to try."""
         if not self.auto or self.halved:
             return False
         self.halved = True
-        self.chunk = max(1, int(self.chunk or n) // 2)
+        self.chunk = max(1, int(self.chunk or attacked or n) // 2)
         self.micro = max(1, int(self.micro or n) // 2)
         return True
 
@@ -86,12 +87,14 @@ class Bounds:
 
 
 def run_bounded(step: Callable[[], T], bounds: Bounds, n: int, device: torch.device, reset: Callable[[], None],
-                fits: Callable[[], dict[str, int] | None], say: Callable[[str], None]) -> T:
+                fits: Callable[[], dict[str, int] | None], say: Callable[[str], None],
+                attacked: int | None = None) -> T:
     """``step()``; on out-of-memory: halve "auto" bounds and retry once (``say`` tells the user; the halved
     bounds stay for the batches after), else — or when the retry fails too — one
     line (``CarsoError``) with the per-process batch ``n``, the bounds in use, the peak and ``fits()``.
 
-    ``reset`` drops what the failed attempt left (the partial gradients). With several processes a rank
+    ``attacked``: the examples of the largest attack call (``Bounds.halve_auto``). ``reset`` drops what the
+    failed attempt left (the partial gradients). With several processes a rank
     that runs out of memory stops the others at their next collective; the message comes from that rank.
     """
     for attempt in (0, 1):
@@ -103,7 +106,7 @@ def run_bounded(step: Callable[[], T], bounds: Bounds, n: int, device: torch.dev
         reset()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        if attempt == 1 or not bounds.halve_auto(n):
+        if attempt == 1 or not bounds.halve_auto(n, attacked):
             suggestion = fits() if device.type == "cuda" else None
             raise CarsoError(memory.out_of_memory_message(device, n, bounds.attack_chunk, bounds.micro_batch,
                                                           suggestion))
