@@ -18,13 +18,6 @@ def derived_seed(*keys: int) -> int:
     for k in keys:
         h = (h ^ (k + 0x632BE59BD9B4E019 + (h << 6) + (h >> 2))) & 0xFFFFFFFFFFFFFFFF
         h = (h * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
-    # splitmix64's finaliser: the products above carry low bits up but never high bits down, so without
-    # it the low 32 bits (NumPy's seed) would ignore the keys' high bits.
-    h ^= h >> 30
-    h = (h * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
-    h ^= h >> 27
-    h = (h * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
-    h ^= h >> 31
     return h & 0x7FFFFFFFFFFFFFFF
 
 
@@ -95,4 +88,5 @@ def seed_everything(seed: int, rank: int = 0) -> None:
     s = derived_seed(seed, rank, 7)
     torch.manual_seed(s)
     random.seed(s)
-    np.random.seed(s % (2**32))
+    # NumPy takes 32 bits: fold the high half in (the hash's low bits barely depend on the keys' high bits).
+    np.random.seed((s ^ (s >> 32)) & 0xFFFFFFFF)
