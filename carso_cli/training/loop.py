@@ -143,6 +143,51 @@ def run_loop(spec: LoopSpec, hooks: LoopHooks, start: Position, carried_sums: li
     checkpoint. Ctrl-C / SIGTERM: the current batch finishes, a mid-epoch checkpoint is written, and
     ``TrainingInterrupted`` is raised. Returns the epoch records written.
     """
+    _check_sizes(spec)
+    records: list[dict[str, Any]] = []
+    progress = _progress(spec.ctx, console)
+    batches_per_epoch = len(_epoch_batches(spec, 0))  # the same number every epoch
+    with StopSignal() as stop, progress:
+        epochs_task = progress.add_task(f"{spec.title}: epochs", total=spec.epochs, completed=start.epoch, info="")
+        for epoch in range(start.epoch, spec.epochs):
+            first = start.batch if epoch == start.epoch else 0
+            schedule = hooks.start_epoch(epoch)
+            carried = carried_sums if (carried_sums and epoch == start.epoch and first > 0) else None
+            sums = torch.tensor(carried or [0.0] * len(spec.sums), dtype=torch.float64)
+            batch_task = progress.add_task(f"epoch {epoch}", total=batches_per_epoch, completed=first, info="")
+            t0, images, index = time.perf_counter(), 0, first - 1
+            for batch in local_batches(spec, epoch, first):
+                index = batch.index
+                step_sums, stop_now = _step(spec, hooks, batch, stop.requested is not None)
+                sums += step_sums
+                images += batch.global_size
+                rate = images / max(time.perf_counter() - t0, 1e-9)
+                shown = {**hooks.display(step_sums.tolist()), **schedule}
+                info = "  ".join([f"{rate:,.0f} img/s"] + [f"{k} {v:.4g}" for k, v in shown.items()])
+                progress.update(batch_task, completed=index + 1, info=info)
+                if stop_now and not (epoch == spec.epochs - 1 and index + 1 == batches_per_epoch):
+                    if index + 1 == batches_per_epoch:  # the epoch is complete: record it, save its end
+                        _finish_epoch(spec, hooks, epoch, sums, schedule, t0, images, index + 1, records)
+                    _save_and_stop(hooks, Position(epoch, index + 1), batches_per_epoch, sums, stop.requested)
+            progress.remove_task(batch_task)
+            _finish_epoch(spec, hooks, epoch, sums, schedule, t0, images, index + 1, records)
+            progress.update(epochs_task, completed=epoch + 1)
+            if epoch == spec.epochs - 1 or (epoch + 1) % max(1, spec.checkpoint_every) == 0:
+                hooks.save(Position(epoch + 1, 0), None)
+    return records
+
+
+def _check_sizes(spec: LoopSpec) -> None:
+    n = len(spec.dataset)  # type: ignore[arg-type]
+    if n < spec.global_batch:
+        raise TrainingError(
+            f"the training set has {n} examples, fewer than one batch of {spec.global_batch}: lower the batch size"
+        )
+    if spec.global_batch < spec.ctx.world_size:
+        raise TrainingError(f"a global batch of {spec.global_batch} cannot be split across {spec.ctx.world_size} processes")
+
+
+def _progress(ctx: DistContext, console: Any) -> Any:
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -152,78 +197,42 @@ def run_loop(spec: LoopSpec, hooks: LoopHooks, start: Position, carried_sums: li
         TimeRemainingColumn,
     )
 
-    ctx = spec.ctx
-    n = len(spec.dataset)  # type: ignore[arg-type]
-    if n < spec.global_batch:
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=console,
+                    disable=not ctx.is_main, transient=False)
+
+
+def _step(spec: LoopSpec, hooks: LoopHooks, batch: Batch, stop_requested: bool) -> tuple[torch.Tensor, bool]:
+    """One optimiser step: compute, all-reduce [sums…, stop flag], check finiteness, update.
+
+    Returns the batch's global sums and whether any rank was asked to stop.
+    """
+    local = hooks.compute(batch).detach().to(torch.float64).cpu()
+    flag = torch.tensor([1.0 if stop_requested else 0.0], dtype=torch.float64)
+    reduced = _all_reduce(torch.cat([local, flag]), spec.ctx)
+    step_sums, stop_now = reduced[:-1], bool(reduced[-1] > 0)
+    if not torch.isfinite(step_sums).all():
         raise TrainingError(
-            f"the training set has {n} examples, fewer than one batch of {spec.global_batch}: lower the batch size"
+            f"non-finite loss at epoch {batch.epoch}, batch {batch.index} "
+            f"({', '.join(f'{k}={v:.4g}' for k, v in zip(spec.sums, step_sums.tolist()))}); "
+            "the last good checkpoint is kept — lower the learning rate or check the data"
         )
-    if spec.global_batch < ctx.world_size:
-        raise TrainingError(f"a global batch of {spec.global_batch} cannot be split across {ctx.world_size} processes")
-    records: list[dict[str, Any]] = []
-    progress = Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        TextColumn("{task.fields[info]}"),
-        console=console,
-        disable=not ctx.is_main,
-        transient=False,
+    hooks.update()
+    return step_sums, stop_now
+
+
+def _save_and_stop(hooks: LoopHooks, position: Position, batches_per_epoch: int, sums: torch.Tensor,
+                   signal_name: str | None) -> None:
+    """Write a consistent checkpoint at ``position`` (the next batch to run) and raise ``TrainingInterrupted``."""
+    if position.batch == batches_per_epoch:
+        position = Position(position.epoch + 1, 0)
+        hooks.save(position, None)
+    else:
+        hooks.save(position, sums.tolist())
+    raise TrainingInterrupted(
+        f"stopped by {signal_name or 'a signal on another rank'} at epoch {position.epoch}, "
+        f"batch {position.batch}: a consistent checkpoint was saved — continue with --resume"
     )
-    batches_per_epoch = len(_epoch_batches(spec, 0))  # the same number every epoch
-    with StopSignal() as stop, progress:
-        epochs_task = progress.add_task(f"{spec.title}: epochs", total=spec.epochs, completed=start.epoch, info="")
-        for epoch in range(start.epoch, spec.epochs):
-            first = start.batch if epoch == start.epoch else 0
-            schedule = hooks.start_epoch(epoch)
-            sums = torch.tensor(
-                carried_sums if (carried_sums and epoch == start.epoch and first > 0) else [0.0] * len(spec.sums),
-                dtype=torch.float64,
-            )
-            batch_task = progress.add_task(f"epoch {epoch}", total=batches_per_epoch, completed=first, info="")
-            t0 = time.perf_counter()
-            images = 0
-            index = first - 1
-            for batch in local_batches(spec, epoch, first):
-                index = batch.index
-                local = hooks.compute(batch).detach().to(torch.float64).cpu()
-                flag = torch.tensor([1.0 if stop.requested else 0.0], dtype=torch.float64)
-                reduced = _all_reduce(torch.cat([local, flag]), ctx)
-                step_sums, stop_now = reduced[:-1], bool(reduced[-1] > 0)
-                if not torch.isfinite(step_sums).all():
-                    raise TrainingError(
-                        f"non-finite loss at epoch {epoch}, batch {index} "
-                        f"({', '.join(f'{k}={v:.4g}' for k, v in zip(spec.sums, step_sums.tolist()))}); "
-                        "the last good checkpoint is kept — lower the learning rate or check the data"
-                    )
-                hooks.update()
-                sums += step_sums
-                images += batch.global_size
-                shown = hooks.display(step_sums.tolist())
-                rate = images / max(time.perf_counter() - t0, 1e-9)
-                info = "  ".join([f"{rate:,.0f} img/s"] + [f"{k} {v:.4g}" for k, v in {**shown, **schedule}.items()])
-                progress.update(batch_task, completed=index + 1, info=info)
-                if stop_now and not (epoch == spec.epochs - 1 and index + 1 == batches_per_epoch):
-                    position = Position(epoch, index + 1)
-                    if position.batch == batches_per_epoch:
-                        position = Position(epoch + 1, 0)  # the epoch is complete
-                        _finish_epoch(spec, hooks, epoch, sums, schedule, t0, images, index + 1, records)
-                        hooks.save(position, None)
-                    else:
-                        hooks.save(position, sums.tolist())
-                    raise TrainingInterrupted(
-                        f"stopped by {stop.requested or 'a signal on another rank'} at epoch {position.epoch}, "
-                        f"batch {position.batch}: a consistent checkpoint was saved — continue with --resume"
-                    )
-            progress.remove_task(batch_task)
-            _finish_epoch(spec, hooks, epoch, sums, schedule, t0, images, index + 1, records)
-            progress.update(epochs_task, completed=epoch + 1)
-            last = epoch == spec.epochs - 1
-            if last or (epoch + 1) % max(1, spec.checkpoint_every) == 0:
-                hooks.save(Position(epoch + 1, 0), None)
-    return records
 
 
 def _finish_epoch(spec: LoopSpec, hooks: LoopHooks, epoch: int, sums: torch.Tensor, schedule: dict[str, float],
