@@ -19,6 +19,7 @@ tail -5 "$OUT/pytest_gpu.txt"
 run carso bench train  --preset cifar10 --batch-size 512  --batches 4 --device cuda --json
 run carso bench attack --preset cifar10 --batch-size 128  --batches 10 --device cuda --json --bf16
 run carso bench attack --preset cifar10 --batch-size 128  --batches 10 --device cuda --json
+run carso bench train  --preset cifar10 --batch-size 512  --batches 4 --device cuda --json --compile inductor
 # The paper's global batch on one GPU, memory-bounded.
 run carso bench train  --preset cifar10 --batch-size 5120 --batches 2 --device cuda --json --attack-chunk auto --micro-batch 1024
 run carso bench train  --preset tinyimagenet --batch-size 256 --batches 4 --device cuda --json

@@ -117,6 +117,9 @@ class TrainingConfig:
     # normalises over micro-batches ("ghost" batch norm), not the global batch of section 4.4.
     attack_chunk: int | str = 0
     micro_batch: int | str = 0
+    # torch.compile backend for the attacked classifier and the purifier's training pass ("off": eager;
+    # "inductor": the default compiler). Not bitwise the eager run; a failing compile falls back to eager.
+    compile: str = "off"
 
 
 @dataclass

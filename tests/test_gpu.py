@@ -61,6 +61,21 @@ def test_attack_chunk_and_micro_batch_run_on_cuda(tmp_path: Path, classifier_fil
         assert torch.allclose(ta[k].float(), tb[k].float(), atol=1e-4, rtol=1e-3), k
 
 
+def test_inductor_compiled_training_runs_and_stays_close(tmp_path: Path, classifier_file: Path) -> None:
+    """``--compile inductor`` on CUDA: compiles (no fallback line), and the purifier is the eager one up to
+    the rounding of fused kernels (float32, one epoch)."""
+    out = tmp_path / "compiled"
+    result = runner.invoke(app, ["train-purifier", "--preset", "smoke", "--classifier", str(classifier_file),
+                                 "--out", str(out), "--device", "cuda", *TINY, "--no-bf16", "--compile", "inductor"])
+    assert result.exit_code == 0, result.output
+    assert "continuing without it" not in result.output
+    eager = _train(tmp_path, classifier_file, "eager", "--no-bf16")
+    ta, _ = ckpt.load_tensors(eager / ckpt.PURIFIER_FILE)
+    tb, _ = ckpt.load_tensors(out / ckpt.PURIFIER_FILE)
+    for k in ta:
+        assert torch.allclose(ta[k].float(), tb[k].float(), atol=1e-3, rtol=1e-2), k
+
+
 def test_chunked_pgd_on_cuda_equals_unchunked() -> None:
     torch.manual_seed(0)
     model = build_classifier(load_config("smoke")).cuda().eval()

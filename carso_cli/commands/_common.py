@@ -67,6 +67,10 @@ def load_preset(preset: str, sets: list[str] | None = None, **explicit: Any) -> 
 AttackChunkOpt = Annotated[Optional[str], typer.Option(
     "--attack-chunk", help="Attack at most N examples at once (or 'auto': from free GPU memory); bounds memory, "
                            "same adversarial examples. Default: the preset's training.attack_chunk (0 = all).")]
+CompileOpt = Annotated[Optional[str], typer.Option(
+    "--compile", metavar="BACKEND", help="torch.compile the attacked classifier and the purifier's training pass with "
+    "this backend ('inductor'; 'off', the default, runs eager). Rounds differently from eager; if compiling fails, "
+    "the run says so and continues eager. Recorded as training.compile.")]
 ClassifierAttackChunkOpt = Annotated[Optional[str], typer.Option(
     "--attack-chunk", help="PGD on at most N examples at once (or 'auto': from free GPU memory). The model is "
                            "attacked in train mode, so each chunk has its own BatchNorm statistics ('ghost' batch "

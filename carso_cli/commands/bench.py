@@ -28,6 +28,7 @@ import typer
 from carso_cli import memory
 from carso_cli.commands._common import (
     AttackChunkOpt,
+    CompileOpt,
     DeviceOpt,
     MicroBatchOpt,
     PresetOpt,
@@ -140,11 +141,13 @@ def cli(
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a sentence.")] = False,
     attack_chunk: AttackChunkOpt = None,
     micro_batch: MicroBatchOpt = None,
+    compile_: CompileOpt = None,
 ) -> None:
     """Measure throughput of the preset's full model on synthetic data (for BENCHMARKS.md)."""
     from carso_cli.cli import console, err_console
 
-    cfg = load_preset(preset, memory_sets(set_, attack_chunk, micro_batch))
+    sets = memory_sets(set_, attack_chunk, micro_batch) or []
+    cfg = load_preset(preset, [*sets, f"training.compile={compile_}"] if compile_ is not None else sets)
     dev = resolve_device(device)
     env = environment(dev)
     if what is What.train:

@@ -30,6 +30,7 @@ from carso_cli import distributed, locking, memory
 from carso_cli import training as tr
 from carso_cli.commands._common import (
     AttackChunkOpt,
+    CompileOpt,
     MicroBatchOpt,
     memory_sets,
     DataRootOpt,
@@ -58,6 +59,7 @@ from carso_cli.models import (
 )
 from carso_cli.models.representation import forward_with_representation
 from carso_cli.training.bounds import Bounds, pieces, run_bounded
+from carso_cli.training.compiled import check_backend, maybe_compile
 
 CHECKPOINT = Path("checkpoints") / "last.safetensors"
 CURVES_FILE = "curves.png"
@@ -163,6 +165,7 @@ def run(
         bf16: autocast to bfloat16 on CUDA (default: the preset's ``training.bf16``); CPU is float32.
         preset: with ``resume``, the ``--preset`` given again (checked to be the run's), if any.
     """
+    check_backend(cfg.training.compile)  # before anything is written
     ctx = distributed.setup(device or resolve_device(None))
     try:
         with ExitStack() as stack:  # the run's lock, and the removal of a failed start
@@ -250,6 +253,14 @@ def _train(cfg: Config, classifier_path: Path | None, out: Path | None, ctx: dis
         )
     purifier.train()
 
+    def say(line: str) -> None:
+        if ctx.is_main and console is not None:
+            console.print(line, soft_wrap=True)
+
+    # torch.compile (training.compile): the classifier as the attacks call it, and the purifier's pass.
+    attacked_classifier = maybe_compile(classifier, t.compile, "attacked classifier", say)
+    train_pass = maybe_compile(step_module, t.compile, "purifier's training pass", say)
+
     layers = list(purifier.spec.layers)
     eps_scale = config_eps_scale(cfg)
     tr.attack_strengths(cfg.attacks, eps_scale)  # fail early on a malformed preset
@@ -277,10 +288,6 @@ def _train(cfg: Config, classifier_path: Path | None, out: Path | None, ctx: dis
 
     bounds = Bounds.parse(t.attack_chunk, t.micro_batch)
 
-    def say(line: str) -> None:
-        if ctx.is_main and console is not None:
-            console.print(line, soft_wrap=True)
-
     def compute(b: tr.Batch) -> torch.Tensor:
         n = b.hi - b.lo
 
@@ -307,7 +314,7 @@ def _train(cfg: Config, classifier_path: Path | None, out: Path | None, ctx: dis
         gen = tr.batch_generator(device, seed, b.epoch, b.index, 2)
         with autocast():
             plan = plan_for(b.global_size)
-            x_in = tr.make_balanced_batch(classifier, x, y, plan.slice(b.lo, b.hi), cfg.attacks, gen,
+            x_in = tr.make_balanced_batch(attacked_classifier, x, y, plan.slice(b.lo, b.hi), cfg.attacks, gen,
                                           global_plan=plan, offset=b.lo, eps_scale=eps_scale, chunk=bounds.attack_chunk)
         noise = torch.randn((b.global_size, fjoint), generator=gen, device=device)[b.lo:b.hi]
 
@@ -315,7 +322,7 @@ def _train(cfg: Config, classifier_path: Path | None, out: Path | None, ctx: dis
             with autocast():
                 with torch.no_grad():
                     _, representation = forward_with_representation(classifier, layers, x_in[part], keep_graph=False)
-                x_hat, mu, logvar = step_module(x_in[part], representation, noise[part])
+                x_hat, mu, logvar = train_pass(x_in[part], representation, noise[part])
             loss = tr.vae_loss(x_hat, x[part], mu, logvar, beta[0])
             (loss.total * loss_scale(b.global_size)).backward()
             return torch.stack([loss.total.detach(), loss.bce.detach(), loss.kl.detach()]).double()
@@ -395,6 +402,7 @@ def cli(
     set_: SetOpt = None,
     attack_chunk: AttackChunkOpt = None,
     micro_batch: MicroBatchOpt = None,
+    compile_: CompileOpt = None,
 ) -> None:
     """Train the purifier against a frozen classifier (adversarially-balanced batches, RAdam+Lookahead)."""
     from carso_cli import zoo
@@ -402,6 +410,8 @@ def cli(
 
     classifier = zoo.resolve_weights(classifier)  # a path, or a published model's name (carso pull --list)
     set_ = memory_sets(set_, attack_chunk, micro_batch)
+    if compile_ is not None:
+        set_ = [*(set_ or []), f"training.compile={compile_}"]
     if distributed.should_relaunch(gpus):
         distributed.check_gpus(gpus, device)
         argv = distributed.relaunch_argv("train-purifier", preset=preset, classifier=classifier, out=out, epochs=epochs, batch_size=batch_size,
