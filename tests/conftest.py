@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from carso_cli import checkpoint as ckpt
 from carso_cli.config import Config, load_config
 from carso_cli.models import build_classifier, build_purifier, write_run
 
@@ -43,6 +44,16 @@ TRAINED_SMOKE_CLASSIFIER = {
     "attacks.eps": "2/255",
 }
 TRAINED_SMOKE_PURIFIER: dict[str, object] = {}
+
+
+@pytest.fixture(scope="session")
+def classifier_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Random smoke classifier weights, seed 0 (what training needs is a classifier, not a good one).
+    Shared by the session: read it, never write next to it."""
+    path = tmp_path_factory.mktemp("classifier") / "classifier.safetensors"
+    torch.manual_seed(0)
+    ckpt.save_tensors(path, build_classifier(load_config("smoke")).state_dict())
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,6 @@ paper's protocol does not see and the adaptive evaluation does."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest

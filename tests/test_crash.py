@@ -23,7 +23,6 @@ from carso_cli.cli import app
 from carso_cli.commands import train_classifier as tc
 from carso_cli.commands import train_purifier as tp
 from carso_cli.config import load_config
-from carso_cli.models import build_classifier
 
 runner = CliRunner()
 DRIVER = Path(__file__).with_name("fault_driver.py")
@@ -70,16 +69,8 @@ def same_tensors(a: Path, b: Path, skip: str = "rng.") -> None:
 
 
 @pytest.fixture(scope="module")
-def classifier_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("crash") / "classifier.safetensors"
-    torch.manual_seed(0)
-    ckpt.save_tensors(path, build_classifier(load_config("smoke")).state_dict())
-    return path
-
-
-@pytest.fixture(scope="module")
-def whole_purifier(classifier_file: Path) -> Path:
-    out = classifier_file.parent / "whole"
+def whole_purifier(classifier_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("crash") / "whole"
     argv = ["train-purifier", "--preset", "smoke", "--classifier", str(classifier_file), "--out", str(out),
             "--device", "cpu", *sets(PURIFIER)]
     assert runner.invoke(app, argv).exit_code == 0

@@ -27,14 +27,6 @@ TINY = ["--set", "data.synthetic_train_size=64", "--set", "training.batch_size=3
         "--set", "attacks.pgd_steps=2"]
 
 
-@pytest.fixture(scope="module")
-def classifier_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("cls") / "classifier.safetensors"
-    torch.manual_seed(0)
-    ckpt.save_tensors(path, build_classifier(load_config("smoke")).state_dict())
-    return path
-
-
 def _train(tmp_path: Path, classifier_file: Path, name: str, *extra: str) -> Path:
     out = tmp_path / name
     result = runner.invoke(app, ["train-purifier", "--preset", "smoke", "--classifier", str(classifier_file),

@@ -153,44 +153,33 @@ TINY = ["--set", "data.synthetic_train_size=32", "--set", "training.batch_size=1
         "--set", "attacks.pgd_steps=2", "--device", "cpu"]
 
 
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory: pytest.TempPathFactory):
-    from carso_cli import checkpoint as ckpt
-    from carso_cli.models import build_classifier
-
-    path = tmp_path_factory.mktemp("cls") / "classifier.safetensors"
-    torch.manual_seed(0)
-    ckpt.save_tensors(path, build_classifier(load_config("smoke")).state_dict())
-    return path
-
-
-def _train(out, weights, *extra: str):
+def _train(out, classifier_file, *extra: str):
     from typer.testing import CliRunner
 
     from carso_cli import checkpoint as ckpt
     from carso_cli.cli import app
 
-    result = CliRunner().invoke(app, ["train-purifier", "--preset", "smoke", "--classifier", str(weights),
+    result = CliRunner().invoke(app, ["train-purifier", "--preset", "smoke", "--classifier", str(classifier_file),
                                       "--out", str(out), *TINY, *extra])
     assert result.exit_code == 0, result.output
     return ckpt.load_tensors(out / ckpt.PURIFIER_FILE)[0]
 
 
 @pytest.mark.slow
-def test_cli_bounds_keep_the_result(tmp_path, weights) -> None:
+def test_cli_bounds_keep_the_result(tmp_path, classifier_file) -> None:
     """``--micro-batch`` = the batch is bitwise the plain run; ``--attack-chunk`` changes only rounding."""
     from carso_cli.config import load_config as load
 
-    plain = _train(tmp_path / "plain", weights)
-    same = _train(tmp_path / "micro16", weights, "--micro-batch", "16")
+    plain = _train(tmp_path / "plain", classifier_file)
+    same = _train(tmp_path / "micro16", classifier_file, "--micro-batch", "16")
     assert all(torch.equal(plain[k], same[k]) for k in plain)
-    chunked = _train(tmp_path / "chunk3", weights, "--attack-chunk", "3")
+    chunked = _train(tmp_path / "chunk3", classifier_file, "--attack-chunk", "3")
     assert all(torch.allclose(plain[k], chunked[k], atol=1e-5, rtol=1e-4) for k in plain)
     recorded = load(tmp_path / "chunk3" / "config.toml")
     assert recorded.training.attack_chunk == 3 and load(tmp_path / "micro16" / "config.toml").training.micro_batch == 16
 
 
-def test_out_of_memory_in_training_is_one_line(tmp_path, weights, monkeypatch) -> None:
+def test_out_of_memory_in_training_is_one_line(tmp_path, classifier_file, monkeypatch) -> None:
     """A (simulated) CUDA out-of-memory gives one line naming the bounds in use, and no traceback."""
     from typer.testing import CliRunner
 
@@ -200,7 +189,7 @@ def test_out_of_memory_in_training_is_one_line(tmp_path, weights, monkeypatch) -
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
     monkeypatch.setattr(atk, "pgd", boom)
-    result = CliRunner().invoke(app, ["train-purifier", "--preset", "smoke", "--classifier", str(weights),
+    result = CliRunner().invoke(app, ["train-purifier", "--preset", "smoke", "--classifier", str(classifier_file),
                                       "--out", str(tmp_path / "oom"), *TINY, "--attack-chunk", "4"])
     assert result.exit_code != 0 and "Traceback" not in result.output
     assert "out of GPU memory" in result.output and "--attack-chunk 4" in result.output
@@ -208,7 +197,7 @@ def test_out_of_memory_in_training_is_one_line(tmp_path, weights, monkeypatch) -
     assert not (tmp_path / "oom").exists()  # a failed start leaves nothing
 
 
-def test_auto_bounds_halve_once_in_purifier_training(tmp_path, weights, monkeypatch) -> None:
+def test_auto_bounds_halve_once_in_purifier_training(tmp_path, classifier_file, monkeypatch) -> None:
     """``--attack-chunk auto`` under a simulated allocator limit of 3 attacked examples: the batch of 16
     attacks 4 with PGD at once, runs out, is retried with the chunk halved to 2, and the run completes."""
     from typer.testing import CliRunner
@@ -224,19 +213,19 @@ def test_auto_bounds_halve_once_in_purifier_training(tmp_path, weights, monkeypa
         return real(model, x, *args, **kwargs)
 
     monkeypatch.setattr(atk, "pgd", pgd)
-    result = CliRunner().invoke(app, ["train-purifier", "--preset", "smoke", "--classifier", str(weights),
+    result = CliRunner().invoke(app, ["train-purifier", "--preset", "smoke", "--classifier", str(classifier_file),
                                       "--out", str(tmp_path / "auto"), *TINY, "--attack-chunk", "auto"])
     assert result.exit_code == 0, result.output
     assert "'auto' halved to --attack-chunk 2 --micro-batch 8" in " ".join(result.output.split())
     assert calls[0] == 4 and set(calls[1:]) == {2}
 
 
-def test_bad_bound_values_are_refused(tmp_path, weights) -> None:
+def test_bad_bound_values_are_refused(tmp_path, classifier_file) -> None:
     from typer.testing import CliRunner
 
     from carso_cli.cli import app
 
-    result = CliRunner().invoke(app, ["train-purifier", "--preset", "smoke", "--classifier", str(weights),
+    result = CliRunner().invoke(app, ["train-purifier", "--preset", "smoke", "--classifier", str(classifier_file),
                                       "--out", str(tmp_path / "x"), *TINY, "--micro-batch", "lots"])
     assert result.exit_code != 0 and "--micro-batch" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "x").exists()

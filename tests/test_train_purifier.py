@@ -39,15 +39,6 @@ def tiny_cfg(*extra: str):
     return load_config("smoke", dict(parse_override(s) for s in (*TINY, *extra)))
 
 
-@pytest.fixture(scope="module")
-def classifier_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Random smoke classifier weights (what training needs is a classifier, not a good one)."""
-    path = tmp_path_factory.mktemp("cls") / "classifier.safetensors"
-    torch.manual_seed(0)
-    ckpt.save_tensors(path, build_classifier(load_config("smoke")).state_dict())
-    return path
-
-
 def state_tensors(run: Path) -> dict[str, torch.Tensor]:
     tensors, _ = ckpt.load_tensors(run / train_purifier.CHECKPOINT)
     return {k: v for k, v in tensors.items() if not k.startswith("rng.")}

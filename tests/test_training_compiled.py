@@ -12,7 +12,6 @@ from typer.testing import CliRunner
 from carso_cli import checkpoint as ckpt
 from carso_cli.cli import app
 from carso_cli.config import load_config
-from carso_cli.models import build_classifier
 from carso_cli.training.compiled import CompiledOrEager
 
 runner = CliRunner()
@@ -22,20 +21,12 @@ FAILING = "carso_test_failing_backend"
 
 
 @pytest.fixture(scope="module")
-def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("cls") / "classifier.safetensors"
-    torch.manual_seed(0)
-    ckpt.save_tensors(path, build_classifier(load_config("smoke")).state_dict())
-    return path
+def plain(classifier_file: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Tensor]:
+    return _train(tmp_path_factory.mktemp("plain") / "run", classifier_file)[0]
 
 
-@pytest.fixture(scope="module")
-def plain(weights: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Tensor]:
-    return _train(tmp_path_factory.mktemp("plain") / "run", weights)[0]
-
-
-def _train(out: Path, weights: Path, *extra: str) -> tuple[dict[str, torch.Tensor], str]:
-    result = runner.invoke(app, ["train-purifier", "--preset", "smoke", "--classifier", str(weights),
+def _train(out: Path, classifier_file: Path, *extra: str) -> tuple[dict[str, torch.Tensor], str]:
+    result = runner.invoke(app, ["train-purifier", "--preset", "smoke", "--classifier", str(classifier_file),
                                  "--out", str(out), *TINY, *extra])
     assert result.exit_code == 0, result.output
     return ckpt.load_tensors(out / ckpt.PURIFIER_FILE)[0], " ".join(result.output.split())
@@ -45,19 +36,19 @@ def _equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_compiled_with_the_eager_backend_is_the_eager_run(tmp_path: Path, weights: Path, plain) -> None:
+def test_compiled_with_the_eager_backend_is_the_eager_run(tmp_path: Path, classifier_file: Path, plain) -> None:
     """Dynamo captures both modules (graphs counted) and, with the backend that runs the captured
     graphs as they are, the trained purifier is bitwise the eager one; the config records the backend."""
     from torch._dynamo.utils import counters
 
     counters.clear()
-    trained, _ = _train(tmp_path / "run", weights, "--compile", "eager")
+    trained, _ = _train(tmp_path / "run", classifier_file, "--compile", "eager")
     assert counters["stats"]["unique_graphs"] >= 2  # the attacked classifier and the training pass
     assert _equal(trained, plain)
     assert load_config(tmp_path / "run" / "config.toml").training.compile == "eager"
 
 
-def test_a_failing_compiler_falls_back_to_eager_and_says_so(tmp_path: Path, weights: Path, plain) -> None:
+def test_a_failing_compiler_falls_back_to_eager_and_says_so(tmp_path: Path, classifier_file: Path, plain) -> None:
     from torch._dynamo import register_backend
 
     calls: list[int] = []
@@ -67,15 +58,15 @@ def test_a_failing_compiler_falls_back_to_eager_and_says_so(tmp_path: Path, weig
         raise RuntimeError("simulated compiler failure")
 
     register_backend(failing, name=FAILING)
-    trained, output = _train(tmp_path / "run", weights, "--compile", FAILING)
+    trained, output = _train(tmp_path / "run", classifier_file, "--compile", FAILING)
     assert f"torch.compile ({FAILING}) failed for the attacked classifier" in output
     assert "continuing without it" in output
     assert _equal(trained, plain)  # the eager run, bitwise
     assert len(calls) == 2  # once per compiled module, then eager for good
 
 
-def test_an_unknown_backend_is_one_line_and_leaves_nothing(tmp_path: Path, weights: Path) -> None:
-    result = runner.invoke(app, ["train-purifier", "--preset", "smoke", "--classifier", str(weights),
+def test_an_unknown_backend_is_one_line_and_leaves_nothing(tmp_path: Path, classifier_file: Path) -> None:
+    result = runner.invoke(app, ["train-purifier", "--preset", "smoke", "--classifier", str(classifier_file),
                                  "--out", str(tmp_path / "run"), *TINY, "--compile", "nonsense"])
     assert result.exit_code != 0 and "Traceback" not in result.output
     assert "training.compile = 'nonsense': not a torch.compile backend" in " ".join(result.output.split())
