@@ -80,17 +80,21 @@ def split(n: int, size: int | None, parts: int | None = None) -> list[slice]:
 # --------------------------------------------------------------------------------------------------
 
 
-def reset_peak(device: torch.device) -> None:
-    """Start a new peak: CUDA's allocator statistics, or (Linux) the process's RSS high-water mark."""
+def reset_peak(device: torch.device) -> bool:
+    """Start a new peak: CUDA's allocator statistics, or (Linux) the process's RSS high-water mark.
+
+    Returns False where the CPU peak cannot be reset (it then counts from the start of the process).
+    """
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
-        return
-    try:  # "5" resets VmHWM (Linux ≥ 4.0); elsewhere the peak counts from the start of the process
+        return True
+    try:  # "5" resets VmHWM (Linux ≥ 4.0)
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
     except OSError:
-        pass
+        return False
+    return True
 
 
 def peak_bytes(device: torch.device) -> int:

@@ -263,6 +263,8 @@ def test_per_example_estimates_match_the_cpu_peak_rss(smoke_cfg) -> None:
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-2000:]
     growth = json.loads(done.stdout.strip().splitlines()[-1])
+    if "skip" in growth:
+        pytest.skip(growth["skip"])
     for phase, bytes_per_example in per.items():
         ratio = growth[phase] / (n * bytes_per_example)
         assert 0.75 <= ratio <= 1.6, (phase, ratio, memory.format_bytes(growth[phase]))
@@ -270,17 +272,16 @@ def test_per_example_estimates_match_the_cpu_peak_rss(smoke_cfg) -> None:
 
 def test_cpu_peak_is_this_programs_and_resets() -> None:
     """``peak_bytes`` on the CPU: at least the current RSS, raised by a large allocation, lowered by
-    ``reset_peak`` once it is freed (Linux)."""
+    ``reset_peak`` once it is freed (Linux; elsewhere the peak cannot be reset)."""
     cpu = torch.device("cpu")
-    memory.reset_peak(cpu)
+    if not memory.reset_peak(cpu):
+        pytest.skip("the RSS peak cannot be reset here")
     assert memory.peak_bytes(cpu) >= memory.current_rss() > 0
     before = memory.peak_bytes(cpu)
     big = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
     assert memory.peak_bytes(cpu) >= before + 60 * 2**20
     del big
-    if Path("/proc/self/clear_refs").exists():
-        memory.reset_peak(cpu)
-        assert memory.peak_bytes(cpu) < before + 60 * 2**20
+    assert memory.reset_peak(cpu) and memory.peak_bytes(cpu) < before + 60 * 2**20
 
 
 def test_split_and_pieces_agree_across_ranks() -> None:
