@@ -29,6 +29,11 @@ def _count(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+def _classifier_name(cfg: Config) -> str:
+    c = cfg.classifier
+    return f"WideResNet-{c.depth}-{c.width}" if c.architecture == "wideresnet" else c.architecture
+
+
 def run(cfg: Config) -> tuple[list[ModuleSize], list[tuple[str, tuple[int, ...]]]]:
     """Module sizes of the preset's classifier and purifier, built on the meta device (no memory)."""
     with torch.device("meta"):
@@ -39,7 +44,7 @@ def run(cfg: Config) -> tuple[list[ModuleSize], list[tuple[str, tuple[int, ...]]
     assert purifier.input_encoder is not None and purifier.joint_encoder is not None
     enc = purifier.condition_encoder
     rows = [
-        ModuleSize(f"classifier ({sources.parse(cfg.classifier.architecture).text if cfg.classifier.architecture != 'wideresnet' else 'WideResNet-%d-%d' % (cfg.classifier.depth, cfg.classifier.width)})",
+        ModuleSize(f"classifier ({_classifier_name(cfg)})",
                    f"{cfg.data.channels}×{cfg.data.image_size}×{cfg.data.image_size} → {cfg.data.num_classes}",
                    _count(classifier), True),
         ModuleSize("purifier.input_encoder (Table 6)", f"→ {purifier.input_encoder.out_features}",

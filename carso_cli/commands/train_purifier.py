@@ -159,8 +159,9 @@ def run(
 
     Args:
         cfg: the preset (for ``resume``, ``resume_config(run)``).
-        classifier: weights of the preset's classifier (``.safetensors``/``.pt``); ignored when resuming
-            (the run keeps its own copy).
+        classifier: weights of the preset's classifier (``.safetensors``/``.pt``; None for a ``robustbench:``
+            source, loaded through RobustBench, or a ``python:`` factory that returns trained weights);
+            when resuming, only compared with the run's (which keeps its own copy).
         out: run directory (default ``runs/<preset>-<timestamp>``; with ``resume``, the latest run).
         bf16: autocast to bfloat16 on CUDA (default: the preset's ``training.bf16``); CPU is float32.
         preset: with ``resume``, the ``--preset`` given again (checked to be the run's), if any.

@@ -14,25 +14,34 @@ from carso_cli.config import Config, load_config
 from carso_cli.errors import CheckpointError, ConfigError
 from carso_cli.models import sources
 from carso_cli.models.carso import CARSO, set_eval_frozen
-from carso_cli.models.purifier import Purifier, PurifierSpec, layerwise_channels, spec_from_config
-from carso_cli.models.representation import execution_order, representation_shapes, resolve_layers
+from carso_cli.models.purifier import (
+    Purifier,
+    PurifierSpec,
+    layerwise_channels,
+    spec_from_config,
+)
+from carso_cli.models.representation import (
+    execution_order,
+    representation_shapes,
+    resolve_layers,
+)
 from carso_cli.models.wideresnet import WideResNet
 
 __all__ = [
     "CARSO",
+    "LoadedRun",
     "Purifier",
     "PurifierSpec",
     "WideResNet",
     "build_classifier",
-    "load_classifier",
-    "purifier_spec_for",
     "build_purifier",
-    "save_purifier",
+    "load_classifier",
     "load_purifier",
-    "LoadedRun",
     "load_run",
-    "write_run",
+    "purifier_spec_for",
+    "save_purifier",
     "set_eval_frozen",
+    "write_run",
 ]
 
 
@@ -49,19 +58,17 @@ def load_classifier(cfg: Config, path: str | Path | None, device: str | torch.de
 
 def representation_features(shapes: list[tuple[int, ...]], depth: int) -> int:
     """Inputs of the FC representation encoder (Table 10): the flattened layerwise encoders' outputs."""
-    return sum(layerwise_channels(c, depth)[-1] * (h - 2 * depth) * (w - 2 * depth) for c, h, w in shapes)
+    return sum(layerwise_channels(c, depth)[-1] * max(h - 2 * depth, 0) * max(w - 2 * depth, 0) for c, h, w in shapes)
 
 
 def check_representation(cfg: Config, layers: list[str], shapes: list[tuple[int, ...]]) -> None:
-    """Every layer image-shaped and large enough, and the FC encoder within ``purifier.max_fc_parameters``."""
+    """Every layer image-shaped, and the FC encoder within ``purifier.max_fc_parameters`` (a layer too small
+    for the layerwise encoder is refused when the purifier is built)."""
     p = cfg.purifier
     for name, shape in zip(layers, shapes):
         if len(shape) != 3:
             raise ConfigError(f"layer '{name}' outputs {tuple(shape)} per example, not an image-shaped C×H×W tensor: "
                               "choose convolutional layers (carso info --preset P lists them)")
-        if min(shape[1:]) <= 2 * p.layerwise_depth:
-            raise ConfigError(f"layer '{name}' is {shape[1]}×{shape[2]}: too small for {p.layerwise_depth} unpadded "
-                              "3×3 convolutions (Tables 8/9); leave it out of purifier.layers")
     features = representation_features(shapes, p.layerwise_depth)
     if features * p.fcrepr > p.max_fc_parameters:
         raise ConfigError(

@@ -37,7 +37,13 @@ import torch
 from torch import nn
 
 from carso_cli import checkpoint as ckpt
-from carso_cli.config import SOURCE_KINDS, ClassifierConfig, Config, DataConfig, source_problem
+from carso_cli.config import (
+    SOURCE_KINDS,
+    ClassifierConfig,
+    Config,
+    DataConfig,
+    source_problem,
+)
 from carso_cli.errors import CheckpointError, ConfigError
 
 FORMAT = "carso-classifier"
@@ -316,7 +322,7 @@ def _robustbench_load(cfg: Config, name: str) -> tuple[nn.Module, Path | None]:
     try:
         # torch ≥ 2.6 loads with weights_only=True by default, which RobustBench's loader relies on.
         model = utils.load_model(name, model_dir=cfg.classifier.robustbench_dir, dataset=dataset, threat_model=threat)
-    except Exception as err:  # its download (gdown), torch.load and load_state_dict all raise their own types
+    except Exception as err:  # noqa: BLE001 - its download (gdown), torch.load, load_state_dict: many types
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"robustbench:{name}: RobustBench's loader failed ({first}); its cache: "
                               f"{robustbench_file(cfg, name)}") from None
