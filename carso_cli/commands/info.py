@@ -167,13 +167,14 @@ def layer_table(cfg: Config, layers: list[tuple[str, tuple[int, ...]]]) -> Table
         classifier = build_classifier(cfg)
     shape = (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
     chosen = {name: i for i, (name, _) in enumerate(layers)}
-    table = Table(title="candidate layers (image-shaped outputs); #: the representation's, in execution order")
+    table = Table(title="candidate layers (image-shaped outputs); #: the representation's, in execution order; "
+                        f"too small: side ≤ {2 * cfg.purifier.layerwise_depth} (the layerwise encoder's minimum)")
     table.add_column("#", justify="right")
     table.add_column("layer")
     table.add_column("C×H×W")
     too_small = 2 * cfg.purifier.layerwise_depth
     for c in candidates(classifier, shape):
-        note = "" if min(c.shape[1:]) > too_small else f"  (≤ {too_small}: too small for the layerwise encoder)"
+        note = "" if min(c.shape[1:]) > too_small else " (too small)"  # for the layerwise encoder (Tables 8/9)
         table.add_row(str(chosen[c.name]) if c.name in chosen else "", c.name, "×".join(map(str, c.shape)) + note)
     return table
 
