@@ -124,6 +124,9 @@ def test_representation_too_large_names_size_and_flag() -> None:
     cfg = cfg_of("purifier.max_fc_parameters=1000")
     with pytest.raises(CarsoError, match=r"exceeds purifier.max_fc_parameters = 1,000.*--set purifier.max_fc_parameters"):
         purifier_spec_for(cfg)
+    cfg = cfg_of('classifier.architecture="python:test_sources:tiny_resnet"', 'purifier.layers=["stage1.0.conv1", "head"]')
+    with pytest.raises(CarsoError, match=r"layer 'head' outputs \(10,\) per example, not an image-shaped"):
+        purifier_spec_for(cfg)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -271,5 +274,12 @@ def test_robustbench_preactresnet18_end_to_end(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     _eval_and_predict(out, f"robustbench:{PREACT}")
     assert json.loads((out / ckpt.CLASSIFIER_REF_FILE).read_text())["sha256"] == ckpt.sha256_file(weights)
+    extracted = tmp_path / "rep.safetensors"
+    result = runner.invoke(app, ["extract", "--run", str(out), "--out", str(extracted), "--n-examples", "2",
+                                 "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    spec = load_run(out).purifier.spec
+    tensors, _ = ckpt.load_tensors(extracted)
+    assert all(any(layer in k for k in tensors) for layer in spec.layers)
     weights.unlink()  # the run rebuilds it without RobustBench's cache
     assert carso_cli.load_classifier(out)(torch.rand(1, 3, 32, 32)).shape == (1, 10)
