@@ -34,6 +34,25 @@ AGGREGATIONS = ("dexp", "dexp-logsum", "logit", "prob", "vote")  # carso_cli.agg
 SCHEDULES = ("paper", "code")
 ADVERSARIAL_COUNTS = ("global", "per-process")
 EPS_SPACES = ("pixel", "normalised")
+# Where a classifier comes from (classifier.architecture): "wideresnet" or "KIND:NAME".
+SOURCE_KINDS = ("robustbench", "torchvision", "timm", "python")
+NORMALIZE = ("auto", "preset", "none")
+
+
+def source_problem(architecture: str) -> str | None:
+    """Why ``architecture`` is not a classifier source (None when it is one): the syntax only; whether the
+    name exists is checked when the model is built (``carso_cli.models.sources``)."""
+    if architecture == "wideresnet":
+        return None
+    kind, sep, name = architecture.partition(":")
+    if not sep or kind not in SOURCE_KINDS:
+        kinds = ", ".join(f"{k}:NAME" for k in SOURCE_KINDS)
+        return f"must be 'wideresnet' or one of {kinds}, got {architecture!r}"
+    if not name:
+        return f"names no model after '{kind}:'"
+    if kind == "python" and (name.count(":") != 1 or not all(name.split(":"))):
+        return f"must look like python:package.module:factory, got {architecture!r}"
+    return None
 
 
 @dataclass
@@ -56,14 +75,30 @@ class DataConfig:
 
 @dataclass
 class ClassifierConfig:
-    depth: int = 28
-    width: int = 10
-    activation: str = "silu"
+    """Where the classifier comes from (``carso_cli.models.sources``) and the WideResNet's shape."""
+
+    # "wideresnet" (the DeepMind layout below), "robustbench:NAME", "torchvision:NAME", "timm:NAME" or
+    # "python:package.module:factory" (a callable in the user's code returning an nn.Module).
+    architecture: str = "wideresnet"
+    depth: int = 28  # wideresnet only
+    width: int = 10  # wideresnet only
+    activation: str = "silu"  # wideresnet only
+    # robustbench: the zoo's threat model, its dataset ("" = data.dataset) and its cache directory.
+    threat_model: str = "Linf"
+    robustbench_dataset: str = ""
+    robustbench_dir: str = "models"
+    # The preset's data.mean/std applied inside the model: "auto" (where the source has no normalisation
+    # of its own: torchvision, timm, python), "preset" or "none".
+    normalize: str = "auto"
+    # torchvision/timm ImageNet stems on small images: the first strided or large convolution becomes a
+    # 3×3 stride-1 one and the first max-pool goes (the usual CIFAR adaptation of a ResNet).
+    small_stem: bool = False
 
 
 @dataclass
 class PurifierConfig:
-    # Representation layers (Table 7): a list of module names, or a rule, e.g. "rule:block-convs".
+    # Representation layers (Table 7): "auto" (the paper's rule for any residual network), a list of
+    # module names and glob patterns ("layer1.*.conv1"), or a rule, e.g. "rule:block-convs".
     layers: Union[str, list[str]] = "rule:block-convs"
     layerwise_depth: int = 3  # Tables 8/9: 3 convolutions for 32×32, 4 for 64×64
     fcrepr: int = 512  # Table 15
@@ -72,6 +107,9 @@ class PurifierConfig:
     input_encoder_channels: list[int] = field(default_factory=lambda: [6, 12])  # Table 6
     decoder_channels: list[int] = field(default_factory=lambda: [256, 256, 128, 64, 32])  # Tables 12/13
     leaky_slope: float = 0.2
+    # Refuse a representation whose FC encoder (Table 10) would hold more weights than this: its input
+    # is the flattened output of the layerwise encoders, which grows with the layers' sizes.
+    max_fc_parameters: int = 1_000_000_000
 
 
 @dataclass
@@ -407,9 +445,15 @@ def validate(cfg: Config, source: str) -> None:
         raise bad("data.std", "must be positive")
     if d.num_classes < 2:
         raise bad("data.num_classes", "must be at least 2")
-    if cfg.classifier.activation not in ACTIVATIONS:
+    c = cfg.classifier
+    why = source_problem(c.architecture)
+    if why:
+        raise bad("classifier.architecture", why)
+    if c.normalize not in NORMALIZE:
+        raise bad("classifier.normalize", f"must be one of {', '.join(NORMALIZE)}")
+    if c.activation not in ACTIVATIONS:
         raise bad("classifier.activation", f"must be one of {', '.join(ACTIVATIONS)}")
-    if (cfg.classifier.depth - 4) % 6 != 0 or cfg.classifier.depth < 10:
+    if (c.depth - 4) % 6 != 0 or c.depth < 10:
         raise bad("classifier.depth", "must be 6·n + 4 with n ≥ 1 (e.g. 10, 16, 28, 34, 70)")
     p = cfg.purifier
     if p.decoder not in DECODERS:
@@ -422,8 +466,11 @@ def validate(cfg: Config, source: str) -> None:
         raise bad("purifier.input_encoder_channels", "needs 2 values (Table 6)")
     if p.layerwise_depth < 1:
         raise bad("purifier.layerwise_depth", "must be at least 1")
-    if isinstance(p.layers, str) and not p.layers.startswith("rule:"):
-        raise bad("purifier.layers", "must be a list of layer names or a rule such as 'rule:block-convs'")
+    if isinstance(p.layers, str) and not (p.layers == "auto" or p.layers.startswith("rule:")):
+        raise bad("purifier.layers", "must be 'auto', a list of layer names / patterns, or a rule such as "
+                                     "'rule:block-convs'")
+    if p.max_fc_parameters < 1:
+        raise bad("purifier.max_fc_parameters", "must be positive")
     t = cfg.training
     if t.epochs < 1 or t.batch_size < 1:
         raise bad("training.epochs/batch_size", "must be positive")

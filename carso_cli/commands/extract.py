@@ -91,7 +91,7 @@ def parse_layers(values: list[str] | None) -> list[str] | str | None:
 
 def _load(run_dir: Path | None, preset: str | None, classifier_path: Path | None, sets: list[str] | None,
           device: torch.device) -> tuple[Config, torch.nn.Module, str]:
-    from carso_cli.models import load_classifier
+    from carso_cli.models import load_classifier, sources
 
     if classifier_path is not None or preset is not None:
         if run_dir is not None:
@@ -102,7 +102,7 @@ def _load(run_dir: Path | None, preset: str | None, classifier_path: Path | None
         return cfg, load_classifier(cfg, classifier_path, device), str(classifier_path)
     run = ckpt.resolve_run(run_dir, require=None)
     cfg = load_config(run / ckpt.CONFIG_FILE)
-    return cfg, load_classifier(cfg, ckpt.classifier_path_of(run), device), str(run)
+    return cfg, sources.load_saved(ckpt.classifier_path_of(run), cfg, device), str(run)  # any source
 
 
 def relative_change(clean: torch.Tensor, adv: torch.Tensor) -> torch.Tensor:
@@ -152,7 +152,8 @@ def run(
     for p in model.parameters():
         p.requires_grad_(False)
     shape = (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
-    names = resolve_layers(model, cfg.purifier.layers if layers is None else layers)  # unknown → clear error
+    names = resolve_layers(model, cfg.purifier.layers if layers is None else layers, shape,  # unknown → clear error
+                           min_side=2 * cfg.purifier.layerwise_depth)
     names = execution_order(model, names, shape)
     shapes = representation_shapes(model, names, shape)
     eps_value = None if attack == "none" else (cfg.attacks.eps if eps is None else parse_eps(eps, "--eps"))

@@ -13,7 +13,8 @@ from rich.table import Table
 
 from carso_cli.commands._common import PresetOpt, SetOpt, load_preset
 from carso_cli.config import Config, config_to_dict, eps_scale
-from carso_cli.models import Purifier, build_classifier, purifier_spec_for
+from carso_cli.models import Purifier, build_classifier, purifier_spec_for, sources
+from carso_cli.models.representation import candidates
 
 
 @dataclass
@@ -28,6 +29,11 @@ def _count(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+def _classifier_name(cfg: Config) -> str:
+    c = cfg.classifier
+    return f"WideResNet-{c.depth}-{c.width}" if c.architecture == "wideresnet" else c.architecture
+
+
 def run(cfg: Config) -> tuple[list[ModuleSize], list[tuple[str, tuple[int, ...]]]]:
     """Module sizes of the preset's classifier and purifier, built on the meta device (no memory)."""
     with torch.device("meta"):
@@ -38,7 +44,7 @@ def run(cfg: Config) -> tuple[list[ModuleSize], list[tuple[str, tuple[int, ...]]
     assert purifier.input_encoder is not None and purifier.joint_encoder is not None
     enc = purifier.condition_encoder
     rows = [
-        ModuleSize("classifier (WideResNet-%d-%d)" % (cfg.classifier.depth, cfg.classifier.width),
+        ModuleSize(f"classifier ({_classifier_name(cfg)})",
                    f"{cfg.data.channels}×{cfg.data.image_size}×{cfg.data.image_size} → {cfg.data.num_classes}",
                    _count(classifier), True),
         ModuleSize("purifier.input_encoder (Table 6)", f"→ {purifier.input_encoder.out_features}",
@@ -145,15 +151,32 @@ def cli(
     table.add_row("purifier total", "", f"{purifier_total:,}", "")
     table.add_row("purifier at inference", "", f"{inference_total:,}", "")
     console.print(table)
-    lt = Table(title=f"representation: {len(layers)} layers (execution order)")
-    lt.add_column("#", justify="right")
-    lt.add_column("layer")
-    lt.add_column("C×H×W")
-    for i, (name, shape) in enumerate(layers):
-        lt.add_row(str(i), name, "×".join(map(str, shape)))
-    console.print(lt)
+    console.print(sources.describe(cfg), soft_wrap=True, highlight=False)
+    console.print(layer_table(cfg, layers))
+    total = sum(c * h * w for _, (c, h, w) in layers)
+    spec = cfg.purifier.layers if isinstance(cfg.purifier.layers, str) else "a list"
+    console.print(f"representation: {len(layers)} layers (purifier.layers = {spec}), representation total {total:,} "
+                  f"values per image ({total * 4 / 2**20:.2f} MiB in float32)", soft_wrap=True, highlight=False)
     if show_memory or gpu_memory is not None:
         console.print(memory_table(cfg, gpus, gpu_memory))
+
+
+def layer_table(cfg: Config, layers: list[tuple[str, tuple[int, ...]]]) -> Table:
+    """Every candidate layer (image-shaped output) with its shape; the chosen ones numbered in execution order."""
+    with torch.device("meta"):
+        classifier = build_classifier(cfg)
+    shape = (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
+    chosen = {name: i for i, (name, _) in enumerate(layers)}
+    table = Table(title="candidate layers (image-shaped outputs); #: the representation's, in execution order; "
+                        f"too small: side ≤ {2 * cfg.purifier.layerwise_depth} (the layerwise encoder's minimum)")
+    table.add_column("#", justify="right")
+    table.add_column("layer")
+    table.add_column("C×H×W")
+    too_small = 2 * cfg.purifier.layerwise_depth
+    for c in candidates(classifier, shape):
+        note = "" if min(c.shape[1:]) > too_small else " (too small)"  # for the layerwise encoder (Tables 8/9)
+        table.add_row(str(chosen[c.name]) if c.name in chosen else "", c.name, "×".join(map(str, c.shape)) + note)
+    return table
 
 
 def memory_table(cfg: Config, gpus: int = 1, gpu_memory: str | None = None) -> Table:

@@ -53,8 +53,8 @@ from carso_cli.errors import CarsoError, CheckpointError
 from carso_cli.models import (
     Purifier,
     build_purifier,
-    load_classifier,
     set_eval_frozen,
+    sources,
     write_run,
 )
 from carso_cli.models.representation import forward_with_representation
@@ -159,8 +159,9 @@ def run(
 
     Args:
         cfg: the preset (for ``resume``, ``resume_config(run)``).
-        classifier: weights of the preset's classifier (``.safetensors``/``.pt``); ignored when resuming
-            (the run keeps its own copy).
+        classifier: weights of the preset's classifier (``.safetensors``/``.pt``; None for a ``robustbench:``
+            source, loaded through RobustBench, or a ``python:`` factory that returns trained weights);
+            when resuming, only compared with the run's (which keeps its own copy).
         out: run directory (default ``runs/<preset>-<timestamp>``; with ``resume``, the latest run).
         bf16: autocast to bfloat16 on CUDA (default: the preset's ``training.bf16``); CPU is float32.
         preset: with ``resume``, the ``--preset`` given again (checked to be the run's), if any.
@@ -182,9 +183,11 @@ def _train(cfg: Config, classifier_path: Path | None, out: Path | None, ctx: dis
     device = ctx.device
     t = cfg.training
     if not resume:
-        if classifier_path is None:
-            raise CarsoError("--classifier is required: the weights of the preset's (adversarially-trained) classifier")
-        if not Path(classifier_path).is_file():
+        if classifier_path is None and sources.needs_weights_file(cfg):
+            raise CarsoError("--classifier is required: the weights of the preset's (adversarially-trained) classifier"
+                             + ("" if cfg.classifier.architecture == "wideresnet" else
+                                f" ({cfg.classifier.architecture}: --classifier-weights FILE)"))
+        if classifier_path is not None and not Path(classifier_path).is_file():
             raise CheckpointError(f"--classifier: file not found: {classifier_path}")
     state: tr.TrainingState | None = None
     if resume:
@@ -198,11 +201,14 @@ def _train(cfg: Config, classifier_path: Path | None, out: Path | None, ctx: dis
     else:
         if out is not None:
             distributed.on_main(ctx, lambda: _refuse_existing(Path(out)))  # before a download
-        classifier_file = Path(classifier_path)  # type: ignore[arg-type]
         tr.seed_everything(seed, ctx.rank)
 
     # Inputs are checked (classifier weights, data) before a new run directory is made (issue 7).
-    classifier = load_classifier(cfg, classifier_file, device)
+    if resume:
+        classifier = sources.load_saved(classifier_file, cfg, device)
+    else:
+        loaded = sources.load(cfg, classifier_path, device)  # any source (models/sources.py)
+        classifier = loaded.model
     set_eval_frozen(classifier)
     if ctx.is_main:
         dataset = data.build_dataset(cfg, "train", root=data_root, download=True, augment=cfg.data.augment)
@@ -214,8 +220,8 @@ def _train(cfg: Config, classifier_path: Path | None, out: Path | None, ctx: dis
     if ctx.is_main:
         ckpt.atomic_write_text(run_dir / ckpt.CONFIG_FILE, config_to_toml(cfg))
         if not resume:
-            ckpt.save_tensors(run_dir / ckpt.CLASSIFIER_FILE, classifier.state_dict(), {"format": "carso-classifier"})
-            ckpt.write_classifier_reference(run_dir, classifier_file)  # its sha256, for --resume --classifier
+            record = sources.record(run_dir, loaded)  # the source, the weights' sha256 (for --resume --classifier)
+            sources.save(run_dir / ckpt.CLASSIFIER_FILE, classifier, cfg, record.get("sha256"))
 
     # The same initial purifier on every rank (DDP would broadcast rank 0's anyway).
     with torch.random.fork_rng(devices=[]):
@@ -389,7 +395,8 @@ def _plot(run_dir: Path) -> None:
 
 def cli(
     preset: Annotated[Optional[str], typer.Option("--preset", "-p", help="Preset name or .toml (not needed with --resume).")] = None,
-    classifier: Annotated[Optional[Path], typer.Option("--classifier", help="Classifier weights (.safetensors, .pt, .pth), or a published model's name (carso pull --list).")] = None,
+    classifier: Annotated[Optional[Path], typer.Option("--classifier", help="Classifier weights (.safetensors, .pt, .pth), a published model's name (carso pull --list), or a source: robustbench:NAME, torchvision:NAME, timm:NAME, python:package.module:factory (imports and runs that module of yours).")] = None,
+    classifier_weights: Annotated[Optional[Path], typer.Option("--classifier-weights", help="Weights for a torchvision:/timm:/python: --classifier (safetensors, or .pt read with weights_only=True).")] = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="Run directory (default runs/<preset>-<timestamp>).")] = None,
     epochs: Annotated[Optional[int], typer.Option("--epochs", min=1, help="Epochs (overrides training.epochs; with --resume, extends the run).")] = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", min=1, help="Global batch size (split across processes).")] = None,
@@ -408,6 +415,7 @@ def cli(
     from carso_cli import zoo
     from carso_cli.cli import console
 
+    set_, classifier = sources.option_sets(set_, classifier, classifier_weights)  # a source sets the architecture
     classifier = zoo.resolve_weights(classifier)  # a path, or a published model's name (carso pull --list)
     set_ = memory_sets(set_, attack_chunk, micro_batch)
     if compile_ is not None:

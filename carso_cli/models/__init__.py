@@ -11,35 +11,71 @@ from torch import nn
 
 from carso_cli import checkpoint as ckpt
 from carso_cli.config import Config, load_config
-from carso_cli.errors import CheckpointError
+from carso_cli.errors import CheckpointError, ConfigError
+from carso_cli.models import sources
 from carso_cli.models.carso import CARSO, set_eval_frozen
-from carso_cli.models.purifier import Purifier, PurifierSpec, spec_from_config
-from carso_cli.models.representation import execution_order, representation_shapes, resolve_layers
-from carso_cli.models.wideresnet import WideResNet, build_classifier
+from carso_cli.models.purifier import (
+    Purifier,
+    PurifierSpec,
+    layerwise_channels,
+    spec_from_config,
+)
+from carso_cli.models.representation import (
+    execution_order,
+    representation_shapes,
+    resolve_layers,
+)
+from carso_cli.models.wideresnet import WideResNet
 
 __all__ = [
     "CARSO",
+    "LoadedRun",
     "Purifier",
     "PurifierSpec",
     "WideResNet",
     "build_classifier",
-    "load_classifier",
-    "purifier_spec_for",
     "build_purifier",
-    "save_purifier",
+    "load_classifier",
     "load_purifier",
-    "LoadedRun",
     "load_run",
-    "write_run",
+    "purifier_spec_for",
+    "save_purifier",
     "set_eval_frozen",
+    "write_run",
 ]
 
 
-def load_classifier(cfg: Config, path: str | Path, device: str | torch.device = "cpu") -> WideResNet:
-    """The preset's classifier with weights from ``path`` (safetensors or .pt/.pth), in eval mode."""
-    model = build_classifier(cfg)
-    ckpt.load_into(model, ckpt.load_state_dict_file(path), what=f"classifier weights in {path}")
-    return model.to(device).eval()
+def build_classifier(cfg: Config) -> nn.Module:
+    """The preset's classifier (any source, ``models.sources``), randomly initialised, [0, 1] inputs."""
+    return sources.build(cfg)
+
+
+def load_classifier(cfg: Config, path: str | Path | None, device: str | torch.device = "cpu") -> nn.Module:
+    """The preset's classifier with weights from ``path`` (safetensors or .pt/.pth; None: the source's own
+    loader, for robustbench: and python:), in eval mode."""
+    return sources.load(cfg, path, device).model
+
+
+def representation_features(shapes: list[tuple[int, ...]], depth: int) -> int:
+    """Inputs of the FC representation encoder (Table 10): the flattened layerwise encoders' outputs."""
+    return sum(layerwise_channels(c, depth)[-1] * max(h - 2 * depth, 0) * max(w - 2 * depth, 0) for c, h, w in shapes)
+
+
+def check_representation(cfg: Config, layers: list[str], shapes: list[tuple[int, ...]]) -> None:
+    """Every layer image-shaped, and the FC encoder within ``purifier.max_fc_parameters`` (a layer too small
+    for the layerwise encoder is refused when the purifier is built)."""
+    p = cfg.purifier
+    for name, shape in zip(layers, shapes):
+        if len(shape) != 3:
+            raise ConfigError(f"layer '{name}' outputs {tuple(shape)} per example, not an image-shaped C×H×W tensor: "
+                              "choose convolutional layers (carso info --preset P lists them)")
+    features = representation_features(shapes, p.layerwise_depth)
+    if features * p.fcrepr > p.max_fc_parameters:
+        raise ConfigError(
+            f"the representation ({len(layers)} layers, {sum(c * h * w for c, h, w in shapes):,} values) encodes to "
+            f"{features:,} features: the FC encoder {features:,} × fcrepr {p.fcrepr} = {features * p.fcrepr:,} "
+            f"weights exceeds purifier.max_fc_parameters = {p.max_fc_parameters:,}; choose fewer or smaller layers "
+            f"(--set purifier.layers=[...]) or raise the limit (--set purifier.max_fc_parameters=N)")
 
 
 def purifier_spec_for(cfg: Config, classifier: nn.Module | None = None) -> PurifierSpec:
@@ -50,12 +86,13 @@ def purifier_spec_for(cfg: Config, classifier: nn.Module | None = None) -> Purif
     probe = copy.deepcopy(classifier).to("meta") if classifier is not None else None
     if probe is None:
         with torch.device("meta"):
-            probe = build_classifier(cfg)
+            probe = sources.build(cfg, check=False)
     probe.eval()
-    layers = resolve_layers(probe, cfg.purifier.layers)
     shape = (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
+    layers = resolve_layers(probe, cfg.purifier.layers, shape, min_side=2 * cfg.purifier.layerwise_depth)
     layers = execution_order(probe, layers, shape)
     shapes = representation_shapes(probe, layers, shape)
+    check_representation(cfg, layers, shapes)
     return spec_from_config(cfg, layers, shapes)
 
 
@@ -80,11 +117,22 @@ def load_purifier(path: str | Path, device: str | torch.device = "cpu") -> Purif
     return purifier.to(device).eval()
 
 
+def recorded_sha256(run: Path) -> str | None:
+    """The sha256 of the weights file a run's classifier came from (``classifier.json``), if recorded."""
+    import json
+
+    ref = Path(run) / ckpt.CLASSIFIER_REF_FILE
+    try:
+        return json.loads(ref.read_text()).get("sha256") if ref.is_file() else None
+    except ValueError:
+        return None
+
+
 @dataclass
 class LoadedRun:
     run: Path
     cfg: Config
-    classifier: WideResNet
+    classifier: nn.Module
     purifier: Purifier
 
     def carso(self, samples: int | None = None, aggregation: str | None = None,
@@ -105,7 +153,7 @@ def load_run(run: str | Path | None = None, device: str | torch.device = "cpu") 
     """Config, classifier and purifier of a run directory (default: the latest under ./runs)."""
     run_dir = ckpt.resolve_run(run)
     cfg = load_config(run_dir / ckpt.CONFIG_FILE)
-    classifier = load_classifier(cfg, ckpt.classifier_path_of(run_dir), device)
+    classifier = sources.load_saved(ckpt.classifier_path_of(run_dir), cfg, device)
     purifier = load_purifier(run_dir / ckpt.PURIFIER_FILE, device)
     if purifier.spec.num_classes != cfg.data.num_classes:
         raise CheckpointError(f"{run_dir}: purifier and config disagree on the number of classes")
@@ -124,7 +172,7 @@ def write_run(run_dir: str | Path, cfg: Config, classifier: nn.Module | str | Pa
     run.mkdir(parents=True, exist_ok=True)
     ckpt.atomic_write_text(run / ckpt.CONFIG_FILE, config_to_toml(cfg))
     if isinstance(classifier, nn.Module):
-        ckpt.save_tensors(run / ckpt.CLASSIFIER_FILE, classifier.state_dict(), {"format": "carso-classifier"})
+        sources.save(run / ckpt.CLASSIFIER_FILE, classifier, cfg, recorded_sha256(run))
     else:
         ckpt.write_classifier_reference(run, Path(classifier))
     save_purifier(run / ckpt.PURIFIER_FILE, purifier, inference_only=True)
