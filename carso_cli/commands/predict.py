@@ -19,7 +19,7 @@ import typer
 from carso_cli import api
 from carso_cli.aggregation import probabilities
 from carso_cli.api import example_latents  # noqa: F401  (also predict's: one definition)
-from carso_cli.classnames import class_names, label
+from carso_cli.classnames import label, run_class_names
 from carso_cli.commands._common import AGGREGATION_HELP, Aggregation, DataRootOpt, DeviceOpt, RunOpt, SeedOpt, resolve_device
 from carso_cli.errors import CarsoError
 from carso_cli.images import InputImage, collect_images, load_image, save_grid, to_float
@@ -81,12 +81,7 @@ def run(
     for img in images:
         for note in img.notes:
             notify(f"{img.path}: {note}")
-    names = class_names(cfg.data.dataset, data_root)
-    if names is not None and len(names) != cfg.data.num_classes:
-        notify(f"{len(names)} class names found for {cfg.data.dataset}, but the model has {cfg.data.num_classes} classes: using numbers")
-        names = None
-    elif names is None and cfg.data.dataset == "tinyimagenet":
-        notify("TinyImageNet class names need tiny-imagenet-200/wnids.txt and words.txt under --data-root: using numbers")
+    names = run_class_names(model.run_dir, cfg, data_root, notify)  # stored in the run, else the dataset's
 
     model.keep_reconstructions = save_reconstructions is not None
     if classifier_only:
