@@ -18,6 +18,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from carso_cli.errors import CarsoError
+
 CLASSES_FILE = "classes.json"  # in a run directory
 CLASSES_FORMAT = "carso-classes/1"
 
@@ -136,3 +138,20 @@ def run_class_names(run: Path | None, cfg: Any, data_root: Path | str | None = N
     if names is None and cfg.data.dataset == "tinyimagenet":
         notify("TinyImageNet class names need tiny-imagenet-200/wnids.txt and words.txt under --data-root: using numbers")
     return names
+
+
+def class_index(value: str, names: list[str] | None, num_classes: int) -> int:
+    """``--label``'s class: a class name, else a class number; anything else is a CarsoError."""
+    if names is not None and value in names:
+        return names.index(value)
+    if value.strip().isdigit() and int(value) < num_classes:
+        return int(value)
+    known = f"a class name ({', '.join(names[:5])}{', …' if len(names) > 5 else ''}) or " if names else ""
+    raise CarsoError(f"--label {value!r} is not a class of this run: give {known}a number from 0 to {num_classes - 1}")
+
+
+def true_classes(paths: list[Path], names: list[str] | None, given: str | None, num_classes: int) -> list[int | None]:
+    """Each image's true class: ``--label`` for all, else its folder's name when that is a class name."""
+    if given is not None:
+        return [class_index(given, names, num_classes)] * len(paths)
+    return [names.index(p.parent.name) if names is not None and p.parent.name in names else None for p in paths]

@@ -20,7 +20,7 @@ import typer
 from carso_cli import api
 from carso_cli.aggregation import aggregate, probabilities
 from carso_cli.api import example_latents  # noqa: F401  (also predict's: one definition)
-from carso_cli.classnames import label, run_class_names
+from carso_cli.classnames import label, run_class_names, true_classes
 from carso_cli.commands._common import AGGREGATION_HELP, Aggregation, DataRootOpt, DeviceOpt, RunOpt, SeedOpt, resolve_device
 from carso_cli.errors import CarsoError
 from carso_cli.images import Grid, InputImage, collect_images, load_image, reconstruction_rows, save_grid, to_float
@@ -59,23 +59,6 @@ class PredictResult:
     names: list[str] | None  # class names, None when unknown ("class N")
     reconstructions: Path | None = None
     grid: Grid | None = None
-
-
-def class_index(value: str, names: list[str] | None, num_classes: int) -> int:
-    """``--label``'s class: a class name, else a class number; anything else is a CarsoError."""
-    if names is not None and value in names:
-        return names.index(value)
-    if value.strip().isdigit() and int(value) < num_classes:
-        return int(value)
-    known = f"a class name ({', '.join(names[:5])}{', …' if len(names) > 5 else ''}) or " if names else ""
-    raise CarsoError(f"--label {value!r} is not a class of this run: give {known}a number from 0 to {num_classes - 1}")
-
-
-def true_classes(paths: list[Path], names: list[str] | None, given: str | None, num_classes: int) -> list[int | None]:
-    """Each image's true class: ``--label`` for all, else its folder's name when that is a class name."""
-    if given is not None:
-        return [class_index(given, names, num_classes)] * len(paths)
-    return [names.index(p.parent.name) if names is not None and p.parent.name in names else None for p in paths]
 
 
 def _eps_text(eps: float) -> str:
