@@ -210,6 +210,8 @@ def test_label_and_attack_through_the_cli(tmp_path: Path, images: Path) -> None:
     out = _json(_predict(str(data / "val"), "--run", str(run), "--json", "--attack", "pgd"))
     assert [o["true_label"] for o in out] == ["cat"] * 4 + ["dog"] * 4  # from the folder names
     assert all(o["attack"]["eps"] == pytest.approx(8 / 255) for o in out)
+    one = _json(_predict(str(data / "val"), "--run", str(run), "--json", "--attack", "pgd", "--batch-size", "3"))
+    np.testing.assert_allclose([o["probabilities"] for o in one], [o["probabilities"] for o in out], rtol=0, atol=1e-6)
     given = _json(_predict(str(images / "a.png"), "--run", str(run), "--json", "--label", "1"))
     assert given[0]["true_class"] == 1 and given[0]["true_label"] == "dog"
     _fails(_predict(str(images / "a.png"), "--run", str(run), "--attack", "pgd"), "needs each image's true class")

@@ -189,11 +189,16 @@ def run(
 
 
 def _attack(classifier: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, a: Any, seed: int, start: int) -> torch.Tensor:
-    """PGD on the classifier at the preset's ε (the purifier's training attack), seeded per batch start."""
+    """PGD on the classifier at the preset's ε (the purifier's training attack).
+
+    Image i's random start depends on (seed, i) only, so ``--batch-size`` does not change the attack either.
+    """
     from carso_cli.attacks import pgd
 
-    gen = torch.Generator(device=x.device).manual_seed(seed * 1_000_003 + start)
-    return pgd(classifier, x, y, a.eps, a.pgd_steps, a.pgd_step_size, random_start=a.pgd_random_start, generator=gen)
+    noise = torch.stack([torch.rand(x.shape[1:], generator=torch.Generator().manual_seed(seed * 1_000_003 + i))
+                         for i in range(start, start + x.shape[0])]).to(x.device)
+    return pgd(classifier, x, y, a.eps, a.pgd_steps, a.pgd_step_size, random_start=a.pgd_random_start,
+               start_noise=noise)
 
 
 def cli(
