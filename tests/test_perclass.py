@@ -83,3 +83,19 @@ def test_plot_per_class_bars_and_heat_map(tmp_path: Path, classes: int) -> None:
     out = plot_per_class(per_class(flags, labels, None), tmp_path / "p.png", title="t")
     with Image.open(out) as img:
         assert img.format == "PNG"
+
+
+def test_per_class_survives_resume_and_does_not_depend_on_batch_size(tiny_run: Path) -> None:
+    def evaluate(name: str, batch: str, *extra: str) -> dict:
+        args = ["eval", "--run", str(tiny_run), "--attack", "none", "--n-examples", "10", "--samples", "2",
+                "--batch-size", batch, "--device", "cpu", "--name", name, *extra]
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, result.output
+        return json.loads((tiny_run / "eval" / name / "results.json").read_text())
+
+    first = evaluate("a", "4")
+    assert sum(r["total"] for r in first["per_class"]["classes"]) == 10
+    assert all(r["name"] == str(r["class"]) for r in first["per_class"]["classes"])  # synthetic: the numbers
+    assert evaluate("b", "10")["per_class"] == first["per_class"]
+    (tiny_run / "eval" / "a" / "batch-00001.json").unlink()
+    assert evaluate("a", "4", "--resume")["per_class"] == first["per_class"]
