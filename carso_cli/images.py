@@ -228,6 +228,17 @@ def _fit(draw: ImageDraw.ImageDraw, text: str, font: object, width: int) -> str:
     return text + "…"
 
 
+def _wrap(draw: ImageDraw.ImageDraw, text: str, font: object, width: int) -> list[str]:
+    """``text`` broken at spaces into lines at most ``width`` pixels wide (a longer word gets its own line)."""
+    lines: list[str] = []
+    for word in text.split(" "):
+        if lines and draw.textlength(f"{lines[-1]} {word}", font=font) <= width:
+            lines[-1] = f"{lines[-1]} {word}"
+        else:
+            lines.append(word)
+    return lines
+
+
 def _to_pil(pixels: torch.Tensor, scale: int) -> Image.Image:
     """(C, H, W) in [0, 1] → an RGB image, each pixel a scale×scale block (nearest: no invented detail)."""
     arr = (pixels.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
@@ -262,12 +273,14 @@ def save_grid(path: str | Path, rows: Sequence[Sequence[Tile]], title: str = "",
                 widths[c] = min(max(widths[c], int(probe.textlength(line, font=font)) + 4), 2 * tile)
     lines = max(len(t.caption) for r in rows for t in r)
     row_h = tile + 4 + lines * _LINE_PX + _GAP
-    top = _LINE_PX + _GAP if title else _GAP
-    size = (sum(widths) + _GAP * (n_cols + 1), top + row_h * len(rows))
+    width = sum(widths) + _GAP * (n_cols + 1)
+    heading = _wrap(probe, title, font, width - 2 * _GAP) if title else []
+    top = len(heading) * _LINE_PX + _GAP
+    size = (width, top + row_h * len(rows))
     canvas = Image.new("RGB", size, (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
-    if title:
-        draw.text((_GAP, _GAP // 2), _fit(draw, title, font, size[0] - 2 * _GAP), fill=_PLAIN, font=font)
+    for j, line in enumerate(heading):
+        draw.text((_GAP, _GAP // 2 + j * _LINE_PX), line, fill=_PLAIN, font=font)
     captions: list[list[list[str]]] = []
     boxes: list[list[tuple[int, int]]] = []
     for i, r in enumerate(rows):
