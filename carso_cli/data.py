@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from carso_cli.classnames import class_names, synthetic_class_names, tinyimagenet_class_names
 from carso_cli.config import Config
 from carso_cli.errors import DataError
 
@@ -205,7 +206,7 @@ class SyntheticDataset(Dataset):
             )
         self.size, self.image_size, self.num_classes, self.channels = size, image_size, num_classes, channels
         self.seed, self.split, self.transform = seed, split, transform
-        self.classes = [f"pattern {k}" for k in range(num_classes)]
+        self.classes = synthetic_class_names(num_classes)
         # Prototypes depend on the seed only: train and test share classes, not images.
         self.prototypes = self._prototypes(image_size, num_classes, channels, _stable_seed("proto", seed))
         g = torch.Generator().manual_seed(_stable_seed("items", seed, split, size, image_size, channels, num_classes))
@@ -472,7 +473,11 @@ def build_dataset(
 
 
 def dataset_class_names(cfg: Config, root: Path | str = "data") -> list[str] | None:
-    """Human-readable class names, index-aligned with the labels; None when unknown."""
+    """Human-readable class names, index-aligned with the labels; None when unknown.
+
+    An imagefolder's class folders (sorted, as the labels), CIFAR's and TinyImageNet's names, the
+    synthetic set's numbers. What a run stores (``classnames.write_run_class_names``).
+    """
     dataset = cfg.data.dataset
     if dataset.startswith("imagefolder:"):
         from torchvision.datasets.folder import find_classes
@@ -482,9 +487,8 @@ def dataset_class_names(cfg: Config, root: Path | str = "data") -> list[str] | N
             return find_classes(str(train))[0]
         except (FileNotFoundError, OSError):
             return None
-    # Imported lazily: the names are a convenience, and classnames is the one place that spells them.
-    from carso_cli.classnames import class_names, tinyimagenet_class_names
-
+    if dataset == "synthetic":
+        return synthetic_class_names(cfg.data.num_classes)
     if dataset == "tinyimagenet":
         return tinyimagenet_class_names(tinyimagenet_dir(Path(root).expanduser()))
     return class_names(dataset, Path(root))

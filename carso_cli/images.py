@@ -1,4 +1,4 @@
-"""Image files in and out: finding them, reading them as model inputs, writing PNG grids.
+"""Image files in and out: finding them, reading them as model inputs, writing captioned PNG grids.
 
 Inputs are brought to what the model expects — ``channels`` (RGB or grayscale) and a square
 ``size``×``size`` — and every change is reported as a note, so the user knows what the model saw:
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from carso_cli.checkpoint import atomic_path
 from carso_cli.errors import DataError
@@ -127,24 +127,179 @@ def to_float(pixels: torch.Tensor) -> torch.Tensor:
     return pixels.float() / 255.0
 
 
-def save_grid(path: str | Path, images: torch.Tensor, reconstructions: torch.Tensor, padding: int = 2) -> Path:
-    """Write a grid: one row per input, the input first, then its N reconstructions.
+# ----------------------------------------------------------------------------------------------
+# Reconstruction grids (``predict --save-reconstructions``)
+# ----------------------------------------------------------------------------------------------
+
+GRID_MIN_PX = 128  # every image is drawn at least this many pixels wide (32×32 inputs: 4×, nearest)
+_FONT_PX = 13
+_LINE_PX = 17
+_GAP = 8
+_RIGHT, _WRONG, _PLAIN = (0, 120, 0), (190, 0, 0), (0, 0, 0)
+
+
+@dataclass
+class Tile:
+    """One image of the grid and its caption, one line per entry.
+
+    ``marks[i]``: True draws line i green (the class it names is the true one), False red, None black.
+    """
+
+    pixels: torch.Tensor  # (C, H, W) in [0, 1]
+    caption: list[str]
+    marks: list[bool | None] = field(default_factory=list)
+
+
+@dataclass
+class Grid:
+    path: Path
+    scale: int  # each image pixel is a scale×scale block
+    tile_px: int  # drawn image side, ≥ GRID_MIN_PX
+    size: tuple[int, int]  # (width, height) of the PNG
+    captions: list[list[list[str]]]  # row → tile → lines, as drawn
+    boxes: list[list[tuple[int, int]]]  # row → tile → (left, top) of the drawn image
+
+
+def caption_line(prefix: str, predicted: int, names: Sequence[str] | None, true: int | None) -> tuple[str, bool | None]:
+    """("prefix: name", right?) for a predicted class; right is None when the true class is unknown."""
+    from carso_cli.classnames import label
+
+    return f"{prefix}{label(list(names) if names is not None else None, predicted)}", (
+        None if true is None else predicted == true
+    )
+
+
+def reconstruction_rows(
+    inputs: torch.Tensor, reconstructions: torch.Tensor, recon_classes: torch.Tensor, carso_classes: torch.Tensor,
+    names: Sequence[str] | None, true: Sequence[int | None], attacked: torch.Tensor | None = None,
+    classifier_clean: torch.Tensor | None = None, classifier_attacked: torch.Tensor | None = None,
+    attack_title: str = "attacked",
+) -> list[list[Tile]]:
+    """The grid's rows: per input, the input (and its attacked version), then its N reconstructions.
 
     Args:
-        images: (B, C, H, W) in [0, 1].
-        reconstructions: (N, B, C, H, W) in [0, 1].
-    Returns:
-        The path written; the file is ((N+1)·(W+p)+p) × (B·(H+p)+p) pixels for padding p.
+        inputs: (B, C, H, W) in [0, 1], the clean inputs.
+        reconstructions: (N, B, C, H, W) in [0, 1], of what CARSO classified (the attacked input if any).
+        recon_classes: (N, B) the classifier's class for each reconstruction (what the aggregation combines).
+        carso_classes: (B,) CARSO's prediction.
+        true: per input, its true class or None (unknown).
+        attacked / classifier_clean / classifier_attacked: with an attack, the attacked inputs (B, C, H, W)
+            and the classifier's classes (B,) on the clean and the attacked input.
+    """
+    from carso_cli.classnames import label
+
+    rows = []
+    for b in range(inputs.shape[0]):
+        t = true[b]
+        truth = [f"true: {label(list(names) if names is not None else None, t)}"] if t is not None else []
+        carso = caption_line("CARSO: ", int(carso_classes[b]), names, t)
+        if attacked is None:
+            first = Tile(inputs[b], ["input", *truth, carso[0]], [None] * (1 + len(truth)) + [carso[1]])
+            row = [first]
+        else:
+            assert classifier_clean is not None and classifier_attacked is not None
+            clean = caption_line("classifier: ", int(classifier_clean[b]), names, t)
+            adv = caption_line("classifier: ", int(classifier_attacked[b]), names, t)
+            row = [Tile(inputs[b], ["clean input", *truth, clean[0]], [None] * (1 + len(truth)) + [clean[1]]),
+                   Tile(attacked[b], [attack_title, adv[0], carso[0]], [None, adv[1], carso[1]])]
+        for k in range(reconstructions.shape[0]):
+            line = caption_line("→ ", int(recon_classes[k, b]), names, t)
+            row.append(Tile(reconstructions[k, b], [f"reconstruction {k + 1}", line[0]], [None, line[1]]))
+        rows.append(row)
+    return rows
+
+
+def _font(px: int = _FONT_PX) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    """DejaVu Sans (shipped with matplotlib, a dependency: it has ε and →), else Pillow's own font."""
+    try:
+        from matplotlib import get_data_path
+
+        return ImageFont.truetype(str(Path(get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"), px)
+    except (ImportError, OSError):  # pragma: no cover - matplotlib's font missing, or no FreeType
+        return ImageFont.load_default()
+
+
+def _fit(draw: ImageDraw.ImageDraw, text: str, font: object, width: int) -> str:
+    """``text``, shortened with "…" until it is at most ``width`` pixels wide."""
+    if draw.textlength(text, font=font) <= width:
+        return text
+    while text and draw.textlength(text + "…", font=font) > width:
+        text = text[:-1]
+    return text + "…"
+
+
+def _wrap(draw: ImageDraw.ImageDraw, text: str, font: object, width: int) -> list[str]:
+    """``text`` broken at spaces into lines at most ``width`` pixels wide (a longer word gets its own line)."""
+    lines: list[str] = []
+    for word in text.split(" "):
+        if lines and draw.textlength(f"{lines[-1]} {word}", font=font) <= width:
+            lines[-1] = f"{lines[-1]} {word}"
+        else:
+            lines.append(word)
+    return lines
+
+
+def _to_pil(pixels: torch.Tensor, scale: int) -> Image.Image:
+    """(C, H, W) in [0, 1] → an RGB image, each pixel a scale×scale block (nearest: no invented detail)."""
+    arr = (pixels.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
+    if arr.shape[0] == 1:
+        arr = arr.expand(3, -1, -1)
+    img = Image.fromarray(arr.permute(1, 2, 0).contiguous().numpy(), mode="RGB")
+    return img.resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST)
+
+
+def save_grid(path: str | Path, rows: Sequence[Sequence[Tile]], title: str = "", min_px: int = GRID_MIN_PX) -> Grid:
+    """Draw ``rows`` of captioned images into a PNG (written atomically): one input per row.
+
+    Every image is upscaled by the smallest integer factor that makes it at least ``min_px`` wide
+    (nearest neighbour); a column is as wide as its widest caption, up to twice the image.
     """
     path = Path(path)
     fmt = Image.registered_extensions().get(path.suffix.lower())
     if fmt is None:
         raise DataError(f"cannot tell the image format of {path} from its suffix (use .png)")
-    n = reconstructions.shape[0]
-    rows = torch.cat([images.unsqueeze(0), reconstructions], dim=0)  # (1+N, B, C, H, W)
-    tiles = rows.transpose(0, 1).reshape(-1, *images.shape[1:])  # input b, then its reconstructions
-    from torchvision.utils import save_image  # lazy: torchvision adds seconds to every CLI start
-
+    if not rows or not rows[0]:
+        raise DataError("no image to draw")
+    side = int(rows[0][0].pixels.shape[-1])
+    scale = max(1, -(-min_px // side))  # ceil
+    tile = side * scale
+    font = _font()
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    n_cols = max(len(r) for r in rows)
+    widths = [tile] * n_cols
+    for r in rows:
+        for c, t in enumerate(r):
+            for line in t.caption:
+                widths[c] = min(max(widths[c], int(probe.textlength(line, font=font)) + 4), 2 * tile)
+    lines = max(len(t.caption) for r in rows for t in r)
+    row_h = tile + 4 + lines * _LINE_PX + _GAP
+    width = sum(widths) + _GAP * (n_cols + 1)
+    heading = _wrap(probe, title, font, width - 2 * _GAP) if title else []
+    top = len(heading) * _LINE_PX + _GAP
+    size = (width, top + row_h * len(rows))
+    canvas = Image.new("RGB", size, (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for j, line in enumerate(heading):
+        draw.text((_GAP, _GAP // 2 + j * _LINE_PX), line, fill=_PLAIN, font=font)
+    captions: list[list[list[str]]] = []
+    boxes: list[list[tuple[int, int]]] = []
+    for i, r in enumerate(rows):
+        y, x = top + i * row_h, _GAP
+        drawn: list[list[str]] = []
+        boxes.append([])
+        for c, t in enumerate(r):
+            boxes[-1].append((x + (widths[c] - tile) // 2, y))
+            canvas.paste(_to_pil(t.pixels, scale), boxes[-1][-1])
+            shown = []
+            for j, line in enumerate(t.caption):
+                text = _fit(draw, line, font, widths[c])
+                mark = t.marks[j] if j < len(t.marks) else None
+                colour = _PLAIN if mark is None else (_RIGHT if mark else _WRONG)
+                draw.text((x, y + tile + 4 + j * _LINE_PX), text, fill=colour, font=font)
+                shown.append(text)
+            drawn.append(shown)
+            x += widths[c] + _GAP
+        captions.append(drawn)
     with atomic_path(path) as tmp:
-        save_image(tiles.detach().float().cpu(), tmp, nrow=n + 1, padding=padding, pad_value=1.0, format=fmt)
-    return path
+        canvas.save(tmp, format=fmt)
+    return Grid(path, scale, tile, size, captions, boxes)

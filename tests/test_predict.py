@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from carso_cli.classnames import CIFAR10_CLASSES, CIFAR100_CLASSES, class_names, label
 from carso_cli.cli import app
+from carso_cli.commands import predict
 from carso_cli.commands.predict import example_latents
 from carso_cli.config import load_config
 from carso_cli.images import collect_images, load_image
@@ -60,7 +61,7 @@ def test_json_schema_and_probabilities(tiny_run: Path, images: Path) -> None:
         p = o["probabilities"]
         assert len(p) == 10 and all(0.0 <= v <= 1.0 for v in p)
         assert sum(p) == pytest.approx(1.0, abs=1e-6)
-        assert o["class"] == int(np.argmax(p)) and o["label"] == f"class {o['class']}"  # synthetic: no names
+        assert o["class"] == int(np.argmax(p)) and o["label"] == str(o["class"])  # synthetic: the numbers
 
 
 def test_carso_probabilities_are_the_models_and_do_not_depend_on_batching(tiny_run: Path, images: Path) -> None:
@@ -157,10 +158,65 @@ def test_reconstruction_grid(tiny_run: Path, images: Path, tmp_path: Path, sampl
     grid = tmp_path / "out" / "grid.png"
     result = _predict(str(images), "--run", str(tiny_run), "--samples", str(samples), "--save-reconstructions", str(grid))
     assert result.exit_code == 0, result.output
-    with Image.open(grid) as img:
-        # one row per image (2), the input then its reconstructions; 32-pixel tiles, 2-pixel padding
-        assert img.format == "PNG" and img.size == (columns * 34 + 2, 2 * 34 + 2)
     assert [p.name for p in grid.parent.iterdir()] == ["grid.png"]  # no temporary file left
+    drawn = predict.run([images], tiny_run, samples=samples, save_reconstructions=grid).grid
+    assert drawn is not None and drawn.scale == 4 and drawn.tile_px == 128  # 32×32 at 4×: ≥ 128 px each
+    with Image.open(grid) as img:
+        assert img.format == "PNG" and img.size == drawn.size
+        pixels = np.asarray(img.convert("RGB"))
+    assert len(drawn.boxes) == 2 and all(len(row) == columns for row in drawn.boxes)  # input + reconstructions
+    for b, path in enumerate(sorted(images.iterdir())):  # the input, nearest-upscaled, where the grid says
+        left, top = drawn.boxes[b][0]
+        expected = np.kron(load_image(path, 32).pixels.permute(1, 2, 0).numpy(), np.ones((4, 4, 1), dtype=np.uint8))
+        assert np.array_equal(pixels[top:top + 128, left:left + 128], expected)
+
+
+def test_grid_captions_name_the_true_class_carso_and_each_reconstruction(tmp_path: Path) -> None:
+    from test_classnames import imagefolder_cfg, make_imagefolder
+
+    data = make_imagefolder(tmp_path / "pets")
+    run = make_random_run(tmp_path / "run", imagefolder_cfg(data, {"inference.samples": 3}))
+    files = [data / "val" / "cat" / "0.png", data / "val" / "dog" / "1.png"]
+    result = predict.run(files, run, save_reconstructions=tmp_path / "g.png")
+    loaded = load_run(run)
+    model = loaded.carso()
+    x = torch.stack([load_image(p, 32).pixels for p in files]).float() / 255
+    with torch.no_grad():
+        logits = model.reconstruction_logits(x, example_latents(0, range(2), 3, loaded.purifier.spec.fjoint))
+    assert result.grid is not None
+    for b, (truth, pred) in enumerate(zip(("cat", "dog"), result.predictions)):
+        caption = result.grid.captions[b]
+        assert caption[0] == ["input", f"true: {truth}", f"CARSO: {pred.label}"]
+        assert pred.true_label == truth and pred.label == ("cat", "dog")[pred.cls]
+        assert [c[1] for c in caption[1:]] == [f"→ {('cat', 'dog')[int(k)]}" for k in logits[:, b].argmax(-1)]
+
+    # --label overrides the folder; --attack pgd adds the attacked input and the classifier's classes.
+    attacked = predict.run(files[:1], run, save_reconstructions=tmp_path / "a.png", label_="dog", attack="pgd")
+    pred = attacked.predictions[0]
+    assert pred.true_label == "dog" and pred.attack is not None and pred.attack["name"] == "pgd"
+    assert attacked.grid is not None
+    clean, adv, *recons = attacked.grid.captions[0]
+    names = ("cat", "dog")
+    assert clean == ["clean input", "true: dog", f"classifier: {names[pred.attack['classifier_clean']]}"]
+    assert adv == ["PGD, ε = 8/255", f"classifier: {names[pred.attack['classifier_attacked']]}", f"CARSO: {pred.label}"]
+    assert len(recons) == 3
+
+
+def test_label_and_attack_through_the_cli(tmp_path: Path, images: Path) -> None:
+    from test_classnames import imagefolder_cfg, make_imagefolder
+
+    data = make_imagefolder(tmp_path / "pets")
+    run = make_random_run(tmp_path / "run", imagefolder_cfg(data, {"inference.samples": 2}))
+    out = _json(_predict(str(data / "val"), "--run", str(run), "--json", "--attack", "pgd"))
+    assert [o["true_label"] for o in out] == ["cat"] * 4 + ["dog"] * 4  # from the folder names
+    assert all(o["attack"]["eps"] == pytest.approx(8 / 255) for o in out)
+    one = _json(_predict(str(data / "val"), "--run", str(run), "--json", "--attack", "pgd", "--batch-size", "3"))
+    np.testing.assert_allclose([o["probabilities"] for o in one], [o["probabilities"] for o in out], rtol=0, atol=1e-6)
+    given = _json(_predict(str(images / "a.png"), "--run", str(run), "--json", "--label", "1"))
+    assert given[0]["true_class"] == 1 and given[0]["true_label"] == "dog"
+    _fails(_predict(str(images / "a.png"), "--run", str(run), "--attack", "pgd"), "needs each image's true class")
+    _fails(_predict(str(images / "a.png"), "--run", str(run), "--label", "bird"), "--label 'bird' is not a class")
+    _fails(_predict(str(images / "a.png"), "--run", str(run), "--label", "7"), "a number from 0 to 1")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -302,7 +302,7 @@ def test_unknown_names_and_no_name(env: Path) -> None:
 def test_list_shows_the_zoo(env: Path) -> None:
     result = runner.invoke(app, ["pull", "--list"], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
-    for text in ("smoke-ref", "smoke-cls", "classifier + purifier → run", "classifier only", "C/Cl 0.5000"):
+    for text in ("smoke-ref", "smoke-cls", " run ", " classifier ", "C/Cl 0.5000"):
         assert text in result.output
 
 
@@ -368,3 +368,33 @@ def test_python_api_loads_a_zoo_name(env: Path, server) -> None:
     assert len(server.log) == requests
     with pytest.raises(CarsoError, match="smoke-reff"):
         carso_cli.load("smoke-reff")
+
+
+def test_list_fits_80_columns_with_whole_names_first() -> None:
+    """The packaged zoo at 80 columns: each name whole on one line, first on its row; the long text elsewhere."""
+    result = runner.invoke(app, ["pull", "--list"], env={"COLUMNS": "80"})
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert all(len(line) <= 80 for line in lines)
+    for name, entry in zoo.entries().items():
+        rows = [line for line in lines if name in line.split()]
+        assert len(rows) == 1, (name, result.output)
+        assert rows[0].split()[0] == name  # the first column
+        assert entry.notes not in result.output  # notes moved to --long / --info
+    long = runner.invoke(app, ["pull", "--list", "--long"], env={"COLUMNS": "80"})
+    assert long.exit_code == 0 and all(len(line) <= 80 for line in long.output.splitlines())
+    flat = " ".join(long.output.split())
+    for entry in zoo.entries().values():
+        assert entry.name in long.output.split() and " ".join(entry.notes.split()) in flat
+
+
+def test_info_shows_one_model_in_full(env: Path) -> None:
+    result = runner.invoke(app, ["pull", "--info", "smoke-ref"], env={"COLUMNS": "80"})
+    assert result.exit_code == 0, result.output
+    assert "smoke files in the authors' format" in result.output and "C/Cl 0.5000" in result.output
+    assert f"decoder: {zoo.base_url()}{FOLDER}/" in result.output  # the URL whole, on one line
+    assert "smoke-cls" not in result.output
+    bad = runner.invoke(app, ["pull", "--info", "smoke-rf"])
+    assert bad.exit_code == 1 and "did you mean smoke-ref" in bad.output and "Traceback" not in bad.output
+    alone = runner.invoke(app, ["pull", "--long"])
+    assert alone.exit_code == 1 and "--long goes with --list" in alone.output

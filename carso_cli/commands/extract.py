@@ -7,7 +7,8 @@ layer, the activations on clean inputs and on adversarial ones, and how much the
 File layout (one named tensor per layer; layer names as in Table 7):
   ``inputs`` (N, C, H, W), ``labels`` (N,), ``representation/<layer>`` (N, C_l, H_l, W_l);
   when attacked also ``adversarial_inputs`` and ``adversarial_representation/<layer>``.
-  Metadata: the layers in execution order (JSON list), attack, ε, preset, split, dtype, relative changes.
+  Metadata: the layers in execution order (JSON list), attack, ε, preset, split, dtype, relative changes,
+  and ``class_names`` (JSON list, index-aligned with ``labels``) when the run or dataset has names.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from rich.table import Table
 
 from carso_cli import checkpoint as ckpt
 from carso_cli import evaluation as ev
+from carso_cli.classnames import run_class_names
 from carso_cli.commands._common import (
     DataRootOpt,
     DeviceOpt,
@@ -90,7 +92,8 @@ def parse_layers(values: list[str] | None) -> list[str] | str | None:
 
 
 def _load(run_dir: Path | None, preset: str | None, classifier_path: Path | None, sets: list[str] | None,
-          device: torch.device) -> tuple[Config, torch.nn.Module, str]:
+          device: torch.device) -> tuple[Config, torch.nn.Module, str, Path | None]:
+    """(config, classifier, what it came from, the run directory or None)."""
     from carso_cli.models import load_classifier, sources
 
     if classifier_path is not None or preset is not None:
@@ -99,10 +102,10 @@ def _load(run_dir: Path | None, preset: str | None, classifier_path: Path | None
         if classifier_path is None or preset is None:
             raise CarsoError("--preset and --classifier go together (or use --run DIR)")
         cfg = load_preset(preset, sets)
-        return cfg, load_classifier(cfg, classifier_path, device), str(classifier_path)
+        return cfg, load_classifier(cfg, classifier_path, device), str(classifier_path), None
     run = ckpt.resolve_run(run_dir, require=None)
     cfg = load_config(run / ckpt.CONFIG_FILE)
-    return cfg, sources.load_saved(ckpt.classifier_path_of(run), cfg, device), str(run)  # any source
+    return cfg, sources.load_saved(ckpt.classifier_path_of(run), cfg, device), str(run), run  # any source
 
 
 def relative_change(clean: torch.Tensor, adv: torch.Tensor) -> torch.Tensor:
@@ -147,7 +150,8 @@ def run(
     if batch_size < 1:
         raise CarsoError(f"--batch-size must be at least 1, got {batch_size}")
     dev = resolve_device(device)
-    cfg, model, source = _load(run_dir, preset, classifier, sets, dev)
+    cfg, model, source, run_path = _load(run_dir, preset, classifier, sets, dev)
+    class_names = run_class_names(run_path, cfg, data_root)  # index-aligned with ``labels``; None: unknown
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -222,6 +226,8 @@ def run(
         "seed": str(seed),
         "relative_change": json.dumps({r.name: r.relative_change for r in rows}),
     }
+    if class_names is not None:
+        metadata["class_names"] = json.dumps(class_names)
     ckpt.save_tensors(out, tensors, metadata)
     result = ExtractResult(out, n, rows, attack, eps_value, out.stat().st_size, correct / n,
                            adv_correct / n if attack != "none" else None)

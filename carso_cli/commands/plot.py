@@ -1,4 +1,5 @@
-"""``carso plot``: loss and learning-rate curves (PNG) from a run's ``metrics.jsonl``.
+"""``carso plot``: loss and learning-rate curves (PNG) from a run's ``metrics.jsonl``, or an evaluation's
+per-class accuracy (``carso plot RUN/eval/NAME``, from its ``results.json``).
 
 Training commands call ``plot_metrics`` at their end; ``carso plot RUN`` redraws the figure at any time
 (also while a run is still training). Matplotlib uses the Agg backend (no display needed).
@@ -77,13 +78,76 @@ def plot_metrics(path: Path, out: Path, title: str | None = None) -> Path:
     return out
 
 
+RESULTS_FILE = "results.json"  # an evaluation's (evaluation/store.py), read here without importing the attacks
+PER_CLASS_FILE = "per_class.png"
+BARS_UP_TO = 20  # classes drawn as grouped bars; more (CIFAR-100, TinyImageNet) as a heat map
+
+
+def read_per_class(results_path: Path) -> dict[str, Any]:
+    """The ``per_class`` section of an evaluation's results, or a CarsoError saying why there is none."""
+    import json
+
+    try:
+        results = json.loads(results_path.read_text())
+    except (OSError, ValueError) as err:
+        raise CarsoError(f"cannot read {results_path}: {err}") from None
+    table = results.get("per_class") if isinstance(results, dict) else None
+    if not table or not table.get("classes"):
+        raise CarsoError(f"{results_path} has no per-class accuracy (an evaluation made before carso kept the "
+                         "examples' labels): run the evaluation again")
+    return table
+
+
+def plot_per_class(table: dict[str, Any], out: Path, title: str) -> Path:
+    """Draw per-class accuracy (one bar per Table 2 column and class, or a heat map) into ``out`` (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import numpy as np
+    from matplotlib import pyplot as plt
+
+    rows, columns = table["classes"], table["columns"]
+    names = [f"{r['name']} ({r['total']})" for r in rows]
+    acc = np.array([[r["accuracy"][c] for c in columns] for r in rows], dtype=float)  # (classes, columns)
+    if len(rows) <= BARS_UP_TO:
+        fig, ax = plt.subplots(figsize=(9, 1.2 + 0.25 * len(rows) * max(len(columns), 2)))
+        height = 0.8 / len(columns)
+        for j, column in enumerate(columns):
+            ax.barh(np.arange(len(rows)) + (j - (len(columns) - 1) / 2) * height, acc[:, j], height=height, label=column)
+        ax.set_yticks(np.arange(len(rows)), names)
+        ax.invert_yaxis()  # class 0 at the top
+        ax.set_xlim(0, 1)
+        ax.set_xlabel("accuracy (examples per class in brackets)")
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize="small")  # beside the bars, never on them
+        ax.grid(axis="x", alpha=0.3)
+    else:
+        fig, ax = plt.subplots(figsize=(min(4 + 0.12 * len(rows), 30), 1.5 + 0.5 * len(columns)))
+        image = ax.imshow(acc.T, aspect="auto", vmin=0, vmax=1, cmap="viridis", interpolation="nearest")
+        ax.set_yticks(np.arange(len(columns)), columns)
+        step = max(1, len(rows) // 50)
+        ax.set_xticks(np.arange(0, len(rows), step), [r["name"] for r in rows][::step], rotation=90, fontsize="x-small")
+        fig.colorbar(image, ax=ax, label="accuracy")
+    ax.set_title(title)
+    fig.tight_layout()
+    with ckpt.atomic_path(out) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    return out
+
+
 def cli(
-    target: Annotated[Path, typer.Argument(help="Run directory (or a metrics .jsonl file).")],
-    out: Annotated[Optional[Path], typer.Option("--out", help="PNG to write (default: curves.png beside the metrics).")] = None,
+    target: Annotated[Path, typer.Argument(help="Run directory (or a metrics .jsonl file), or an evaluation's RUN/eval/NAME.")],
+    out: Annotated[Optional[Path], typer.Option("--out", help="PNG to write (default: curves.png beside the metrics, per_class.png in an evaluation).")] = None,
 ) -> None:
-    """Draw a run's loss and learning-rate curves into a PNG."""
+    """Draw a run's loss and learning-rate curves, or an evaluation's per-class accuracy, into a PNG."""
     from carso_cli.cli import console
 
+    results = target / RESULTS_FILE if target.is_dir() else target
+    if results.name == RESULTS_FILE and results.is_file():
+        written = plot_per_class(read_per_class(results), out or results.parent / PER_CLASS_FILE,
+                                 title=f"per-class accuracy — {results.parent}")
+        console.print(str(written), soft_wrap=True, highlight=False)
+        return
     path = metrics_file(target)
     default = path.parent / ("curves.png" if path.name == ckpt.METRICS_FILE else path.stem + ".png")
     written = plot_metrics(path, out or default, title=str(target))

@@ -376,7 +376,7 @@ def _train(cfg: Config, classifier_path: Path | None, out: Path | None, ctx: dis
         # encoders, which inference does not use (section 4.1).
         with optimizer.slow_weights():
             purifier.eval()
-            write_run(run_dir, cfg, classifier, purifier)
+            write_run(run_dir, cfg, classifier, purifier, class_names=data.dataset_class_names(cfg, data_root))
         _plot(run_dir)
     distributed.barrier(ctx)
     return PurifierResult(run_dir, start if resume else None, records)

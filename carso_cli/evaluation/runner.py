@@ -20,6 +20,7 @@ from carso_cli.evaluation.adaptive import adaptive_summary
 from carso_cli.evaluation.autoattack import library_logging
 from carso_cli.evaluation.batch import Autocast, evaluate_batch, load_examples
 from carso_cli.evaluation.cost import expected_calls
+from carso_cli.evaluation.perclass import per_class_section
 from carso_cli.evaluation.report import library_versions, merge_records, summarize
 from carso_cli.evaluation.saturation import saturation_summary
 from carso_cli.evaluation.settings import EvalSettings, batch_ranges
@@ -121,7 +122,7 @@ def evaluate(
                 if adversarial:
                     ckpt.save_tensors(adversarial_path(store, k), {"y": y.cpu(), **adversarial})
                 record = {"batch": k, "start": rng.start, "stop": rng.stop, "settings": store.settings,
-                          "flags": flags, "wall_s": round(time.time() - t0, 3), "rank": ctx.rank}
+                          "flags": flags, "labels": y.tolist(), "wall_s": round(time.time() - t0, 3), "rank": ctx.rank}
                 store.save(k, record)
                 computed += 1
             else:
@@ -150,6 +151,7 @@ def evaluate(
         "reclassification": report,
         "adaptive": adaptive_summary(flags, _wall_per_attack(all_records)),
         "saturation": saturation_summary(flags, s.saturation_threshold),
+        "per_class": per_class_section(all_records, flags, run, dataset),
         "flags": flags,
         "library_warnings": warnings,
         "wall_time_s": round(sum(r["wall_s"] for r in all_records), 3),

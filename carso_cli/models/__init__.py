@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -160,13 +161,17 @@ def load_run(run: str | Path | None = None, device: str | torch.device = "cpu") 
     return LoadedRun(run_dir, cfg, classifier, purifier)
 
 
-def write_run(run_dir: str | Path, cfg: Config, classifier: nn.Module | str | Path, purifier: Purifier) -> Path:
+def write_run(run_dir: str | Path, cfg: Config, classifier: nn.Module | str | Path, purifier: Purifier,
+              class_names: Sequence[str] | None = None) -> Path:
     """Write a complete run directory: resolved config, classifier weights, purifier inference bundle.
 
     ``classifier`` is a module (its weights are copied into the run) or a path to a weights file
-    (referenced by path and sha256, not copied). Every file is written atomically.
+    (referenced by path and sha256, not copied). ``class_names`` (default: the dataset's, when known)
+    go to ``classes.json``. Every file is written atomically.
     """
+    from carso_cli.classnames import write_run_class_names
     from carso_cli.config import config_to_toml
+    from carso_cli.data import dataset_class_names
 
     run = Path(run_dir)
     run.mkdir(parents=True, exist_ok=True)
@@ -176,4 +181,7 @@ def write_run(run_dir: str | Path, cfg: Config, classifier: nn.Module | str | Pa
     else:
         ckpt.write_classifier_reference(run, Path(classifier))
     save_purifier(run / ckpt.PURIFIER_FILE, purifier, inference_only=True)
+    names = dataset_class_names(cfg) if class_names is None else list(class_names)
+    if names is not None and len(names) == cfg.data.num_classes:
+        write_run_class_names(run, names)
     return run
