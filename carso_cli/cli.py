@@ -18,6 +18,7 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from carso_cli import __version__
 from carso_cli.errors import CarsoError
@@ -68,7 +69,8 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except CarsoError as err:
             if _state["debug"]:
                 err_console.print(traceback.format_exc(), markup=False, highlight=False)
-            err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+            # Messages quote paths, options and library text: printed as they are, never read as markup.
+            err_console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             err_console.print("[yellow]interrupted[/]")
@@ -77,9 +79,9 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             if _state["debug"]:
                 err_console.print(traceback.format_exc(), markup=False, highlight=False)
             err_console.print(
-                f"[bold red]internal error:[/] {type(err).__name__}: {err}\n"
+                f"[bold red]internal error:[/] {type(err).__name__}: {escape(str(err))}\n"
                 "(run with --debug for the traceback, and please report it)",
-                highlight=False,
+                highlight=False, soft_wrap=True,
             )
             raise typer.Exit(1) from None
 

@@ -18,6 +18,7 @@ from typing import Annotated, Any, Optional
 import torch
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -210,7 +211,7 @@ def run(
         out = console if ctx.is_main else None
         if out is not None:
             out.print(
-                f"[bold]carso eval[/] {loaded.run} — {s.n_examples} examples of {cfg.data.dataset} ({s.split}), "
+                f"[bold]carso eval[/] {escape(str(loaded.run))} — {s.n_examples} examples of {cfg.data.dataset} ({s.split}), "
                 f"attack {s.attack}, ε = {format_eps(s.eps)}, {s.samples} samples, {s.aggregation} aggregation, "
                 f"{ctx.world_size} process(es) on {ctx.device}",
                 highlight=False,
@@ -229,7 +230,7 @@ def run(
             if resume:
                 out.print(f"resumed: {outcome.resumed} batch(es) found on disk, {outcome.computed} computed")
             render(outcome.results, out)
-            out.print(f"results: {outcome.path}", highlight=False)
+            out.print(f"results: {outcome.path}", highlight=False, markup=False)
         if ctx.is_main and save_adversarial is not None and outcome.results is not None:
             from carso_cli.adversarial import save_adversarial as write
             from carso_cli.evaluation.runner import collect_adversarial
@@ -238,7 +239,8 @@ def run(
             write(save_adversarial, found["y"], found["idx"], found["attacks"], s.eps,
                   {"run": str(loaded.run), "evaluation": str(eval_dir)})
             if out is not None:
-                out.print(f"adversarial examples ({', '.join(found['attacks'])}): {save_adversarial}", highlight=False)
+                out.print(f"adversarial examples ({', '.join(found['attacks'])}): {save_adversarial}", highlight=False,
+                          markup=False)
         return outcome
     except BaseException as err:
         stack.__exit__(type(err), err, err.__traceback__)  # the failure reaches the clean-up of a failed start

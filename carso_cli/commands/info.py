@@ -9,6 +9,7 @@ from typing import Annotated, Any, Optional
 
 import torch
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from carso_cli.commands._common import PresetOpt, SetOpt, load_preset
@@ -122,23 +123,23 @@ def cli(
             return
         table = Table(title=f"{len(rows)} resolved keys differ")
         table.add_column("key")
-        table.add_column(cfg.name)
-        table.add_column(other.name)
+        table.add_column(escape(cfg.name))
+        table.add_column(escape(other.name))
         for k, va, vb in rows:
-            table.add_row(k, json.dumps(va), json.dumps(vb))
+            table.add_row(k, escape(json.dumps(va)), escape(json.dumps(vb)))
         console.print(table)
         return
     if as_json:
         typer.echo(json.dumps({**config_to_dict(cfg), "derived": derived(cfg, gpus)}, indent=2))
         return
     rows, layers = run(cfg)
-    table = Table(title=f"carso info — preset '{cfg.name}' ({cfg.description})")
+    table = Table(title=escape(f"carso info — preset '{cfg.name}' ({cfg.description})"))
     table.add_column("module")
     table.add_column("shape")
     table.add_column("parameters", justify="right")
     table.add_column("inference", justify="center")
     for r in rows:
-        table.add_row(r.name, r.shape, f"{r.parameters:,}", "✓" if r.used_at_inference else "training only")
+        table.add_row(escape(r.name), r.shape, f"{r.parameters:,}", "✓" if r.used_at_inference else "training only")
     purifier_total = sum(r.parameters for r in rows[1:])
     inference_total = sum(r.parameters for r in rows[1:] if r.used_at_inference)
     table.add_section()
@@ -150,7 +151,7 @@ def cli(
     lt.add_column("layer")
     lt.add_column("C×H×W")
     for i, (name, shape) in enumerate(layers):
-        lt.add_row(str(i), name, "×".join(map(str, shape)))
+        lt.add_row(str(i), escape(name), "×".join(map(str, shape)))
     console.print(lt)
     if show_memory or gpu_memory is not None:
         console.print(memory_table(cfg, gpus, gpu_memory))

@@ -238,7 +238,7 @@ def _train(cfg: Config, out: Path | None, ctx: distributed.DistContext, resume: 
             raise CarsoError(f"{weights} already trained {start.epoch} epochs; pass --epochs N (N > {start.epoch}) to extend it")
         if ctx.is_main and console is not None:
             console.print(f"resumed from epoch {start.epoch}, batch {start.batch} (of {ct.epochs} epochs): {weights}",
-                          soft_wrap=True)
+                          soft_wrap=True, markup=False)
 
     on_cuda = device.type == "cuda"
     use_bf16 = on_cuda and (cfg.training.bf16 if bf16 is None else bf16)
@@ -286,7 +286,7 @@ def _train(cfg: Config, out: Path | None, ctx: distributed.DistContext, resume: 
 
     def say(line: str) -> None:
         if ctx.is_main and console is not None:
-            console.print(line, soft_wrap=True)
+            console.print(line, soft_wrap=True, markup=False)  # may quote a library's message
 
     def compute(b: tr.Batch) -> torch.Tensor:
         n = b.hi - b.lo
@@ -413,4 +413,4 @@ def cli(
         return
     if result.clean_accuracy == result.clean_accuracy:  # not NaN
         console.print(f"clean test accuracy: {100 * result.clean_accuracy:.2f}%")
-    console.print(str(result.weights), soft_wrap=True, highlight=False)
+    console.print(str(result.weights), soft_wrap=True, highlight=False, markup=False)

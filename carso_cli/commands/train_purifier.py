@@ -238,7 +238,7 @@ def _train(cfg: Config, classifier_path: Path | None, out: Path | None, ctx: dis
             raise CarsoError(f"{run_dir} already trained {start.epoch} epochs; pass --epochs N (N > {start.epoch}) to extend it")
         if ctx.is_main and console is not None:
             console.print(f"resumed from epoch {start.epoch}, batch {start.batch} (of {t.epochs} epochs): {run_dir}",
-                          soft_wrap=True)
+                          soft_wrap=True, markup=False)
 
     on_cuda = device.type == "cuda"
     use_bf16 = on_cuda and (t.bf16 if bf16 is None else bf16)
@@ -255,7 +255,7 @@ def _train(cfg: Config, classifier_path: Path | None, out: Path | None, ctx: dis
 
     def say(line: str) -> None:
         if ctx.is_main and console is not None:
-            console.print(line, soft_wrap=True)
+            console.print(line, soft_wrap=True, markup=False)  # may quote a library's message
 
     # torch.compile (training.compile): the classifier as the attacks call it, and the purifier's pass.
     attacked_classifier = maybe_compile(classifier, t.compile, "attacked classifier", say)
@@ -434,5 +434,5 @@ def cli(
     last = result.records[-1] if result.records else {}
     summary = ", ".join(f"{k} {last[k]:.4g}" for k in ("loss", "bce", "kl") if k in last)
     console.print(f"purifier trained: {result.run / ckpt.PURIFIER_FILE}" + (f" (last epoch: {summary})" if summary else ""),
-                  soft_wrap=True, highlight=False)
-    console.print(str(result.run), soft_wrap=True, highlight=False)
+                  soft_wrap=True, highlight=False, markup=False)
+    console.print(str(result.run), soft_wrap=True, highlight=False, markup=False)
