@@ -199,6 +199,12 @@ def run(
             p.requires_grad_(False)
         classifier.eval()
         eval_dir = loaded.run / "eval" / (name or s.attack)
+        if resume:  # a requeued job that had in fact finished: one line, nothing touched
+            done = distributed.on_main(ctx, lambda: finished_evaluation(eval_dir, s.to_json(), save_adversarial))
+            if done is not None:
+                if console is not None and ctx.is_main:
+                    console.print(done[0], soft_wrap=True, highlight=False, markup=False)
+                return ev.EvalOutcome(done[1], eval_dir / ev.RESULTS_FILE, 0, 0)
 
         def lock() -> None:  # one writer per evaluation name; a failed start leaves no folder behind
             made = not eval_dir.exists()
@@ -248,6 +254,23 @@ def run(
     finally:
         stack.close()
         distributed.teardown()
+
+
+def finished_evaluation(eval_dir: Path, settings: dict[str, Any],
+                        save_adversarial: Path | None) -> tuple[str, dict[str, Any]] | None:
+    """(the line saying so, the results) when ``eval_dir`` holds the finished results of these settings
+    (and ``--save-adversarial``'s file, if asked for); None when there is work left."""
+    import json
+
+    path = eval_dir / ev.RESULTS_FILE
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if results.get("settings") != settings or (save_adversarial is not None and not save_adversarial.is_file()):
+        return None
+    return (f"{eval_dir} is complete: {path.name} holds all {results.get('n_examples')} examples; nothing to do "
+            f"(carso report {eval_dir} shows them)", results)
 
 
 def _progress(console: Console) -> Progress:

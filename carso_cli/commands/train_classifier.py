@@ -70,6 +70,7 @@ class ClassifierResult:
     resumed_from: tr.Position | None
     records: list[dict[str, Any]]
     clean_accuracy: float
+    complete: str | None = None  # --resume of a finished training: the line that says so (nothing was done)
 
 
 def companion(weights: Path, what: str) -> Path:
@@ -197,12 +198,18 @@ def _train(cfg: Config, out: Path | None, ctx: distributed.DistContext, resume: 
         ckpt.remove_temporaries(weights.parent, f"{stem}.")  # what a killed run was writing (issue 14)
         if not resume:
             refuse_existing()  # again under the lock: the check before it was only to fail early
-            stack.enter_context(ckpt.undo_on_failure(weights.parent, made, keep=[state_path, weights], prefix=f"{stem}."))
+            stack.enter_context(ckpt.undo_on_failure(weights.parent, made, keep=[state_path, weights], prefix=f"{stem}.",
+                                                     tell=True))
+        # A write that fails (a full disk) from here on says which checkpoint is intact.
+        stack.enter_context(ckpt.checkpoint_write(state_path))
 
     state: tr.TrainingState | None = None
     if resume:
         if not state_path.is_file():
             raise CheckpointError(f"cannot resume: {state_path} not found (was training started with --out {weights}?)")
+        done = distributed.on_main(ctx, lambda: tr.finished_run(state_path, weights, ct.epochs, weights))
+        if done is not None:
+            return ClassifierResult(weights, None, [], float("nan"), complete=done)
         distributed.on_main(ctx, lock)
         state = tr.load_training_state(state_path, KIND)
         tr.check_resume(state, ct.batch_size, preset, cfg.name)
@@ -233,9 +240,7 @@ def _train(cfg: Config, out: Path | None, ctx: distributed.DistContext, resume: 
         ckpt.load_into(model, state.model, what=f"classifier in {state_path}")
         tr.load_optimizer_state(optimizer, state.optimizer)
         tr.restore_rank_rng(state, ctx)
-        start = state.position
-        if start.epoch >= ct.epochs:
-            raise CarsoError(f"{weights} already trained {start.epoch} epochs; pass --epochs N (N > {start.epoch}) to extend it")
+        start = state.position  # at most ct.epochs (tr.finished_run); the final files may be what is left
         if ctx.is_main and console is not None:
             console.print(f"resumed from epoch {start.epoch}, batch {start.batch} (of {ct.epochs} epochs): {weights}",
                           soft_wrap=True, markup=False)
@@ -327,12 +332,11 @@ def _train(cfg: Config, out: Path | None, ctx: distributed.DistContext, resume: 
     def save(position: tr.Position, epoch_sums: list[float] | None) -> None:
         rng = tr.gather_rng(ctx)
         if ctx.is_main:
-            with ckpt.checkpoint_write(state_path):
-                tr.save_training_state(
-                    state_path, kind=KIND, position=position, model=model, optimizer=optimizer,
-                    config_toml=config_to_toml(cfg), rng=rng, epoch_sums=epoch_sums,
-                    extra={"seed": seed, "world_size": ctx.world_size, "global_batch": ct.batch_size},
-                )
+            tr.save_training_state(
+                state_path, kind=KIND, position=position, model=model, optimizer=optimizer,
+                config_toml=config_to_toml(cfg), rng=rng, epoch_sums=epoch_sums,
+                extra={"seed": seed, "world_size": ctx.world_size, "global_batch": ct.batch_size},
+            )
         distributed.barrier(ctx)
 
     metrics = companion(weights, "metrics.jsonl")
@@ -410,6 +414,9 @@ def cli(
     result = run(cfg, out, device=resolve_device(device), resume=resume, data_root=data_root, seed=seed, bf16=bf16,
                  console=console, preset=preset if resume else None)
     if int(os.environ.get("RANK", "0")) != 0:
+        return
+    if result.complete is not None:
+        console.print(result.complete, soft_wrap=True, highlight=False, markup=False)
         return
     if result.clean_accuracy == result.clean_accuracy:  # not NaN
         console.print(f"clean test accuracy: {100 * result.clean_accuracy:.2f}%")
