@@ -7,37 +7,43 @@ from __future__ import annotations
 import os
 import shutil
 import stat
-import subprocess
-import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
+from typer.testing import CliRunner
 
 from carso_cli import checkpoint as ckpt
+from carso_cli.cli import app
 from carso_cli.commands import train_classifier as tc
 
-REPO = Path(__file__).resolve().parent.parent
+runner = CliRunner()
 sets = lambda overrides: [a for s in overrides for a in ("--set", s)]
-# 32 examples in batches of 16: 2 steps an epoch, 2 epochs, a checkpoint after each.
-PURIFIER = sets(["data.synthetic_train_size=32", "training.batch_size=16", "training.epochs=2",
+# 32 examples in batches of 16: 2 steps, 1 epoch.
+PURIFIER = sets(["data.synthetic_train_size=32", "training.batch_size=16", "training.epochs=1",
                  "attacks.pgd_steps=1"])
 CLASSIFIER = sets(["data.synthetic_train_size=32", "data.synthetic_test_size=20", "classifier_training.batch_size=16",
-                   "classifier_training.epochs=2", "classifier_training.pgd_steps=1"])
-EVAL = ["--attack", "pgd-eot", "--n-examples", "4", "--batch-size", "2", "--samples", "2", "--steps", "1",
-        "--eot", "1", "--repeats", "1", "--device", "cpu"]
+                   "classifier_training.epochs=1", "classifier_training.adversarial=none"])
+EVAL = ["--attack", "none", "--target", "classifier", "--n-examples", "2", "--batch-size", "2", "--device", "cpu"]
 
 
-def carso(*args: str, umask: int = 0o022, cwd: Path = REPO) -> subprocess.CompletedProcess:
-    """The real CLI in a child process with this umask."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(torch.get_num_threads())}
-    return subprocess.run([sys.executable, "-m", "carso_cli", *args], env=env, cwd=cwd, capture_output=True,
-                          text=True, timeout=300, check=False, preexec_fn=lambda: os.umask(umask))
+@contextmanager
+def umask(mask: int) -> Iterator[None]:
+    old = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(old)
 
 
-def ok(result: subprocess.CompletedProcess) -> str:
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result.stdout + result.stderr
+def carso(*args: str, mask: int = 0o022) -> str:
+    """The CLI (in this process) under this umask; its output, once it succeeded."""
+    with umask(mask):
+        result = runner.invoke(app, list(args))
+    assert result.exit_code == 0, (result.exception, result.output[-3000:])
+    return result.output
 
 
 def files(folder: Path) -> dict[Path, tuple[int, int, bytes]]:
@@ -46,15 +52,15 @@ def files(folder: Path) -> dict[Path, tuple[int, int, bytes]]:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def finish(umask: int, classifier_file: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[int, Path]:
+def finish(mask: int, classifier_file: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[int, Path]:
     """A finished purifier run, classifier training and evaluation, all made under one umask."""
-    root = tmp_path_factory.mktemp(f"umask{umask:03o}")
-    ok(carso("train-purifier", "--preset", "smoke", "--classifier", str(classifier_file), "--out", str(root / "run"),
-             "--device", "cpu", *PURIFIER, umask=umask))
-    ok(carso("train-classifier", "--preset", "smoke", "--out", str(root / "cls" / "w.safetensors"), "--device", "cpu",
-             *CLASSIFIER, umask=umask))
-    ok(carso("eval", "--run", str(root / "run"), *EVAL, umask=umask))
-    return umask, root
+    root = tmp_path_factory.mktemp(f"umask{mask:03o}")
+    carso("train-purifier", "--preset", "smoke", "--classifier", str(classifier_file), "--out", str(root / "run"),
+          "--device", "cpu", *PURIFIER, mask=mask)
+    carso("train-classifier", "--preset", "smoke", "--out", str(root / "cls" / "w.safetensors"), "--device", "cpu",
+          *CLASSIFIER, mask=mask)
+    carso("eval", "--run", str(root / "run"), *EVAL, mask=mask)
+    return mask, root
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +80,7 @@ def test_files_have_the_permissions_open_gives(made: str, request: pytest.Fixtur
     names = {p.relative_to(root).as_posix() for p in written}
     assert {"run/config.toml", "run/classifier.safetensors", "run/classifier.json", "run/metrics.jsonl",
             "run/checkpoints/last.safetensors", "run/purifier.safetensors", "run/curves.png",
-            "run/eval/pgd-eot/results.json", "run/eval/pgd-eot/settings.json", "cls/w.safetensors",
+            "run/eval/none/results.json", "run/eval/none/settings.json", "cls/w.safetensors",
             "cls/w.state.safetensors", "cls/w.config.toml", "cls/w.metrics.jsonl"} <= names, names
     modes = {p.relative_to(root).as_posix(): oct(mode) for p, (mode, _, _) in written.items()}
     assert set(modes.values()) == {oct(0o666 & ~umask)}, modes
@@ -111,8 +117,8 @@ def test_resume_of_a_finished_purifier_run_does_nothing(finished: tuple[int, Pat
     before = files(run)
     argv = ["train-purifier", "--preset", "smoke", "--classifier", str(classifier_file), "--out", str(run),
             "--device", "cpu", *PURIFIER, "--resume"]
-    line = one_line(ok(carso(*argv)))
-    assert f"{run} is complete: 2 of 2 epochs trained" in line and "--epochs" in line
+    line = one_line(carso(*argv))
+    assert f"{run} is complete: 1 of 1 epochs trained" in line and "--epochs" in line
     assert files(run) == before
 
 
@@ -122,7 +128,7 @@ def test_resume_writes_what_a_finished_training_had_not_written(finished: tuple[
     run = tmp_path / "run"
     shutil.copytree(finished[1] / "run", run)
     (run / ckpt.PURIFIER_FILE).unlink()
-    ok(carso("train-purifier", "--resume", "--out", str(run), "--device", "cpu"))
+    carso("train-purifier", "--resume", "--out", str(run), "--device", "cpu")
     a, _ = ckpt.load_tensors(finished[1] / "run" / ckpt.PURIFIER_FILE)
     b, _ = ckpt.load_tensors(run / ckpt.PURIFIER_FILE)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -132,9 +138,9 @@ def test_resume_of_a_finished_classifier_training_does_nothing(finished: tuple[i
     shutil.copytree(finished[1] / "cls", tmp_path / "cls")
     weights = tmp_path / "cls" / "w.safetensors"
     before = files(tmp_path / "cls")
-    line = one_line(ok(carso("train-classifier", "--preset", "smoke", "--out", str(weights), "--device", "cpu",
-                             *CLASSIFIER, "--resume")))
-    assert f"{weights} is complete: 2 of 2 epochs trained" in line
+    line = one_line(carso("train-classifier", "--preset", "smoke", "--out", str(weights), "--device", "cpu",
+                          *CLASSIFIER, "--resume"))
+    assert f"{weights} is complete: 1 of 1 epochs trained" in line
     assert files(tmp_path / "cls") == before
     assert tc.companion(weights, "state.safetensors").is_file()
 
@@ -143,6 +149,6 @@ def test_resume_of_a_finished_evaluation_does_nothing(finished: tuple[int, Path]
     run = tmp_path / "run"
     shutil.copytree(finished[1] / "run", run)
     before = files(run)
-    line = one_line(ok(carso("eval", "--run", str(run), *EVAL, "--resume")))
-    assert f"{run / 'eval' / 'pgd-eot'} is complete" in line
+    line = one_line(carso("eval", "--run", str(run), *EVAL, "--resume"))
+    assert f"{run / 'eval' / 'none'} is complete" in line
     assert files(run) == before
