@@ -11,6 +11,8 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -184,3 +186,87 @@ def test_read_only_run_directory(tmp_path: Path) -> None:
         assert (folder / "a.txt").read_text() == "old" and sorted(p.name for p in folder.iterdir()) == ["a.txt"]
     finally:
         folder.chmod(0o755)
+
+
+# ----------------------------------------------------------------------------------------------------
+# A real full disk (issue 22.1): a tmpfs mounted by the test; safetensors' own SafetensorError included
+# ----------------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def tmpfs(folder: Path, size: str) -> Iterator[Path]:
+    """A ``size`` tmpfs mounted on ``folder`` (root only), unmounted whatever happens."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs (a real full disk) needs root")
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                             capture_output=True, text=True, check=False)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip() or mounted.returncode}")
+    try:
+        yield folder
+    finally:
+        if subprocess.run(["umount", str(folder)], check=False).returncode != 0:
+            subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def temporaries(folder: Path) -> list[Path]:
+    """Temporary files of carso (``.NAME.*.tmp``) or of safetensors' own writer (``.tmpXXXXXX``)."""
+    return [p for p in folder.rglob("*") if p.name.endswith(".tmp") or p.name.startswith(".tmp")]
+
+
+def test_real_full_disk_keeps_the_last_checkpoint(tmp_path: Path, classifier_file: Path, whole_purifier: Path) -> None:
+    """9 MB: the classifier copy and epoch 1's checkpoint (5.6 MB) fit, epoch 2's does not (the old one
+    stays until the new one is complete). After the disk grows, --resume ends where a whole run ends."""
+    with tmpfs(tmp_path / "disk", "9m") as disk:
+        out = disk / "run"
+        argv = ["train-purifier", "--preset", "smoke", "--classifier", str(classifier_file), "--out", str(out),
+                "--device", "cpu", *sets(PURIFIER)]
+        full = run_with_fault("none", argv)
+        assert full.returncode == 1, full.stdout[-2000:] + full.stderr[-2000:]
+        line = " ".join(full.stderr.split())
+        assert line.startswith(f"error: no space left on device while writing {out / tp.CHECKPOINT} ("), line
+        assert line.endswith("; the last checkpoint, epoch 1, is intact; free space and rerun with --resume"), line
+        assert "Traceback" not in full.stderr and "internal error" not in full.stderr
+        assert not temporaries(disk) and not (out / ckpt.PURIFIER_FILE).exists()
+        assert tr.load_training_state(out / tp.CHECKPOINT, "purifier").position == tr.Position(1, 0)
+        check_loads(out)
+
+        subprocess.run(["mount", "-o", "remount,size=32m", str(disk)], check=True)
+        resumed = run_with_fault("none", [*argv, "--resume"])
+        assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+        assert "resumed from epoch 1, batch 0" in resumed.stdout
+        assert not temporaries(disk)
+        check_loads(out)
+        same_tensors(whole_purifier / ckpt.PURIFIER_FILE, out / ckpt.PURIFIER_FILE)
+
+
+def test_real_full_disk_at_the_first_checkpoint(tmp_path: Path, classifier_file: Path) -> None:
+    """4 MB: the first checkpoint does not fit. Nothing is resumable, so the run is removed (giving the
+    space back), and the message says the training so far is lost, how long it was and what went."""
+    with tmpfs(tmp_path / "disk", "4m") as disk:
+        out = disk / "run"
+        full = run_with_fault("none", ["train-purifier", "--preset", "smoke", "--classifier", str(classifier_file),
+                                       "--out", str(out), "--device", "cpu", *sets(PURIFIER)])
+        assert full.returncode == 1, full.stdout[-2000:] + full.stderr[-2000:]
+        line = " ".join(full.stderr.split())
+        assert line.startswith(f"error: no space left on device while writing {out / tp.CHECKPOINT} ("), line
+        assert "; no checkpoint was written yet, so the training so far is lost; free space and start again" in line
+        assert line.endswith(f"of work: with no checkpoint to resume from, {out} was removed)"), line
+        assert "Traceback" not in full.stderr
+        assert list(disk.iterdir()) == []
+
+
+def test_real_full_disk_saving_adversarial_examples(tiny_run: Path, tmp_path: Path) -> None:
+    """Another safetensors writer: ``eval --save-adversarial`` onto a full disk. One line; the evaluation's
+    own results (on another disk) are complete; nothing partial on the full one."""
+    with tmpfs(tmp_path / "disk", "16k") as disk:
+        target = disk / "adv.safetensors"
+        full = run_with_fault("none", ["eval", "--run", str(tiny_run), "--attack", "pgd-eot", "--n-examples", "2",
+                                       "--batch-size", "2", "--samples", "2", "--steps", "1", "--eot", "1",
+                                       "--repeats", "1", "--device", "cpu", "--save-adversarial", str(target)])
+        assert full.returncode == 1, full.stdout[-2000:] + full.stderr[-2000:]
+        line = " ".join(full.stderr.split())
+        assert line.startswith(f"error: no space left on device while writing {target} ("), line
+        assert "Traceback" not in full.stderr and list(disk.iterdir()) == []
+        check_loads(tiny_run / "eval" / "pgd-eot")
