@@ -132,12 +132,22 @@ def checkpoint_write(path: str | Path) -> Iterator[None]:
     try:
         yield
     except DiskWriteError as err:
-        try:
-            epoch = read_metadata(path).get("epoch")
-            kept = f"the last checkpoint, epoch {epoch}, is intact; free space and rerun with --resume"
-        except CheckpointError:
+        kept = intact_checkpoint(path)
+        if kept is not None:
+            kept += " is intact; free space and rerun with --resume"
+        else:
             kept = "no checkpoint was written yet, so the training so far is lost; free space and start again"
         raise DiskWriteError(f"{err}; {kept}") from None
+
+
+def intact_checkpoint(path: Path) -> str | None:
+    """'the last checkpoint, epoch E,' (and 'batch B,' mid-epoch) of the training checkpoint ``path``; None if none."""
+    try:
+        meta = read_metadata(path)
+    except CheckpointError:
+        return None
+    batch = meta.get("batch", "0")
+    return f"the last checkpoint, epoch {meta.get('epoch')}," + (f" batch {batch}," if batch != "0" else "")
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

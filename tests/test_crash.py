@@ -9,8 +9,12 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
+import shlex
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -270,3 +274,69 @@ def test_real_full_disk_saving_adversarial_examples(tiny_run: Path, tmp_path: Pa
         assert line.startswith(f"error: no space left on device while writing {target} ("), line
         assert "Traceback" not in full.stderr and list(disk.iterdir()) == []
         check_loads(tiny_run / "eval" / "pgd-eot")
+
+
+# ----------------------------------------------------------------------------------------------------
+# A rank dies (issue 22.2): two gloo processes, one of them killed with a real SIGKILL mid-epoch
+# ----------------------------------------------------------------------------------------------------
+
+
+def worker_pid(launcher: int, rank: int) -> int | None:
+    """The pid of the launcher's child process with ``RANK=rank`` in its environment (a /proc scan)."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            parent = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        if parent == launcher and f"RANK={rank}".encode() in environ:
+            return int(proc.name)
+    return None
+
+
+@pytest.mark.slow
+def test_a_rank_killed_mid_epoch(tmp_path: Path, classifier_file: Path) -> None:
+    """One line: which rank died and how, the last intact checkpoint, the command that continues — which
+    then finishes the run. Not rank 0's traceback, nor torchrun's report."""
+    out = tmp_path / "run"
+    # 64 examples in batches of 16: 4 steps an epoch, 3 epochs.
+    argv = ["train-purifier", "--gpus", "2", "--device", "cpu", "--preset", "smoke", "--classifier", str(classifier_file),
+            "--out", str(out), *sets(["data.synthetic_train_size=64", "training.batch_size=16", "training.epochs=3",
+                                      "training.lookahead_k=2", "attacks.pgd_steps=1"])]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    job = subprocess.Popen([sys.executable, "-m", "carso_cli", *argv], env=env, cwd=tmp_path, text=True,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 240
+        while not (out / tp.CHECKPOINT).exists():  # epoch 0 is done: rank 1 is into epoch 1
+            assert job.poll() is None and time.monotonic() < deadline, job.communicate()
+            time.sleep(0.05)
+        pid = worker_pid(job.pid, 1)
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        stdout, stderr = job.communicate(timeout=120)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert job.returncode == 1, stdout[-2000:] + stderr[-2000:]
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, stderr
+    said = re.fullmatch(rf"error: rank 1 \(pid {pid}\) was killed by SIGKILL, without an error of its own; the other "
+                        r"ranks were stopped; the last checkpoint, epoch (\d+), is intact \((.+)\); continue with: "
+                        r"(carso train-purifier .* --resume)", lines[0])
+    assert said is not None, lines[0]
+    assert said.group(2) == str(out / tp.CHECKPOINT)
+    epoch = int(said.group(1))
+    assert tr.load_training_state(out / tp.CHECKPOINT, "purifier").position == tr.Position(epoch, 0)
+    assert not temporaries(out)
+    check_loads(out)
+
+    again = shlex.split(said.group(3))
+    resumed = subprocess.run([sys.executable, "-m", "carso_cli", *again[1:]], env=env, cwd=tmp_path, text=True,
+                             capture_output=True, timeout=300, check=False)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    assert f"resumed from epoch {epoch}, batch 0" in resumed.stdout
+    assert [r["epoch"] for r in tr.read_metrics(out / ckpt.METRICS_FILE)] == [0, 1, 2]
+    check_loads(out)

@@ -412,7 +412,10 @@ def cli(
             steps=steps, eot=eot, queries=queries, name=name, data_root=data_root, precision=precision,
             square=square, saturation_threshold=saturation_threshold, save_adversarial=save_adversarial,
         )
-        code = distributed.relaunch(gpus, argv)
+        try:
+            code = distributed.relaunch(gpus, argv)
+        except distributed.RankDied as died:  # an evaluation keeps every finished batch
+            raise died.resumable("the finished batches are kept", argv) from None
         if code != 0:
             raise typer.Exit(code)
         return

@@ -391,16 +391,23 @@ def cli(
     from carso_cli.cli import console
 
     set_ = memory_sets(set_, attack_chunk, micro_batch, section="classifier_training")
+    explicit = {"classifier_training.epochs": epochs, "classifier_training.batch_size": batch_size,
+                "classifier_training.adversarial": adversarial.value if adversarial else None}
     if distributed.should_relaunch(gpus):
         distributed.check_gpus(gpus, device)
+        if out is None and not resume and preset is not None:  # named here, for the line that says how to resume
+            out = default_out(load_preset(preset, set_, **explicit))
         argv = distributed.relaunch_argv("train-classifier", preset=preset, adversarial=adversarial, out=out, epochs=epochs,
                                 batch_size=batch_size, gpus=gpus, device=device, resume=resume, data_root=data_root,
                                 seed=seed, set=set_)
         if bf16 is not None:
             argv.append("--bf16" if bf16 else "--no-bf16")
-        raise typer.Exit(distributed.relaunch(gpus, argv))
-    explicit = {"classifier_training.epochs": epochs, "classifier_training.batch_size": batch_size,
-                "classifier_training.adversarial": adversarial.value if adversarial else None}
+        try:
+            raise typer.Exit(distributed.relaunch(gpus, argv))
+        except distributed.RankDied as died:
+            state = companion(out, "state.safetensors") if out is not None else None
+            kept = ckpt.intact_checkpoint(state) if state is not None else None
+            raise died.resumable(kept and f"{kept} is intact ({state})", argv) from None
     if resume:
         if out is None:
             raise CarsoError("--resume needs --out FILE.safetensors (the weights file of the run to continue)")

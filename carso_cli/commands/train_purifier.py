@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from contextlib import ExitStack, nullcontext
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -385,6 +386,12 @@ def _train(cfg: Config, classifier_path: Path | None, out: Path | None, ctx: dis
     return PurifierResult(run_dir, start if resume else None, records)
 
 
+def _started_since(since: float) -> Path | None:
+    """The run under ./runs whose checkpoint was written since ``since`` (a relaunched job without --out)."""
+    runs = [p for p in ckpt.RUNS_ROOT.glob("*") if (p / CHECKPOINT).is_file() and (p / CHECKPOINT).stat().st_mtime >= since]
+    return max(runs, key=lambda p: (p / CHECKPOINT).stat().st_mtime) if runs else None
+
+
 def _plot(run_dir: Path) -> None:
     from carso_cli.commands.plot import plot_metrics
 
@@ -427,7 +434,15 @@ def cli(
                               gpus=gpus, device=device, resume=resume, data_root=data_root, seed=seed, set=set_)
         if bf16 is not None:
             argv.append("--bf16" if bf16 else "--no-bf16")
-        raise typer.Exit(distributed.relaunch(gpus, argv))
+        started = time.time()
+        try:
+            raise typer.Exit(distributed.relaunch(gpus, argv))
+        except distributed.RankDied as died:
+            run_dir = out if out is not None else _started_since(started)
+            if out is None and run_dir is not None:
+                argv += ["--out", str(run_dir)]
+            kept = ckpt.intact_checkpoint(run_dir / CHECKPOINT) if run_dir is not None else None
+            raise died.resumable(kept and f"{kept} is intact ({run_dir / CHECKPOINT})", argv) from None
     if resume:
         cfg = resume_config(out, set_, epochs)
         if batch_size is not None:
