@@ -182,8 +182,6 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: d
         raise DiskWriteError(f"{err} ({format_bytes(size)})") from None
 
 
-
-
 def load_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(tensors, metadata) of a safetensors file; a clear CheckpointError if missing/truncated/foreign."""
     path = Path(path)

@@ -2,9 +2,10 @@
 
 As in nanoGPT, the same code runs with or without torchrun: inside torchrun the ``RANK`` /
 ``WORLD_SIZE`` / ``LOCAL_RANK`` variables are set and ``setup`` joins the process group (NCCL on CUDA,
-gloo on CPU); outside it, a world of one. ``--gpus N`` outside torchrun re-runs the same command line
-under ``python -m torch.distributed.run --nproc_per_node N`` (single node; for several nodes call
-torchrun yourself: ``torchrun --nnodes … -m carso_cli train-purifier …``).
+gloo on CPU); outside it, a world of one. ``--gpus N`` outside torchrun re-runs the same command under
+torchrun's launcher with N processes (``relaunch``: what ``torchrun --standalone --nproc_per_node N``
+does, run inside carso so that a failed job is one line; single node; for several nodes call torchrun
+yourself: ``torchrun --nnodes … -m carso_cli train-purifier …``).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import signal
 import sys
 import uuid
 from collections.abc import Callable, Sequence
@@ -112,6 +114,7 @@ def relaunch(nproc: int, argv: Sequence[str] | None = None) -> int:
     # As torchrun --standalone: a rendezvous on a free local port.
     launch.rdzv_backend, launch.rdzv_endpoint, launch.rdzv_id = "c10d", "localhost:0", str(uuid.uuid4())
     saved = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", LAUNCHED_ENV)}
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)}
     with tempfile.TemporaryDirectory(prefix="carso-ranks-") as reports:
         os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
         os.environ[LAUNCHED_ENV] = reports  # the workers inherit the launcher's environment
@@ -126,6 +129,9 @@ def relaunch(nproc: int, argv: Sequence[str] | None = None) -> int:
             raise _launch_failure({}, Path(reports), stopped=err.sigval.name) from None
         finally:
             logging.disable(logging.NOTSET)
+            for sig, handler in handlers.items():  # the launcher leaves its own installed
+                if handler is not None:
+                    signal.signal(sig, handler)
             for key, value in saved.items():
                 os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
     return 0

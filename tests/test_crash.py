@@ -167,8 +167,8 @@ def test_disk_full_while_writing_a_checkpoint(tmp_path: Path, classifier_file: P
     result = runner.invoke(app, argv)
     assert result.exit_code == 1
     line = " ".join(result.output.split())
-    assert f"error: {what} while writing {out / tp.CHECKPOINT}; the last checkpoint, epoch 1, is intact; " \
-           "free space and rerun with --resume" in line, result.output
+    assert f"error: {what} while writing {out / tp.CHECKPOINT} (" in line, result.output  # (its size)
+    assert "; the last checkpoint, epoch 1, is intact; free space and rerun with --resume" in line, result.output
     assert "Traceback" not in result.output
     assert not list(out.rglob("*.tmp")) and not (out / ckpt.PURIFIER_FILE).exists()
     check_loads(out)
