@@ -282,17 +282,23 @@ def test_real_full_disk_saving_adversarial_examples(tiny_run: Path, tmp_path: Pa
 
 
 def worker_pid(launcher: int, rank: int) -> int | None:
-    """The pid of the launcher's child process with ``RANK=rank`` in its environment (a /proc scan)."""
+    """The pid of the launcher's descendant with ``RANK=rank`` in its environment (a /proc scan)."""
+    parents, ranks = {}, {}
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
         try:
-            parent = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            environ = (proc / "environ").read_bytes().split(b"\0")
+            parents[int(proc.name)] = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            if f"RANK={rank}".encode() in (proc / "environ").read_bytes().split(b"\0"):
+                ranks[int(proc.name)] = True
         except (OSError, IndexError, ValueError):
             continue
-        if parent == launcher and f"RANK={rank}".encode() in environ:
-            return int(proc.name)
+    for pid in ranks:
+        ancestor = parents.get(pid)
+        while ancestor not in (None, 0, 1, launcher):
+            ancestor = parents.get(ancestor)
+        if ancestor == launcher:
+            return pid
     return None
 
 
