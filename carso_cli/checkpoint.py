@@ -363,9 +363,9 @@ def undo_on_failure(directory: Path, made: bool, keep: list[Path], prefix: str =
                 shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
         if tell and isinstance(err, CarsoError) and removed:
             what = str(directory) if made else "what it had written in " + str(directory)
-            worked = format_duration(time.monotonic() - started)
-            raise type(err)(f"{err} (after {worked} of work: with no checkpoint to resume from, {what} "
-                            "was removed)") from None
+            seconds = time.monotonic() - started
+            worked = f"after {format_duration(seconds)} of work: " if seconds >= 1 else ""
+            raise type(err)(f"{err} ({worked}with no checkpoint to resume from, {what} was removed)") from None
         raise
 
 
