@@ -252,12 +252,13 @@ def run_eval(run_dir: Path | None, path: Path, *, target: str, name: str | None,
     ckpt.atomic_write_text(out_dir / RESULTS_FILE, dumps_compact(results))
     if console is not None:
         from rich.table import Table
+        from rich.text import Text
 
-        t = Table(title=f"accuracy on {path} — {results['n_examples']} examples, ε = {eps_value:.6g}")
+        t = Table(title=Text(f"accuracy on {path} — {results['n_examples']} examples, ε = {eps_value:.6g}"))
         for c in metrics:
             t.add_column(c, justify="right")
         t.add_row(*[f"{100 * m['accuracy']:.2f}% ({m['correct']}/{m['total']})" for m in metrics.values()])
         console.print(t)
-        console.print(f"results: {out_dir / RESULTS_FILE}", highlight=False)
+        console.print(f"results: {out_dir / RESULTS_FILE}", highlight=False, markup=False)
     results["path"] = str(out_dir / RESULTS_FILE)
     return results

@@ -13,7 +13,9 @@ import hashlib
 import json
 import os
 import pickle
+import re
 import shutil
+import stat
 import tempfile
 import time
 from collections.abc import Iterator
@@ -22,11 +24,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from carso_cli.errors import CheckpointError, DiskWriteError, reason
+from carso_cli.errors import CarsoError, CheckpointError, DiskWriteError, reason
+from carso_cli.memory import format_bytes
 
 # ----------------------------------------------------------------------------------------------
 # Atomic writes
@@ -45,12 +48,51 @@ def disk_write_error(err: OSError, path: Path) -> DiskWriteError | None:
     return None if what is None else DiskWriteError(f"{what} while writing {path}")
 
 
+# safetensors (Rust) raises its own SafetensorError, not OSError: the errno is only in its text,
+# "Error while serializing: I/O error: No space left on device (os error 28)".
+_RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+
+
+def os_error_of(err: Exception, path: Path) -> OSError | None:
+    """The OSError behind a library's I/O error (safetensors' ``SafetensorError``), None if none is named."""
+    found = _RUST_OS_ERROR.search(str(err))
+    if found is None:
+        return None
+    code = int(found.group(1))
+    return OSError(code, os.strerror(code), str(path))
+
+
+def file_mode(path: Path) -> int:
+    """The permissions ``open(path, "w")`` would leave: an existing file's own, else 0666 minus the umask.
+
+    (``mkstemp`` makes 0600 files, which would keep a run from collaborators on shared storage.)
+    """
+    try:
+        return stat.S_IMODE(path.stat().st_mode)
+    except FileNotFoundError:
+        return 0o666 & ~current_umask()
+
+
+def current_umask() -> int:
+    """This process's umask, read without changing it where Linux tells it (``/proc/self/status``)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: set and restore at once
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it is fsynced and renamed onto ``path``.
 
     A failure at any point (including a full or read-only disk, raised as ``DiskWriteError``) leaves
-    ``path`` as it was — the previous version or nothing — and removes the temporary file.
+    ``path`` as it was — the previous version or nothing — and removes the temporary file. The file
+    gets the permissions ``open()`` would give it (``file_mode``).
     """
     path = Path(path)
     tmp_path: Path | None = None
@@ -62,6 +104,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         yield tmp_path
         with open(tmp_path, "rb") as fh:
             os.fsync(fh.fileno())
+        # After the body: a writer such as safetensors may have replaced the temporary file with its own.
+        os.chmod(tmp_path, file_mode(path))
         os.replace(tmp_path, path)
     except OSError as err:
         disk = disk_write_error(err, path)
@@ -82,17 +126,28 @@ def remove_temporaries(directory: str | Path, prefix: str = "") -> None:
 
 @contextmanager
 def checkpoint_write(path: str | Path) -> Iterator[None]:
-    """Around the write of a training checkpoint: a failed write says which checkpoint is still good."""
+    """Around a training's writes (checkpoints, metrics, final files): a write that fails for lack of
+    space or permission says which checkpoint ``path`` is still good, and what to do."""
     path = Path(path)
     try:
         yield
     except DiskWriteError as err:
-        try:
-            epoch = read_metadata(path).get("epoch")
-            kept = f"the last checkpoint, epoch {epoch}, is intact; free space and rerun with --resume"
-        except CheckpointError:
-            kept = "no checkpoint was written yet; free space and start again"
+        kept = intact_checkpoint(path)
+        if kept is not None:
+            kept += " is intact; free space and rerun with --resume"
+        else:
+            kept = "no checkpoint was written yet, so the training so far is lost; free space and start again"
         raise DiskWriteError(f"{err}; {kept}") from None
+
+
+def intact_checkpoint(path: Path) -> str | None:
+    """'the last checkpoint, epoch E,' (and 'batch B,' mid-epoch) of the training checkpoint ``path``; None if none."""
+    try:
+        meta = read_metadata(path)
+    except CheckpointError:
+        return None
+    batch = meta.get("batch", "0")
+    return f"the last checkpoint, epoch {meta.get('epoch')}," + (f" batch {batch}," if batch != "0" else "")
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -116,8 +171,15 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     """Atomically write ``tensors`` (made contiguous, on CPU) with a string→string metadata header."""
     clean = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    with atomic_path(path) as tmp:
-        save_file(clean, str(tmp), metadata=metadata)
+    try:
+        with atomic_path(path) as tmp:
+            try:
+                save_file(clean, str(tmp), metadata=metadata)
+            except SafetensorError as err:  # a full disk, say: an OSError for atomic_path to judge
+                raise (os_error_of(err, Path(path)) or err) from None
+    except DiskWriteError as err:
+        size = sum(v.numel() * v.element_size() for v in clean.values())
+        raise DiskWriteError(f"{err} ({format_bytes(size)})") from None
 
 
 def load_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -273,27 +335,45 @@ def new_run_dir(name: str, root: str | Path = RUNS_ROOT) -> Path:
 
 
 @contextmanager
-def undo_on_failure(directory: Path, made: bool, keep: list[Path], prefix: str = "") -> Iterator[None]:
+def undo_on_failure(directory: Path, made: bool, keep: list[Path], prefix: str = "",
+                    tell: bool = False) -> Iterator[None]:
     """If the body fails before any of ``keep`` (a run's checkpoints) exists, remove what it made.
 
     ``made``: the body's caller created ``directory`` (then it goes entirely); otherwise only the
     entries of ``directory`` named ``prefix…`` that were not there on entry go (enter it after the
     run's lock: the lock file stays, as removing a lock file another process may be opening would let
     two processes lock it). Anything of a run that has a checkpoint stays: that run is resumable.
+    ``tell``: a ``CarsoError`` that made it remove something says what went and after how long (a
+    training that fails before its first checkpoint, e.g. on a full disk, loses that work).
     """
     directory = Path(directory)
     before = set() if made else {p.name for p in directory.iterdir()} if directory.is_dir() else set()
+    started = time.monotonic()
     try:
         yield
-    except BaseException:
-        if not any(Path(k).exists() for k in keep) and directory.is_dir():
-            if made:
-                shutil.rmtree(directory, ignore_errors=True)
-            else:
-                for p in directory.iterdir():
-                    if p.name not in before and p.name.startswith(prefix):
-                        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    except BaseException as err:
+        if any(Path(k).exists() for k in keep) or not directory.is_dir():
+            raise
+        if made:
+            shutil.rmtree(directory, ignore_errors=True)
+            removed = [directory]
+        else:
+            removed = [p for p in directory.iterdir() if p.name not in before and p.name.startswith(prefix)]
+            for p in removed:
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        if tell and isinstance(err, CarsoError) and removed:
+            what = str(directory) if made else "what it had written in " + str(directory)
+            seconds = time.monotonic() - started
+            worked = f"after {format_duration(seconds)} of work: " if seconds >= 1 else ""
+            raise type(err)(f"{err} ({worked}with no checkpoint to resume from, {what} was removed)") from None
         raise
+
+
+def format_duration(seconds: float) -> str:
+    """42 s, 3.5 min, 2.1 h."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
 
 
 def is_run_dir(path: Path) -> bool:

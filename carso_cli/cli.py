@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import importlib
 import logging
+import os
 import sys
 import traceback
 from collections.abc import Callable
@@ -18,6 +19,7 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from carso_cli import __version__
 from carso_cli.errors import CarsoError
@@ -61,6 +63,8 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from carso_cli.distributed import report_failure  # a worker of --gpus N leaves its line to the launcher
+
         try:
             return fn(*args, **kwargs)
         except (typer.Exit, typer.Abort):
@@ -68,19 +72,23 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except CarsoError as err:
             if _state["debug"]:
                 err_console.print(traceback.format_exc(), markup=False, highlight=False)
-            err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+            if not report_failure("error", str(err)):
+                # Messages quote paths, options and library text: printed as they are, never read as markup.
+                err_console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
-            err_console.print("[yellow]interrupted[/]")
+            if not report_failure("interrupted", "interrupted"):
+                err_console.print("[yellow]interrupted[/]")
             raise typer.Exit(130) from None
         except Exception as err:  # a bug: still one line for the user, the traceback on request
             if _state["debug"]:
                 err_console.print(traceback.format_exc(), markup=False, highlight=False)
-            err_console.print(
-                f"[bold red]internal error:[/] {type(err).__name__}: {err}\n"
-                "(run with --debug for the traceback, and please report it)",
-                highlight=False,
-            )
+            rank = os.environ.get("RANK")
+            where = f" on rank {rank}" if rank is not None and "WORLD_SIZE" in os.environ else ""
+            text = f"{type(err).__name__}: {err}\n(run with --debug for the traceback, and please report it)"
+            if not report_failure("internal", f"internal error{where}: {text}"):
+                err_console.print(f"[bold red]internal error{where}:[/] {escape(text)}", highlight=False,
+                                  soft_wrap=True)
             raise typer.Exit(1) from None
 
     return wrapper

@@ -2,22 +2,29 @@
 
 As in nanoGPT, the same code runs with or without torchrun: inside torchrun the ``RANK`` /
 ``WORLD_SIZE`` / ``LOCAL_RANK`` variables are set and ``setup`` joins the process group (NCCL on CUDA,
-gloo on CPU); outside it, a world of one. ``--gpus N`` outside torchrun re-runs the same command line
-under ``python -m torch.distributed.run --nproc_per_node N`` (single node; for several nodes call
-torchrun yourself: ``torchrun --nnodes … -m carso_cli train-purifier …``).
+gloo on CPU); outside it, a world of one. ``--gpus N`` outside torchrun re-runs the same command under
+torchrun's launcher with N processes (``relaunch``: what ``torchrun --standalone --nproc_per_node N``
+does, run inside carso so that a failed job is one line; single node; for several nodes call torchrun
+yourself: ``torchrun --nnodes … -m carso_cli train-purifier …``).
 """
 
 from __future__ import annotations
 
+import json
 import os
-import subprocess
+import shlex
+import signal
 import sys
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from carso_cli.errors import CarsoError
 
 
 def in_torchrun() -> bool:
@@ -61,19 +68,107 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
+# Set by ``relaunch`` for its workers: a folder where each rank leaves the one line it would have printed
+# (``report_failure``), so that the launcher prints one line for the whole job instead of one per rank.
+LAUNCHED_ENV = "CARSO_LAUNCHER_DIR"
+
+
+class RankDied(CarsoError):
+    """A worker died without an error of its own (killed by a signal, or an abrupt exit); the others
+    were stopped. ``resumable`` adds what is left and the command that continues."""
+
+    def resumable(self, kept: str | None, argv: Sequence[str]) -> CarsoError:
+        """The one line: this, what is kept (None: nothing) and the command that continues (``argv``)."""
+        if kept is None:
+            again = [a for a in argv if a != "--resume"]
+            return CarsoError(f"{self}; no checkpoint was written yet, so the training so far is lost; "
+                              f"start again with: {shlex.join(['carso', *again])}")
+        again = list(argv) if "--resume" in argv else [*argv, "--resume"]
+        return CarsoError(f"{self}; {kept}; continue with: {shlex.join(['carso', *again])}")
+
+
 def relaunch(nproc: int, argv: Sequence[str] | None = None) -> int:
-    """Run ``carso ARGV`` under torchrun with ``nproc`` processes on this node; returns its exit code."""
+    """Run ``carso ARGV`` under torchrun's launcher with ``nproc`` processes on this node; 0 once all succeed.
+
+    The launcher (``torch.distributed.launcher.elastic_launch``, what ``torchrun --standalone`` runs)
+    runs in this process, so that a failure comes back as data rather than torchrun's report: a rank
+    that died without a word raises ``RankDied`` naming it and how it died; otherwise the first rank's
+    own error line is raised as a ``CarsoError`` (printed once, not once per rank). Ctrl-C / SIGTERM
+    reach the launcher, which passes them on to the workers (they checkpoint and stop).
+    """
+    import logging
+    import tempfile
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import elastic_launch
+    from torch.distributed.run import config_from_args, parse_args
+
+    from carso_cli.cli import debug_enabled
+
     args = list(sys.argv[1:] if argv is None else argv)
     # torchrun's argparse would read "--run" as an abbreviation of its own "--run-path": pass the
     # spelling every carso command also accepts.
     args = ["--run-dir" if a == "--run" else "--run-dir=" + a[6:] if a.startswith("--run=") else a for a in args]
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-        "-m", "carso_cli", *args,
-    ]
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    return subprocess.call(cmd, env=env)
+    launch = parse_args([f"--nproc_per_node={nproc}", "-m", "carso_cli", *args])
+    # As torchrun --standalone: a rendezvous on a free local port.
+    launch.rdzv_backend, launch.rdzv_endpoint, launch.rdzv_id = "c10d", "localhost:0", str(uuid.uuid4())
+    saved = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", LAUNCHED_ENV)}
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)}
+    with tempfile.TemporaryDirectory(prefix="carso-ranks-") as reports:
+        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+        os.environ[LAUNCHED_ENV] = reports  # the workers inherit the launcher's environment
+        if not debug_enabled():
+            logging.disable(logging.ERROR)  # the launcher's own warnings and its failure report
+        try:
+            config, cmd, cmd_args = config_from_args(launch)
+            elastic_launch(config, cmd)(*cmd_args)
+        except ChildFailedError as err:
+            raise _launch_failure(err.failures, Path(reports)) from None
+        except SignalException as err:  # Ctrl-C / SIGTERM: the workers had it too, and said why they stopped
+            raise _launch_failure({}, Path(reports), stopped=err.sigval.name) from None
+        finally:
+            logging.disable(logging.NOTSET)
+            for sig, handler in handlers.items():  # the launcher leaves its own installed
+                if handler is not None:
+                    signal.signal(sig, handler)
+            for key, value in saved.items():
+                os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
+    return 0
+
+
+def _launch_failure(failures: dict[int, Any], reports: Path, stopped: str | None = None) -> BaseException:
+    """The one error for a failed job: a rank that died without a word, else the first rank's own line."""
+    said = {}
+    for path in reports.glob("rank-*.json"):
+        try:
+            said[int(path.stem[5:])] = json.loads(path.read_text())
+        except (OSError, ValueError):
+            pass  # a rank killed in its write is one that said nothing
+    silent = sorted((f.timestamp, rank, f) for rank, f in failures.items() if rank not in said)
+    if silent:
+        _, rank, f = silent[0]
+        how = f"was killed by {f.signal_name()}" if f.exitcode < 0 else f"exited with code {f.exitcode}"
+        return RankDied(f"rank {rank} (pid {f.pid}) {how}, without an error of its own; the other ranks were stopped")
+    if said:
+        first = said[min(said)]
+        return KeyboardInterrupt() if first.get("kind") == "interrupted" else CarsoError(first["text"])
+    if stopped is not None:
+        return CarsoError(f"stopped by {stopped} before the workers could say where they were; "
+                          "continue with --resume if a checkpoint was written")
+    return CarsoError("the distributed job failed without an error message (run with --debug to see the launcher's report)")
+
+
+def report_failure(kind: str, text: str) -> bool:
+    """In a worker started by ``relaunch``: leave the error line for the launcher and return True (the
+    caller prints nothing); False elsewhere (one process, or a torchrun started by hand)."""
+    folder = os.environ.get(LAUNCHED_ENV)
+    if not folder or not in_torchrun() or not Path(folder).is_dir():
+        return False
+    from carso_cli.checkpoint import atomic_write_json
+
+    atomic_write_json(Path(folder) / f"rank-{int(os.environ['RANK'])}.json", {"kind": kind, "text": text})
+    return True
 
 
 def relaunch_argv(command: str, **opts: Any) -> list[str]:
@@ -154,8 +249,6 @@ def broadcast_object(obj: Any, ctx: DistContext) -> Any:
 def on_main(ctx: DistContext, fn: Callable[[], Any]) -> Any:
     """``fn()`` on rank 0, its result on every rank; a ``CarsoError`` it raises is raised on every rank
     (so that the other ranks do not wait forever for a rank 0 that refused to start)."""
-    from carso_cli.errors import CarsoError
-
     result: Any = None
     error: str | None = None
     if ctx.is_main:

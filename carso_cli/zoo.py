@@ -224,8 +224,10 @@ def download(url: str, dest: Path, sha256: str | None = None, console: Any = Non
         length = response.headers.get("Content-Length")
         total = have + int(length) if length is not None else None
         try:
+            from rich.markup import escape
+
             with open(part, "ab" if have else "wb") as fh, _progress(console) as progress:
-                task = progress.add_task(dest.name, total=total, completed=have)
+                task = progress.add_task(escape(dest.name), total=total, completed=have)
                 while chunk := response.read(_CHUNK):
                     fh.write(chunk)
                     progress.advance(task, len(chunk))

@@ -141,3 +141,25 @@ def test_failed_write_keeps_the_old_file_and_no_temporary(tmp_path: Path, monkey
         ckpt.save_tensors(target, {"w": torch.zeros(2)})
     assert [p.name for p in tmp_path.iterdir()] == ["w.safetensors"]
     assert torch.equal(ckpt.load_tensors(target)[0]["w"], torch.ones(2))
+
+
+def test_safetensors_own_io_error_is_a_disk_write_error(tmp_path: Path, monkeypatch) -> None:
+    """safetensors raises SafetensorError (its errno only in the text), not OSError; where no tmpfs can
+    be mounted (tests/test_crash.py fills a real one), its exact message stands in for a full disk."""
+    from safetensors import SafetensorError
+
+    def full(tensors, filename, metadata=None):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    target = tmp_path / "w.safetensors"
+    monkeypatch.setattr(ckpt, "save_file", full)
+    with pytest.raises(ckpt.DiskWriteError, match=rf"^no space left on device while writing {target} \(32 B\)$"):
+        ckpt.save_tensors(target, {"w": torch.zeros(8)})
+    assert list(tmp_path.iterdir()) == []
+
+    def other(tensors, filename, metadata=None):
+        raise SafetensorError("Error while serializing: something else")
+
+    monkeypatch.setattr(ckpt, "save_file", other)
+    with pytest.raises(SafetensorError, match="something else"):  # not a disk problem: not disguised as one
+        ckpt.save_tensors(target, {"w": torch.zeros(8)})

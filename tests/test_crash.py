@@ -9,8 +9,14 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
+import shlex
+import signal
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -161,8 +167,8 @@ def test_disk_full_while_writing_a_checkpoint(tmp_path: Path, classifier_file: P
     result = runner.invoke(app, argv)
     assert result.exit_code == 1
     line = " ".join(result.output.split())
-    assert f"error: {what} while writing {out / tp.CHECKPOINT}; the last checkpoint, epoch 1, is intact; " \
-           "free space and rerun with --resume" in line, result.output
+    assert f"error: {what} while writing {out / tp.CHECKPOINT} (" in line, result.output  # (its size)
+    assert "; the last checkpoint, epoch 1, is intact; free space and rerun with --resume" in line, result.output
     assert "Traceback" not in result.output
     assert not list(out.rglob("*.tmp")) and not (out / ckpt.PURIFIER_FILE).exists()
     check_loads(out)
@@ -184,3 +190,159 @@ def test_read_only_run_directory(tmp_path: Path) -> None:
         assert (folder / "a.txt").read_text() == "old" and sorted(p.name for p in folder.iterdir()) == ["a.txt"]
     finally:
         folder.chmod(0o755)
+
+
+# ----------------------------------------------------------------------------------------------------
+# A real full disk (issue 22.1): a tmpfs mounted by the test; safetensors' own SafetensorError included
+# ----------------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def tmpfs(folder: Path, size: str) -> Iterator[Path]:
+    """A ``size`` tmpfs mounted on ``folder`` (root only), unmounted whatever happens."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs (a real full disk) needs root")
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                             capture_output=True, text=True, check=False)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip() or mounted.returncode}")
+    try:
+        yield folder
+    finally:
+        if subprocess.run(["umount", str(folder)], check=False).returncode != 0:
+            subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def temporaries(folder: Path) -> list[Path]:
+    """Temporary files of carso (``.NAME.*.tmp``) or of safetensors' own writer (``.tmpXXXXXX``)."""
+    return [p for p in folder.rglob("*") if p.name.endswith(".tmp") or p.name.startswith(".tmp")]
+
+
+def test_real_full_disk_keeps_the_last_checkpoint(tmp_path: Path, classifier_file: Path, whole_purifier: Path) -> None:
+    """9 MB: the classifier copy and epoch 1's checkpoint (5.6 MB) fit, epoch 2's does not (the old one
+    stays until the new one is complete). After the disk grows, --resume ends where a whole run ends."""
+    with tmpfs(tmp_path / "disk", "9m") as disk:
+        out = disk / "run"
+        argv = ["train-purifier", "--preset", "smoke", "--classifier", str(classifier_file), "--out", str(out),
+                "--device", "cpu", *sets(PURIFIER)]
+        full = run_with_fault("none", argv)
+        assert full.returncode == 1, full.stdout[-2000:] + full.stderr[-2000:]
+        line = " ".join(full.stderr.split())
+        assert line.startswith(f"error: no space left on device while writing {out / tp.CHECKPOINT} ("), line
+        assert line.endswith("; the last checkpoint, epoch 1, is intact; free space and rerun with --resume"), line
+        assert "Traceback" not in full.stderr and "internal error" not in full.stderr
+        assert not temporaries(disk) and not (out / ckpt.PURIFIER_FILE).exists()
+        assert tr.load_training_state(out / tp.CHECKPOINT, "purifier").position == tr.Position(1, 0)
+        check_loads(out)
+
+        subprocess.run(["mount", "-o", "remount,size=32m", str(disk)], check=True)
+        resumed = run_with_fault("none", [*argv, "--resume"])
+        assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+        assert "resumed from epoch 1, batch 0" in resumed.stdout
+        assert not temporaries(disk)
+        check_loads(out)
+        same_tensors(whole_purifier / ckpt.PURIFIER_FILE, out / ckpt.PURIFIER_FILE)
+
+
+def test_real_full_disk_at_the_first_checkpoint(tmp_path: Path, classifier_file: Path) -> None:
+    """4 MB: the first checkpoint does not fit. Nothing is resumable, so the run is removed (giving the
+    space back), and the message says the training so far is lost, how long it was and what went."""
+    with tmpfs(tmp_path / "disk", "4m") as disk:
+        out = disk / "run"
+        full = run_with_fault("none", ["train-purifier", "--preset", "smoke", "--classifier", str(classifier_file),
+                                       "--out", str(out), "--device", "cpu", *sets(PURIFIER)])
+        assert full.returncode == 1, full.stdout[-2000:] + full.stderr[-2000:]
+        line = " ".join(full.stderr.split())
+        assert line.startswith(f"error: no space left on device while writing {out / tp.CHECKPOINT} ("), line
+        assert "; no checkpoint was written yet, so the training so far is lost; free space and start again" in line
+        assert line.endswith(f"of work: with no checkpoint to resume from, {out} was removed)"), line
+        assert "Traceback" not in full.stderr
+        assert list(disk.iterdir()) == []
+
+
+def test_real_full_disk_saving_adversarial_examples(tiny_run: Path, tmp_path: Path) -> None:
+    """Another safetensors writer: ``eval --save-adversarial`` onto a full disk. One line; the evaluation's
+    own results (on another disk) are complete; nothing partial on the full one."""
+    with tmpfs(tmp_path / "disk", "16k") as disk:
+        target = disk / "adv.safetensors"
+        full = run_with_fault("none", ["eval", "--run", str(tiny_run), "--attack", "pgd-eot", "--n-examples", "2",
+                                       "--batch-size", "2", "--samples", "2", "--steps", "1", "--eot", "1",
+                                       "--repeats", "1", "--device", "cpu", "--save-adversarial", str(target)])
+        assert full.returncode == 1, full.stdout[-2000:] + full.stderr[-2000:]
+        line = " ".join(full.stderr.split())
+        assert line.startswith(f"error: no space left on device while writing {target} ("), line
+        assert "Traceback" not in full.stderr and list(disk.iterdir()) == []
+        check_loads(tiny_run / "eval" / "pgd-eot")
+
+
+# ----------------------------------------------------------------------------------------------------
+# A rank dies (issue 22.2): two gloo processes, one of them killed with a real SIGKILL mid-epoch
+# ----------------------------------------------------------------------------------------------------
+
+
+def worker_pid(launcher: int, rank: int) -> int | None:
+    """The pid of the launcher's descendant with ``RANK=rank`` in its environment (a /proc scan)."""
+    parents, ranks = {}, {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            parents[int(proc.name)] = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            if f"RANK={rank}".encode() in (proc / "environ").read_bytes().split(b"\0"):
+                ranks[int(proc.name)] = True
+        except (OSError, IndexError, ValueError):
+            continue
+    for pid in ranks:
+        ancestor = parents.get(pid)
+        while ancestor not in (None, 0, 1, launcher):
+            ancestor = parents.get(ancestor)
+        if ancestor == launcher:
+            return pid
+    return None
+
+
+@pytest.mark.slow
+def test_a_rank_killed_mid_epoch(tmp_path: Path, classifier_file: Path) -> None:
+    """One line: which rank died and how, the last intact checkpoint, the command that continues — which
+    then finishes the run. Not rank 0's traceback, nor torchrun's report."""
+    out = tmp_path / "run"
+    # 64 examples in batches of 16: 4 steps an epoch, 3 epochs.
+    argv = ["train-purifier", "--gpus", "2", "--device", "cpu", "--preset", "smoke", "--classifier", str(classifier_file),
+            "--out", str(out), *sets(["data.synthetic_train_size=64", "training.batch_size=16", "training.epochs=3",
+                                      "training.lookahead_k=2", "attacks.pgd_steps=1"])]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    job = subprocess.Popen([sys.executable, "-m", "carso_cli", *argv], env=env, cwd=tmp_path, text=True,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 240
+        while not (out / tp.CHECKPOINT).exists():  # epoch 0 is done: rank 1 is into epoch 1
+            assert job.poll() is None and time.monotonic() < deadline, job.communicate()
+            time.sleep(0.05)
+        pid = worker_pid(job.pid, 1)
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        stdout, stderr = job.communicate(timeout=120)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert job.returncode == 1, stdout[-2000:] + stderr[-2000:]
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, stderr
+    said = re.fullmatch(rf"error: rank 1 \(pid {pid}\) was killed by SIGKILL, without an error of its own; the other "
+                        r"ranks were stopped; the last checkpoint, epoch (\d+), is intact \((.+)\); continue with: "
+                        r"(carso train-purifier .* --resume)", lines[0])
+    assert said is not None, lines[0]
+    assert said.group(2) == str(out / tp.CHECKPOINT)
+    epoch = int(said.group(1))
+    assert tr.load_training_state(out / tp.CHECKPOINT, "purifier").position == tr.Position(epoch, 0)
+    assert not temporaries(out)
+    check_loads(out)
+
+    again = shlex.split(said.group(3))
+    resumed = subprocess.run([sys.executable, "-m", "carso_cli", *again[1:]], env=env, cwd=tmp_path, text=True,
+                             capture_output=True, timeout=300, check=False)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    assert f"resumed from epoch {epoch}, batch 0" in resumed.stdout
+    assert [r["epoch"] for r in tr.read_metrics(out / ckpt.METRICS_FILE)] == [0, 1, 2]
+    check_loads(out)

@@ -163,6 +163,6 @@ def cli(
     if json_out:
         print(json.dumps({"what": what.value, "preset": cfg.name, **result, "environment": env}))
     else:
-        console.print(headline)
-        console.print(f"[dim]{json.dumps(result)}[/]")
-        console.print(f"[dim]{json.dumps(env)}[/]")
+        console.print(headline, markup=False)
+        console.print(json.dumps(result), style="dim", markup=False)
+        console.print(json.dumps(env), style="dim", markup=False)

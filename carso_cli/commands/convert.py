@@ -29,6 +29,7 @@ from typing import Annotated, Optional
 
 import torch
 import typer
+from rich.markup import escape
 
 from carso_cli import checkpoint as ckpt
 from carso_cli.commands._common import PresetOpt, SetOpt, load_preset
@@ -341,15 +342,15 @@ def cli(
     classifier = zoo.resolve_weights(classifier)  # a path, or a published model's name (carso pull --list)
     cfg = load_preset(preset, set_)
     result = run(kind, cfg, classifier, repr_compressors, repr_fcn_compressor, decoder, out, force)
-    table = Table(title=f"carso convert {kind.value} — preset '{cfg.name}'")
+    table = Table(title=escape(f"carso convert {kind.value} — preset '{cfg.name}'"))
     table.add_column("role")
     table.add_column("file")
     for role, path in result.files.items():
-        table.add_row(role, str(path))
+        table.add_row(role, escape(str(path)))
     console.print(table)
     p = result.parameters
     console.print(
         f"classifier {p['classifier']:,} parameters; purifier (inference) {p['condition_encoder'] + p['decoder']:,} "
         f"parameters over {result.layers} representation layers"
     )
-    console.print(f"[green]wrote[/] {result.run} — evaluate with: carso eval --run {result.run}")
+    console.print(f"[green]wrote[/] {escape(f'{result.run} — evaluate with: carso eval --run {result.run}')}")

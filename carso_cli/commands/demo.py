@@ -17,6 +17,7 @@ from typing import Annotated, Any, Optional
 
 import torch
 import typer
+from rich.markup import escape
 
 from carso_cli import checkpoint as ckpt
 from carso_cli import locking
@@ -103,8 +104,8 @@ def cli(
     result = run(cfg, out, n_examples=n_examples, device=device, seed=seed, data_root=data_root, console=console)
     console.rule("[bold]summary")  # the Table 2 summary is just above (printed by eval)
     timing = ", ".join(f"{k} {v:.0f} s" for k, v in result.seconds.items())
-    console.print(f"run directory: [bold]{result.run}[/]  ({timing})")
+    console.print(f"run directory: [bold]{escape(str(result.run))}[/]  ({timing})")
     console.print(
         f"next: carso predict IMAGE --run {result.run}   ·   carso sanity --run {result.run}   ·   "
-        f"carso plot {result.run}"
+        f"carso plot {result.run}", markup=False,
     )

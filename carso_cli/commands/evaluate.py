@@ -18,6 +18,7 @@ from typing import Annotated, Any, Optional
 import torch
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -198,6 +199,12 @@ def run(
             p.requires_grad_(False)
         classifier.eval()
         eval_dir = loaded.run / "eval" / (name or s.attack)
+        if resume:  # a requeued job that had in fact finished: one line, nothing touched
+            done = distributed.on_main(ctx, lambda: finished_evaluation(eval_dir, s.to_json(), save_adversarial))
+            if done is not None:
+                if console is not None and ctx.is_main:
+                    console.print(done[0], soft_wrap=True, highlight=False, markup=False)
+                return ev.EvalOutcome(done[1], eval_dir / ev.RESULTS_FILE, 0, 0)
 
         def lock() -> None:  # one writer per evaluation name; a failed start leaves no folder behind
             made = not eval_dir.exists()
@@ -210,7 +217,7 @@ def run(
         out = console if ctx.is_main else None
         if out is not None:
             out.print(
-                f"[bold]carso eval[/] {loaded.run} — {s.n_examples} examples of {cfg.data.dataset} ({s.split}), "
+                f"[bold]carso eval[/] {escape(str(loaded.run))} — {s.n_examples} examples of {cfg.data.dataset} ({s.split}), "
                 f"attack {s.attack}, ε = {format_eps(s.eps)}, {s.samples} samples, {s.aggregation} aggregation, "
                 f"{ctx.world_size} process(es) on {ctx.device}",
                 highlight=False,
@@ -229,7 +236,7 @@ def run(
             if resume:
                 out.print(f"resumed: {outcome.resumed} batch(es) found on disk, {outcome.computed} computed")
             render(outcome.results, out)
-            out.print(f"results: {outcome.path}", highlight=False)
+            out.print(f"results: {outcome.path}", highlight=False, markup=False)
         if ctx.is_main and save_adversarial is not None and outcome.results is not None:
             from carso_cli.adversarial import save_adversarial as write
             from carso_cli.evaluation.runner import collect_adversarial
@@ -238,7 +245,8 @@ def run(
             write(save_adversarial, found["y"], found["idx"], found["attacks"], s.eps,
                   {"run": str(loaded.run), "evaluation": str(eval_dir)})
             if out is not None:
-                out.print(f"adversarial examples ({', '.join(found['attacks'])}): {save_adversarial}", highlight=False)
+                out.print(f"adversarial examples ({', '.join(found['attacks'])}): {save_adversarial}", highlight=False,
+                          markup=False)
         return outcome
     except BaseException as err:
         stack.__exit__(type(err), err, err.__traceback__)  # the failure reaches the clean-up of a failed start
@@ -246,6 +254,23 @@ def run(
     finally:
         stack.close()
         distributed.teardown()
+
+
+def finished_evaluation(eval_dir: Path, settings: dict[str, Any],
+                        save_adversarial: Path | None) -> tuple[str, dict[str, Any]] | None:
+    """(the line saying so, the results) when ``eval_dir`` holds the finished results of these settings
+    (and ``--save-adversarial``'s file, if asked for); None when there is work left."""
+    import json
+
+    path = eval_dir / ev.RESULTS_FILE
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if results.get("settings") != settings or (save_adversarial is not None and not save_adversarial.is_file()):
+        return None
+    return (f"{eval_dir} is complete: {path.name} holds all {results.get('n_examples')} examples; nothing to do "
+            f"(carso report {eval_dir} shows them)", results)
 
 
 def _progress(console: Console) -> Progress:
@@ -387,7 +412,10 @@ def cli(
             steps=steps, eot=eot, queries=queries, name=name, data_root=data_root, precision=precision,
             square=square, saturation_threshold=saturation_threshold, save_adversarial=save_adversarial,
         )
-        code = distributed.relaunch(gpus, argv)
+        try:
+            code = distributed.relaunch(gpus, argv)
+        except distributed.RankDied as died:  # an evaluation keeps every finished batch
+            raise died.resumable("the finished batches are kept", argv) from None
         if code != 0:
             raise typer.Exit(code)
         return

@@ -22,6 +22,7 @@ from typing import Annotated, Optional
 import torch
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from carso_cli import checkpoint as ckpt
@@ -167,7 +168,7 @@ def run(
     size = n * (per_example * DTYPES[dtype].itemsize + (2 if attack != "none" else 1) * int(torch.tensor(shape).prod()) * 4)
     if console is not None:
         console.print(
-            f"[bold]carso extract[/] {source} — {n} {split} examples, {len(names)} layers, attack {attack}"
+            f"[bold]carso extract[/] {escape(str(source))} — {n} {split} examples, {len(names)} layers, attack {attack}"
             + (f" ε = {format_eps(eps_value)}" if eps_value is not None else "")
             + f", ≈ {size / 2**20:.1f} MiB ({dtype})",
             highlight=False,
@@ -248,7 +249,7 @@ def render(result: ExtractResult, console: Console) -> None:
     if attacked:
         t.add_column("mean relative L2 change", justify="right")
     for i, row in enumerate(result.layers):
-        cells = [str(i), row.name, "×".join(map(str, (result.n, *row.shape)))]
+        cells = [str(i), escape(row.name), "×".join(map(str, (result.n, *row.shape)))]
         if attacked:
             cells.append(f"{row.relative_change:.4f}")
         t.add_row(*cells)
@@ -257,7 +258,7 @@ def render(result: ExtractResult, console: Console) -> None:
     if result.adversarial_accuracy is not None:
         acc += f", attacked {100 * result.adversarial_accuracy:.2f}%"
     console.print(acc)
-    console.print(f"saved {result.path} ({result.bytes / 2**20:.1f} MiB)", highlight=False)
+    console.print(f"saved {result.path} ({result.bytes / 2**20:.1f} MiB)", highlight=False, markup=False)
 
 
 def cli(

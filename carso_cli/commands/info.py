@@ -9,6 +9,7 @@ from typing import Annotated, Any, Optional
 
 import torch
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from carso_cli.commands._common import PresetOpt, SetOpt, load_preset
@@ -128,30 +129,30 @@ def cli(
             return
         table = Table(title=f"{len(rows)} resolved keys differ")
         table.add_column("key")
-        table.add_column(cfg.name)
-        table.add_column(other.name)
+        table.add_column(escape(cfg.name))
+        table.add_column(escape(other.name))
         for k, va, vb in rows:
-            table.add_row(k, json.dumps(va), json.dumps(vb))
+            table.add_row(k, escape(json.dumps(va)), escape(json.dumps(vb)))
         console.print(table)
         return
     if as_json:
         typer.echo(json.dumps({**config_to_dict(cfg), "derived": derived(cfg, gpus)}, indent=2))
         return
     rows, layers = run(cfg)
-    table = Table(title=f"carso info — preset '{cfg.name}' ({cfg.description})")
+    table = Table(title=escape(f"carso info — preset '{cfg.name}' ({cfg.description})"))
     table.add_column("module")
     table.add_column("shape")
     table.add_column("parameters", justify="right")
     table.add_column("inference", justify="center")
     for r in rows:
-        table.add_row(r.name, r.shape, f"{r.parameters:,}", "✓" if r.used_at_inference else "training only")
+        table.add_row(escape(r.name), r.shape, f"{r.parameters:,}", "✓" if r.used_at_inference else "training only")
     purifier_total = sum(r.parameters for r in rows[1:])
     inference_total = sum(r.parameters for r in rows[1:] if r.used_at_inference)
     table.add_section()
     table.add_row("purifier total", "", f"{purifier_total:,}", "")
     table.add_row("purifier at inference", "", f"{inference_total:,}", "")
     console.print(table)
-    console.print(sources.describe(cfg), soft_wrap=True, highlight=False)
+    console.print(sources.describe(cfg), soft_wrap=True, highlight=False, markup=False)
     console.print(layer_table(cfg, layers))
     total = sum(c * h * w for _, (c, h, w) in layers)
     spec = cfg.purifier.layers if isinstance(cfg.purifier.layers, str) else "a list"
@@ -175,7 +176,7 @@ def layer_table(cfg: Config, layers: list[tuple[str, tuple[int, ...]]]) -> Table
     too_small = 2 * cfg.purifier.layerwise_depth
     for c in candidates(classifier, shape):
         note = "" if min(c.shape[1:]) > too_small else " (too small)"  # for the layerwise encoder (Tables 8/9)
-        table.add_row(str(chosen[c.name]) if c.name in chosen else "", c.name, "×".join(map(str, c.shape)) + note)
+        table.add_row(str(chosen[c.name]) if c.name in chosen else "", escape(c.name), "×".join(map(str, c.shape)) + note)
     return table
 
 

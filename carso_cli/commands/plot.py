@@ -151,4 +151,4 @@ def cli(
     path = metrics_file(target)
     default = path.parent / ("curves.png" if path.name == ckpt.METRICS_FILE else path.stem + ".png")
     written = plot_metrics(path, out or default, title=str(target))
-    console.print(str(written), soft_wrap=True, highlight=False)
+    console.print(str(written), soft_wrap=True, highlight=False, markup=False)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
+from rich.markup import escape
 
 from carso_cli import checkpoint as ckpt
 from carso_cli import locking, zoo
@@ -100,7 +101,7 @@ def zoo_table() -> Any:
     table.add_column("gives", no_wrap=True)
     table.add_column("paper", overflow="fold")
     for entry in models.values():
-        table.add_row(entry.name, entry.preset, _contents(entry), _headline(entry))
+        table.add_row(*(escape(cell) for cell in (entry.name, entry.preset, _contents(entry), _headline(entry))))
     return table
 
 
@@ -165,13 +166,13 @@ def cli(
         raise CarsoError("give a model name, e.g. carso pull cifar10-cui2023 (carso pull --list shows them all)")
     result = run(name, out, cache, force, console=err_console)
     for f in result.files.values():
-        console.print(f"{f.role}: {f.path} (sha256 {f.sha256})", soft_wrap=True, highlight=False)
+        console.print(f"{f.role}: {f.path} (sha256 {f.sha256})", soft_wrap=True, highlight=False, markup=False)
     if result.run is None:
         if out is not None:
-            err_console.print(f"[yellow]note:[/] --out is not used: {name} has no published purifier to convert")
-        console.print(f"[green]{name}[/] is a classifier only; train a purifier on it with: carso train-purifier "
-                      f"--preset {result.entry.preset} --classifier {name}", soft_wrap=True, highlight=False)
+            err_console.print(f"[yellow]note:[/] --out is not used: {escape(name)} has no published purifier to convert")
+        console.print(f"[green]{escape(name)}[/] " + escape(f"is a classifier only; train a purifier on it with: carso "
+                      f"train-purifier --preset {result.entry.preset} --classifier {name}"), soft_wrap=True, highlight=False)
         return
     done = "already pulled" if result.up_to_date else "wrote"
-    console.print(f"[green]{done}[/] {result.run} — evaluate with: carso eval --run {result.run}",
+    console.print(f"[green]{done}[/] " + escape(f"{result.run} — evaluate with: carso eval --run {result.run}"),
                   soft_wrap=True, highlight=False)

@@ -32,6 +32,7 @@ from typing import Annotated, Any, Optional
 import torch
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from carso_cli import checkpoint as ckpt
@@ -357,7 +358,7 @@ def run(
         batches.append((x.to(dev), y.to(dev), rng))
     if console is not None:
         console.print(
-            f"[bold]carso sanity[/] {loaded.run} — {n} examples, {s.samples} samples, {s.aggregation} aggregation, "
+            f"[bold]carso sanity[/] {escape(str(loaded.run))} — {n} examples, {s.samples} samples, {s.aggregation} aggregation, "
             f"checks: {', '.join(s.checks)}", highlight=False,
         )
     progress = None
@@ -406,9 +407,9 @@ def render(report: SanityReport, console: Console) -> None:
     console.print(t)
     for c in report.checks:
         if c.status != "pass" and c.details.get("hint"):
-            console.print(f"[yellow]{c.key}: {c.details['hint']}[/]", highlight=False)
+            console.print(f"{c.key}: {c.details['hint']}", style="yellow", highlight=False, markup=False)
     verdict = "[green]all checks passed[/]" if report.passed else "[bold red]some checks failed[/]"
-    console.print(f"{verdict} — report: {report.path}", highlight=False)
+    console.print(f"{verdict} — report: {escape(str(report.path))}", highlight=False)
 
 
 

@@ -70,6 +70,7 @@ class ClassifierResult:
     resumed_from: tr.Position | None
     records: list[dict[str, Any]]
     clean_accuracy: float
+    complete: str | None = None  # --resume of a finished training: the line that says so (nothing was done)
 
 
 def companion(weights: Path, what: str) -> Path:
@@ -197,12 +198,18 @@ def _train(cfg: Config, out: Path | None, ctx: distributed.DistContext, resume: 
         ckpt.remove_temporaries(weights.parent, f"{stem}.")  # what a killed run was writing (issue 14)
         if not resume:
             refuse_existing()  # again under the lock: the check before it was only to fail early
-            stack.enter_context(ckpt.undo_on_failure(weights.parent, made, keep=[state_path, weights], prefix=f"{stem}."))
+            stack.enter_context(ckpt.undo_on_failure(weights.parent, made, keep=[state_path, weights], prefix=f"{stem}.",
+                                                     tell=True))
+        # A write that fails (a full disk) from here on says which checkpoint is intact.
+        stack.enter_context(ckpt.checkpoint_write(state_path))
 
     state: tr.TrainingState | None = None
     if resume:
         if not state_path.is_file():
             raise CheckpointError(f"cannot resume: {state_path} not found (was training started with --out {weights}?)")
+        done = distributed.on_main(ctx, lambda: tr.finished_run(state_path, weights, ct.epochs, weights))
+        if done is not None:
+            return ClassifierResult(weights, None, [], float("nan"), complete=done)
         distributed.on_main(ctx, lock)
         state = tr.load_training_state(state_path, KIND)
         tr.check_resume(state, ct.batch_size, preset, cfg.name)
@@ -233,12 +240,10 @@ def _train(cfg: Config, out: Path | None, ctx: distributed.DistContext, resume: 
         ckpt.load_into(model, state.model, what=f"classifier in {state_path}")
         tr.load_optimizer_state(optimizer, state.optimizer)
         tr.restore_rank_rng(state, ctx)
-        start = state.position
-        if start.epoch >= ct.epochs:
-            raise CarsoError(f"{weights} already trained {start.epoch} epochs; pass --epochs N (N > {start.epoch}) to extend it")
+        start = state.position  # at most ct.epochs (tr.finished_run); the final files may be what is left
         if ctx.is_main and console is not None:
             console.print(f"resumed from epoch {start.epoch}, batch {start.batch} (of {ct.epochs} epochs): {weights}",
-                          soft_wrap=True)
+                          soft_wrap=True, markup=False)
 
     on_cuda = device.type == "cuda"
     use_bf16 = on_cuda and (cfg.training.bf16 if bf16 is None else bf16)
@@ -286,7 +291,7 @@ def _train(cfg: Config, out: Path | None, ctx: distributed.DistContext, resume: 
 
     def say(line: str) -> None:
         if ctx.is_main and console is not None:
-            console.print(line, soft_wrap=True)
+            console.print(line, soft_wrap=True, markup=False)  # may quote a library's message
 
     def compute(b: tr.Batch) -> torch.Tensor:
         n = b.hi - b.lo
@@ -327,12 +332,11 @@ def _train(cfg: Config, out: Path | None, ctx: distributed.DistContext, resume: 
     def save(position: tr.Position, epoch_sums: list[float] | None) -> None:
         rng = tr.gather_rng(ctx)
         if ctx.is_main:
-            with ckpt.checkpoint_write(state_path):
-                tr.save_training_state(
-                    state_path, kind=KIND, position=position, model=model, optimizer=optimizer,
-                    config_toml=config_to_toml(cfg), rng=rng, epoch_sums=epoch_sums,
-                    extra={"seed": seed, "world_size": ctx.world_size, "global_batch": ct.batch_size},
-                )
+            tr.save_training_state(
+                state_path, kind=KIND, position=position, model=model, optimizer=optimizer,
+                config_toml=config_to_toml(cfg), rng=rng, epoch_sums=epoch_sums,
+                extra={"seed": seed, "world_size": ctx.world_size, "global_batch": ct.batch_size},
+            )
         distributed.barrier(ctx)
 
     metrics = companion(weights, "metrics.jsonl")
@@ -387,16 +391,23 @@ def cli(
     from carso_cli.cli import console
 
     set_ = memory_sets(set_, attack_chunk, micro_batch, section="classifier_training")
+    explicit = {"classifier_training.epochs": epochs, "classifier_training.batch_size": batch_size,
+                "classifier_training.adversarial": adversarial.value if adversarial else None}
     if distributed.should_relaunch(gpus):
         distributed.check_gpus(gpus, device)
+        if out is None and not resume and preset is not None:  # named here, for the line that says how to resume
+            out = default_out(load_preset(preset, set_, **explicit))
         argv = distributed.relaunch_argv("train-classifier", preset=preset, adversarial=adversarial, out=out, epochs=epochs,
                                 batch_size=batch_size, gpus=gpus, device=device, resume=resume, data_root=data_root,
                                 seed=seed, set=set_)
         if bf16 is not None:
             argv.append("--bf16" if bf16 else "--no-bf16")
-        raise typer.Exit(distributed.relaunch(gpus, argv))
-    explicit = {"classifier_training.epochs": epochs, "classifier_training.batch_size": batch_size,
-                "classifier_training.adversarial": adversarial.value if adversarial else None}
+        try:
+            raise typer.Exit(distributed.relaunch(gpus, argv))
+        except distributed.RankDied as died:
+            state = companion(out, "state.safetensors") if out is not None else None
+            kept = ckpt.intact_checkpoint(state) if state is not None else None
+            raise died.resumable(kept and f"{kept} is intact ({state})", argv) from None
     if resume:
         if out is None:
             raise CarsoError("--resume needs --out FILE.safetensors (the weights file of the run to continue)")
@@ -411,6 +422,9 @@ def cli(
                  console=console, preset=preset if resume else None)
     if int(os.environ.get("RANK", "0")) != 0:
         return
+    if result.complete is not None:
+        console.print(result.complete, soft_wrap=True, highlight=False, markup=False)
+        return
     if result.clean_accuracy == result.clean_accuracy:  # not NaN
         console.print(f"clean test accuracy: {100 * result.clean_accuracy:.2f}%")
-    console.print(str(result.weights), soft_wrap=True, highlight=False)
+    console.print(str(result.weights), soft_wrap=True, highlight=False, markup=False)

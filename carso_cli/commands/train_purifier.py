@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from contextlib import ExitStack, nullcontext
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -96,31 +97,41 @@ class PurifierResult:
     run: Path
     resumed_from: tr.Position | None
     records: list[dict[str, Any]]
+    complete: str | None = None  # --resume of a finished run: the line that says so (nothing was done)
 
 
-def _run_dir(out: Path | None, cfg: Config, resume: bool, ctx: distributed.DistContext, stack: ExitStack) -> Path:
-    """The run directory, made and locked by rank 0 and broadcast (so a default timestamped name is shared).
+def _run_dir(out: Path | None, cfg: Config, resume: bool, ctx: distributed.DistContext,
+             stack: ExitStack) -> tuple[Path, str | None]:
+    """The run directory, made and locked by rank 0 and broadcast (so a default timestamped name is shared),
+    and, with ``resume``, the line saying the run is complete if it is (then nothing is locked or touched).
 
     Rank 0 holds the run's lock (``locking``) on ``stack``; a new run made here is removed again if the
     start fails before its first checkpoint. A refusal on rank 0 is raised on every rank.
     """
-    def make() -> str:
+    def make() -> tuple[str, str | None]:
         if resume:
             run = Path(out) if out is not None else ckpt.latest_run(require=str(CHECKPOINT))
             if not (run / CHECKPOINT).is_file():
                 raise CheckpointError(f"cannot resume: {run / CHECKPOINT} not found (was this run started?)")
+            done = tr.finished_run(run / CHECKPOINT, run / ckpt.PURIFIER_FILE, cfg.training.epochs, run)
+            if done is not None:
+                return str(run), done
             stack.enter_context(locking.hold(run))
         else:
             run = ckpt.new_run_dir(cfg.name) if out is None else Path(out)
             made = out is None or not run.exists()
             stack.enter_context(locking.hold(run))
             _refuse_existing(run)  # again under the lock: the check before it was only to fail early
-            stack.enter_context(ckpt.undo_on_failure(run, made, keep=[run / CHECKPOINT, run / ckpt.PURIFIER_FILE]))
+            stack.enter_context(ckpt.undo_on_failure(run, made, keep=[run / CHECKPOINT, run / ckpt.PURIFIER_FILE],
+                                                     tell=True))
+        # A write that fails (a full disk) from here on says which checkpoint is intact.
+        stack.enter_context(ckpt.checkpoint_write(run / CHECKPOINT))
         for folder in (run, (run / CHECKPOINT).parent):  # what a killed run was writing (issue 14)
             ckpt.remove_temporaries(folder)
-        return str(run)
+        return str(run), None
 
-    return Path(distributed.on_main(ctx, make))
+    run, done = distributed.on_main(ctx, make)
+    return Path(run), done
 
 
 def _refuse_existing(run: Path) -> None:
@@ -191,7 +202,9 @@ def _train(cfg: Config, classifier_path: Path | None, out: Path | None, ctx: dis
             raise CheckpointError(f"--classifier: file not found: {classifier_path}")
     state: tr.TrainingState | None = None
     if resume:
-        run_dir = _run_dir(out, cfg, resume, ctx, stack)
+        run_dir, done = _run_dir(out, cfg, resume, ctx, stack)
+        if done is not None:
+            return PurifierResult(run_dir, None, [], complete=done)
         state = tr.load_training_state(run_dir / CHECKPOINT, KIND)
         tr.check_resume(state, t.batch_size, preset, cfg.name)
         seed = int(state.extra.get("seed", seed))
@@ -216,7 +229,7 @@ def _train(cfg: Config, classifier_path: Path | None, out: Path | None, ctx: dis
     if not ctx.is_main:
         dataset = data.build_dataset(cfg, "train", root=data_root, download=False, augment=cfg.data.augment)
     if not resume:
-        run_dir = _run_dir(out, cfg, resume, ctx, stack)
+        run_dir, _ = _run_dir(out, cfg, resume, ctx, stack)
     if ctx.is_main:
         ckpt.atomic_write_text(run_dir / ckpt.CONFIG_FILE, config_to_toml(cfg))
         if not resume:
@@ -239,12 +252,10 @@ def _train(cfg: Config, classifier_path: Path | None, out: Path | None, ctx: dis
         ckpt.load_into(purifier, state.model, what=f"purifier in {run_dir / CHECKPOINT}")
         tr.load_optimizer_state(optimizer, state.optimizer)
         tr.restore_rank_rng(state, ctx)
-        start = state.position
-        if start.epoch >= t.epochs:
-            raise CarsoError(f"{run_dir} already trained {start.epoch} epochs; pass --epochs N (N > {start.epoch}) to extend it")
+        start = state.position  # at most t.epochs (tr.finished_run); the final files may be what is left
         if ctx.is_main and console is not None:
             console.print(f"resumed from epoch {start.epoch}, batch {start.batch} (of {t.epochs} epochs): {run_dir}",
-                          soft_wrap=True)
+                          soft_wrap=True, markup=False)
 
     on_cuda = device.type == "cuda"
     use_bf16 = on_cuda and (t.bf16 if bf16 is None else bf16)
@@ -261,7 +272,7 @@ def _train(cfg: Config, classifier_path: Path | None, out: Path | None, ctx: dis
 
     def say(line: str) -> None:
         if ctx.is_main and console is not None:
-            console.print(line, soft_wrap=True)
+            console.print(line, soft_wrap=True, markup=False)  # may quote a library's message
 
     # torch.compile (training.compile): the classifier as the attacks call it, and the purifier's pass.
     attacked_classifier = maybe_compile(classifier, t.compile, "attacked classifier", say)
@@ -349,12 +360,11 @@ def _train(cfg: Config, classifier_path: Path | None, out: Path | None, ctx: dis
     def save(position: tr.Position, epoch_sums: list[float] | None) -> None:
         rng = tr.gather_rng(ctx)
         if ctx.is_main:
-            with ckpt.checkpoint_write(run_dir / CHECKPOINT):
-                tr.save_training_state(
-                    run_dir / CHECKPOINT, kind=KIND, position=position, model=purifier, optimizer=optimizer,
-                    config_toml=config_to_toml(cfg), rng=rng, epoch_sums=epoch_sums,
-                    extra={"seed": seed, "world_size": ctx.world_size, "global_batch": t.batch_size},
-                )
+            tr.save_training_state(
+                run_dir / CHECKPOINT, kind=KIND, position=position, model=purifier, optimizer=optimizer,
+                config_toml=config_to_toml(cfg), rng=rng, epoch_sums=epoch_sums,
+                extra={"seed": seed, "world_size": ctx.world_size, "global_batch": t.batch_size},
+            )
         distributed.barrier(ctx)
 
     metrics = run_dir / ckpt.METRICS_FILE
@@ -380,6 +390,12 @@ def _train(cfg: Config, classifier_path: Path | None, out: Path | None, ctx: dis
         _plot(run_dir)
     distributed.barrier(ctx)
     return PurifierResult(run_dir, start if resume else None, records)
+
+
+def _started_since(since: float) -> Path | None:
+    """The run under ./runs whose checkpoint was written since ``since`` (a relaunched job without --out)."""
+    runs = [p for p in ckpt.RUNS_ROOT.glob("*") if (p / CHECKPOINT).is_file() and (p / CHECKPOINT).stat().st_mtime >= since]
+    return max(runs, key=lambda p: (p / CHECKPOINT).stat().st_mtime) if runs else None
 
 
 def _plot(run_dir: Path) -> None:
@@ -426,7 +442,15 @@ def cli(
                               gpus=gpus, device=device, resume=resume, data_root=data_root, seed=seed, set=set_)
         if bf16 is not None:
             argv.append("--bf16" if bf16 else "--no-bf16")
-        raise typer.Exit(distributed.relaunch(gpus, argv))
+        started = time.time()
+        try:
+            raise typer.Exit(distributed.relaunch(gpus, argv))
+        except distributed.RankDied as died:
+            run_dir = out if out is not None else _started_since(started)
+            if out is None and run_dir is not None:
+                argv += ["--out", str(run_dir)]
+            kept = ckpt.intact_checkpoint(run_dir / CHECKPOINT) if run_dir is not None else None
+            raise died.resumable(kept and f"{kept} is intact ({run_dir / CHECKPOINT})", argv) from None
     if resume:
         cfg = resume_config(out, set_, epochs)
         if batch_size is not None:
@@ -439,8 +463,11 @@ def cli(
                  seed=seed, bf16=bf16, console=console, preset=preset if resume else None)
     if int(os.environ.get("RANK", "0")) != 0:
         return
+    if result.complete is not None:
+        console.print(result.complete, soft_wrap=True, highlight=False, markup=False)
+        return
     last = result.records[-1] if result.records else {}
     summary = ", ".join(f"{k} {last[k]:.4g}" for k in ("loss", "bce", "kl") if k in last)
     console.print(f"purifier trained: {result.run / ckpt.PURIFIER_FILE}" + (f" (last epoch: {summary})" if summary else ""),
-                  soft_wrap=True, highlight=False)
-    console.print(str(result.run), soft_wrap=True, highlight=False)
+                  soft_wrap=True, highlight=False, markup=False)
+    console.print(str(result.run), soft_wrap=True, highlight=False, markup=False)

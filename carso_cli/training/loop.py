@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from rich.markup import escape
 
 from carso_cli.distributed import DistContext, shard
 from carso_cli.errors import TrainingError
@@ -148,7 +149,7 @@ def run_loop(spec: LoopSpec, hooks: LoopHooks, start: Position, carried_sums: li
     progress = _progress(spec.ctx, console)
     batches_per_epoch = len(_epoch_batches(spec, 0))  # the same number every epoch
     with StopSignal() as stop, progress:
-        epochs_task = progress.add_task(f"{spec.title}: epochs", total=spec.epochs, completed=start.epoch, info="")
+        epochs_task = progress.add_task(escape(f"{spec.title}: epochs"), total=spec.epochs, completed=start.epoch, info="")
         for epoch in range(start.epoch, spec.epochs):
             first = start.batch if epoch == start.epoch else 0
             schedule = hooks.start_epoch(epoch)

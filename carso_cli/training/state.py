@@ -164,6 +164,26 @@ def check_resume(state: TrainingState, global_batch: int, preset: str | None, na
         raise ConfigError(f"the run was trained with a global batch of {trained}; it cannot change on resume")
 
 
+def finished_run(checkpoint: Path, final: Path, epochs: int, where: Path) -> str | None:
+    """With ``--resume``: the line that says a training is complete, or None when there is work left.
+
+    Complete: the checkpoint is at the end of the last of ``epochs`` and the final file (the purifier
+    bundle, the classifier weights) was written after it. A scheduler that requeues a job which had in
+    fact finished reruns its script, ``--resume`` included: that rerun must succeed and change nothing.
+    A checkpoint at the last epoch without a final file (say the disk filled up in that write) is not
+    complete: the resumed command trains no more epochs and writes the final file.
+    """
+    meta = ckpt.read_metadata(checkpoint)
+    trained, batch = int(meta.get("epoch", 0)), int(meta.get("batch", 0))
+    if trained > epochs or (trained == epochs and batch > 0):
+        raise ConfigError(f"{where} already trained {trained} epochs, more than the {epochs} asked for; "
+                          f"pass --epochs N (N > {trained}) to extend it")
+    if trained < epochs or not final.is_file() or final.stat().st_mtime_ns < checkpoint.stat().st_mtime_ns:
+        return None
+    return (f"{where} is complete: {epochs} of {epochs} epochs trained, {final.name} written; nothing to do "
+            f"(--resume --epochs N with N > {epochs} extends it)")
+
+
 def load_optimizer_state(optimizer: Lookahead | torch.optim.Optimizer, state: dict[str, Any]) -> None:
     """Restore an optimiser (Lookahead included) from ``TrainingState.optimizer``."""
     if isinstance(optimizer, Lookahead):
