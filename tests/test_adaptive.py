@@ -40,7 +40,7 @@ def test_surface_switches_the_attacked_scores_and_restores(models) -> None:
     with pytest.raises(RuntimeError), ev.surface(carso, "logit"):
         raise RuntimeError
     assert carso.aggregation == "dexp"
-    assert ev.surfaces_of("dexp") == ["dexp", "dexp-logsum"]
+    assert ev.surfaces_of("dexp") == ["dexp", "dexp-logsum", "dexp-authors"]  # + the paper's protocol's surface
     assert ev.surfaces_of("logit") == ["logit", "dexp", "dexp-logsum"]
 
 
@@ -54,10 +54,11 @@ def test_saturated_flags_vote_is_saturated_logsum_is_not(models) -> None:
 
 
 def test_saturation_summary_flags_above_the_threshold() -> None:
-    flags = {"saturation_dexp_clean": [1, 1, 0, 0], "saturation_dexp_adversarial": [1, 0, 0, 0],
+    # Codes: 0 healthy, 1 useless, 2 non-finite (NaN/inf: useless too, and counted apart).
+    flags = {"saturation_dexp_clean": [1, 2, 0, 0], "saturation_dexp_adversarial": [1, 0, 0, 0],
              "saturation_dexp-logsum_clean": [0, 0, 0, 0], "carso_clean": [1, 1, 1, 1]}
     summary = ev.saturation_summary(flags, 0.25)
-    assert summary["surfaces"]["dexp"]["clean"] == {"saturated": 2, "total": 4, "fraction": 0.5}
+    assert summary["surfaces"]["dexp"]["clean"] == {"saturated": 2, "nonfinite": 1, "total": 4, "fraction": 0.5}
     assert summary["surfaces"]["dexp-logsum"]["clean"]["fraction"] == 0.0
     assert summary["flagged"] == ["dexp"]
     assert ev.saturation_summary(flags, 0.5)["flagged"] == []  # "above", not "at"

@@ -79,7 +79,7 @@ def build_settings(
     cfg: Any, *, attack: str, target: str, eps: str | float | None, n_examples: int | None, dataset_size: int,
     batch_size: int, samples: int | None, aggregation: str | None, seed: int, repeats: int,
     steps: int | None, eot: int | None, queries: int, precision: str = "float32", square: bool = False,
-    saturation_threshold: float = 0.1,
+    saturation_threshold: float = 0.1, restarts: int | None = None, eot_normalise: bool | None = None,
 ) -> ev.EvalSettings:
     """EvalSettings from the options; the preset supplies ε, samples, aggregation, steps and EoT."""
     if square and attack != "adaptive":
@@ -110,6 +110,8 @@ def build_settings(
         pgd_eot=cfg.attacks.pgd_eot_iterations if eot is None else eot,
         square=square,
         saturation_threshold=saturation_threshold,
+        restarts=restarts,
+        eot_normalise=eot_normalise,
         precision=precision,
         dataset=cfg.data.dataset,
     )
@@ -146,6 +148,8 @@ def run(
     precision: str = "float32",
     square: bool = False,
     saturation_threshold: float = 0.1,
+    restarts: int | None = None,
+    eot_normalise: bool | None = None,
     console: Console | None = None,
     show_progress: bool = True,
     adversarial: Path | None = None,
@@ -186,7 +190,7 @@ def run(
             cfg, attack=attack, target=target, eps=eps, n_examples=n_examples, dataset_size=len(dataset),
             batch_size=batch_size, samples=samples, aggregation=aggregation, seed=seed, repeats=repeats,
             steps=steps, eot=eot, queries=queries, precision=precision, square=square,
-            saturation_threshold=saturation_threshold,
+            saturation_threshold=saturation_threshold, restarts=restarts, eot_normalise=eot_normalise,
         )
         if s.precision == "bfloat16" and ctx.device.type != "cuda":
             raise CarsoError("--precision bfloat16 needs a CUDA device")
@@ -372,7 +376,9 @@ def cli(
     save_adversarial: Annotated[Optional[Path], typer.Option("--save-adversarial", help="Write every attack's adversarial examples, labels, test-set indices and per-example flags to this safetensors file.")] = None,
     adversarial: Annotated[Optional[Path], typer.Option("--adversarial", help="Evaluate on the adversarial examples of this file (.safetensors, or .pt with x_adv, y, optionally idx) instead of attacking.")] = None,
     square: Annotated[bool, typer.Option("--square", help="Add the Square black-box attack (--queries) to --attack adaptive.")] = False,
-    saturation_threshold: Annotated[float, typer.Option("--saturation-threshold", help="Warn when more than this fraction of examples has a zero or non-finite CE gradient on an attack surface.")] = 0.1,
+    saturation_threshold: Annotated[float, typer.Option("--saturation-threshold", help="Warn when more than this fraction of examples has a numerically useless CE gradient (zero, non-finite, or not the float64 direction) on an attack surface.")] = 0.1,
+    restarts: Annotated[Optional[int], typer.Option("--restarts", help="PGD+EoT runs per example, the first from x, the others from random starts; the highest-loss point is kept (default: 1 for --attack pgd-eot, the paper's; 2 inside --attack adaptive).")] = None,
+    eot_normalise: Annotated[Optional[bool], typer.Option("--eot-normalise/--no-eot-normalise", help="Scale each EoT draw's gradient to unit norm before averaging in PGD+EoT (default: off for --attack pgd-eot, the paper's; on inside --attack adaptive).")] = None,
 ) -> None:
     """Clean and robust accuracy of the classifier and of CARSO (the paper's Table 2)."""
     from carso_cli.cli import console
@@ -386,6 +392,8 @@ def cli(
             samples=samples, aggregation=aggregation, device=device, seed=seed, resume=resume, repeats=repeats,
             steps=steps, eot=eot, queries=queries, name=name, data_root=data_root, precision=precision,
             square=square, saturation_threshold=saturation_threshold, save_adversarial=save_adversarial,
+            restarts=restarts, eot_normalise=True if eot_normalise else None,
+            no_eot_normalise=True if eot_normalise is False else None,
         )
         code = distributed.relaunch(gpus, argv)
         if code != 0:
@@ -396,6 +404,7 @@ def cli(
         samples=samples, aggregation=aggregation.value if aggregation else None, device=device, seed=seed,
         resume=resume, repeats=repeats, steps=steps, eot=eot, queries=queries, name=name, data_root=data_root,
         precision=precision.value, square=square, saturation_threshold=saturation_threshold, console=console,
+        restarts=restarts, eot_normalise=eot_normalise,
         adversarial=adversarial, save_adversarial=save_adversarial,
     )
 

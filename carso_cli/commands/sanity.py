@@ -302,7 +302,7 @@ class Checker:
             count = 0
             with ev.surface(self.carso, name):
                 for x, y, idx in self.batches:
-                    count += int(ev.saturated_flags(self.carso, x, y, idx, seed=s.seed).sum())
+                    count += int(ev.saturated_flags(self.carso, x, y, idx, seed=s.seed).bool().sum())
             fractions[name] = count / self.n
             self.tick("gradient saturation")
         paper, logsum = fractions[ev.PAPER_SURFACE], fractions[ev.LOGSUM_SURFACE]
