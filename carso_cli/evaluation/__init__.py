@@ -74,7 +74,7 @@ from carso_cli.evaluation.saturation import (
     PAPER_SURFACE,
     SURFACES,
     USELESS,
-    float64_copy,
+    gradient_pair,
     paper_surface,
     saturated_flags,
     saturation_summary,

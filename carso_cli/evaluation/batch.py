@@ -12,7 +12,7 @@ from carso_cli.evaluation.adaptive import adaptive_attack, flag_key
 from carso_cli.evaluation.autoattack import autoattack_flags
 from carso_cli.evaluation.gradients import pgd_eot_examples
 from carso_cli.evaluation.saturation import flag_key as saturation_key
-from carso_cli.evaluation.saturation import float64_copy, paper_surface, saturated_flags, surface, surfaces_of
+from carso_cli.evaluation.saturation import paper_surface, saturated_flags, surface, surfaces_of
 from carso_cli.evaluation.seeding import (
     STREAM_ADV,
     STREAM_ADV_REPEATS,
@@ -147,15 +147,12 @@ def evaluate_batch(
             reps = torch.stack([draw_flags(carso, c, y, idx, s.seed, STREAM_ADV_REPEATS, s.repeats)
                                 for c in x_adv]).all(dim=0)
             out[f"{key}_repeats"] = [_flags(r) for r in reps]
-        # Saturation of each surface's CE gradient, at the clean and the final adversarial point, against
-        # the same gradient in float64 (one copy of the model per batch).
+        # Saturation of each surface's CE gradient, at the clean and the final adversarial point.
         points = {"clean": x} if x_final is None else {"clean": x, "adversarial": x_final}
-        reference = float64_copy(carso)
         for name in surfaces_of(s.aggregation):
             with surface(carso, name):
                 for point, xp in points.items():
-                    out[saturation_key(name, point)] = _flags(
-                        saturated_flags(carso, xp, y, idx, seed=s.seed, reference=reference))
+                    out[saturation_key(name, point)] = _flags(saturated_flags(carso, xp, y, idx, seed=s.seed))
     for k, v in keep.items():
         keep[k] = v.detach().cpu()
     out["warnings"] = warnings

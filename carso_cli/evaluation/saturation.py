@@ -7,8 +7,9 @@ cannot move, and the example looks robust without being so. ``dexp-logsum`` expo
 on the scale of the logits.
 
 "Numerically useless" (issue 23): a gradient (one example, one seeded draw) is useless when it has a
-non-finite entry, is entirely zero, or points elsewhere than the same gradient recomputed in float64
-(the model copied to float64, the same z): cosine below ``AGREEMENT`` (0.5). Why this measure: a sign
+non-finite entry, is entirely zero, or points elsewhere than the same gradient with the aggregation and
+the loss recomputed in float64 (same z, same reconstruction logits, same network Jacobian): cosine
+below ``AGREEMENT`` (0.5). Why this measure: a sign
 step needs the direction, not the size, so a norm threshold (e.g. against the logsum surface, whose
 scale differs from the log-odds' by ~e^l by construction) would flag healthy tiny gradients and miss
 wrong large ones; float64 shows exactly what float32 rounding destroyed (e.g. p_y = 1 − e⁻²³ rounding
@@ -22,14 +23,15 @@ paper's surface is saturated and ``dexp-logsum`` is not).
 from __future__ import annotations
 
 import contextlib
-import copy
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from carso_cli.evaluation.gradients import input_gradient
+from carso_cli.aggregation import aggregate
+
 from carso_cli.evaluation.seeding import (
     STREAM_GRADIENTS,
     ExampleSeededSampler,
@@ -77,36 +79,59 @@ def surfaces_of(aggregation: str) -> list[str]:
     return list(dict.fromkeys([aggregation, *SURFACES, paper_surface(aggregation)]))
 
 
-def float64_copy(model: nn.Module) -> nn.Module:
-    """A float64 copy of ``model`` (parameters and buffers), for recomputing gradients exactly."""
-    return copy.deepcopy(model).double()
-
-
 def saturated_flags(model: nn.Module, x: torch.Tensor, y: torch.Tensor, indices: Sequence[int], *,
-                    seed: int, reference: nn.Module | None = None) -> torch.Tensor:
+                    seed: int) -> torch.Tensor:
     """(B,) int8 codes of the CE input gradient of one seeded draw: 0 healthy, 1 useless, 2 non-finite.
 
-    ``reference``: ``model`` in float64 (``float64_copy``; made here when None), with the same
-    aggregation. Its gradient, from the same z, is the direction the float32 one is compared with.
+    The float32 gradient (what an attack gets) is compared with the one whose aggregation and loss are
+    recomputed in float64 from the same reconstruction logits (same z) and pulled back through the same
+    network (``gradient_pair``).
     """
-    g = _seeded_gradient(model, x, y, indices, seed).flatten(1)
-    ref_model = reference if reference is not None else float64_copy(model)
-    ref_carso, carso = find_carso(ref_model), find_carso(model)
-    if ref_carso is not None and carso is not None:
-        ref_carso.aggregation = carso.aggregation
-    g64 = _seeded_gradient(ref_model, x.double(), y, indices, seed).flatten(1)
+    sampler = ExampleSeededSampler(seed, STREAM_GRADIENTS).bind(indices)
+    with seeded_latents(model, sampler):
+        g, g64 = gradient_pair(model, x, y)
+    g, g64 = g.flatten(1), g64.flatten(1)
     nonfinite = ~torch.isfinite(g).all(dim=1)
-    cos = torch.nn.functional.cosine_similarity(g.double(), g64, dim=1, eps=1e-300)
+    cos = torch.nn.functional.cosine_similarity(g.double(), g64.double(), dim=1, eps=1e-300)
     useless = (g == 0).all(dim=1) | (g64 == 0).all(dim=1) | ~(cos >= AGREEMENT)
     codes = torch.where(nonfinite, NONFINITE, torch.where(useless, USELESS, HEALTHY))
     return codes.to(torch.int8).cpu()
 
 
-def _seeded_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, indices: Sequence[int],
-                     seed: int) -> torch.Tensor:
-    sampler = ExampleSeededSampler(seed, STREAM_GRADIENTS).bind(indices)
-    with seeded_latents(model, sampler):
-        return input_gradient(model, x, y, "ce")
+def gradient_pair(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """∇ₓ Σ CE(scores, y) as computed (float32 network, the aggregation's own dtype) and its reference:
+    the same with the aggregation and the loss in float64. Both (B, C, H, W).
+
+    The network's Jacobian is the float32 one in both (saturation is a property of the surface, the
+    aggregation and the loss, not of the network, and a float64 copy of a large model would cost more
+    than the attack). The reference's logit gradient is rescaled per example before the pull-back so
+    that float32 does not underflow it; that changes its length, not its direction. For a model that
+    is not a CARSO the "aggregation" is the identity on its logits.
+    """
+    carso = find_carso(model)
+    x = x.detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        if carso is not None:
+            logits = carso.reconstruction_logits(x)  # (N, B, C)
+            aggregation = carso.aggregation
+
+            def head(lg: torch.Tensor) -> torch.Tensor:
+                return aggregate(lg, aggregation)
+        else:
+            logits = model(x)[None]
+
+            def head(lg: torch.Tensor) -> torch.Tensor:
+                return lg[0]
+        scores = head(logits)
+        scores = scores if scores.dtype == torch.float64 else scores.float()
+        (d32,) = torch.autograd.grad(F.cross_entropy(scores, y, reduction="sum"), logits, retain_graph=True)
+        l64 = logits.detach().double().requires_grad_(True)
+        (d64,) = torch.autograd.grad(F.cross_entropy(head(l64), y, reduction="sum"), l64)
+        scale = d64.abs().amax(dim=(0, 2), keepdim=True)
+        d64 = torch.where(scale > 0, d64 / scale.clamp_min(1e-300), d64)
+        (g,) = torch.autograd.grad(logits, x, d32.to(logits.dtype), retain_graph=True)
+        (g64,) = torch.autograd.grad(logits, x, d64.to(logits.dtype))
+    return g.detach(), g64.detach()
 
 
 def flag_key(name: str, point: str) -> str:
