@@ -51,8 +51,9 @@ def _mean(x: torch.Tensor) -> torch.Tensor:
 
 
 def _settings(**kw: object) -> ev.EvalSettings:
-    base = dict(attack="adaptive", targets=["carso"], n_examples=4, batch_size=4, samples=2, repeats=2,
-                aa_steps=5, aa_eot=1, pgd_steps=5, pgd_eot=1, eps=EPS, square_queries=20)
+    base: dict[str, object] = {"attack": "adaptive", "targets": ["carso"], "n_examples": 4, "batch_size": 4,
+                               "samples": 2, "repeats": 2, "aa_steps": 5, "aa_eot": 1, "pgd_steps": 5,
+                               "pgd_eot": 1, "eps": EPS, "square_queries": 20}
     base.update(kw)
     return ev.EvalSettings(**base)  # type: ignore[arg-type]
 
@@ -230,7 +231,7 @@ def test_authors_surface_is_lexsemble_in_float32_and_goes_infinite() -> None:
 
 
 def test_paper_protocol_attacks_the_authors_surface(monkeypatch) -> None:
-    import carso_cli.evaluation.batch as batch
+    from carso_cli.evaluation import batch
 
     toy = ToyCARSO(_disagreeing_logits)
     seen: list[str] = []

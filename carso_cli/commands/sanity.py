@@ -11,8 +11,9 @@
 5. **blackbox** — neither the Square attack nor a transfer attack (PGD against the classifier alone, fed
    to CARSO) is markedly stronger than the end-to-end white-box attack (the same PGD+EoT budget):
    if one were, the white-box gradients would be masked.
-6. **saturation** — the fraction of examples whose cross-entropy input gradient is exactly zero or
-   non-finite on the paper's ``dexp`` surface and on ``dexp-logsum`` (the same decision): fails when the
+6. **saturation** — the fraction of examples whose cross-entropy input gradient is numerically useless
+   (zero, non-finite, or not the direction of its float64 recomputation; ``evaluation.saturation``)
+   on the paper's ``dexp`` surface and on ``dexp-logsum`` (the same decision): fails when the
    paper's surface is saturated above the threshold while ``dexp-logsum`` is not — cross-entropy attacks
    on the paper's surface are then blunted, and ``carso eval --attack adaptive`` is the remedy.
 

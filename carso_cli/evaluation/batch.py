@@ -12,7 +12,12 @@ from carso_cli.evaluation.adaptive import adaptive_attack, flag_key
 from carso_cli.evaluation.autoattack import autoattack_flags
 from carso_cli.evaluation.gradients import pgd_eot_examples
 from carso_cli.evaluation.saturation import flag_key as saturation_key
-from carso_cli.evaluation.saturation import paper_surface, saturated_flags, surface, surfaces_of
+from carso_cli.evaluation.saturation import (
+    paper_surface,
+    saturated_flags,
+    surface,
+    surfaces_of,
+)
 from carso_cli.evaluation.seeding import (
     STREAM_ADV,
     STREAM_ADV_REPEATS,

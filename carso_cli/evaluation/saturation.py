@@ -31,7 +31,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from carso_cli.aggregation import aggregate
-
 from carso_cli.evaluation.seeding import (
     STREAM_GRADIENTS,
     ExampleSeededSampler,
