@@ -6,20 +6,27 @@ attack (later version, appendix B.2, Table 4), a gap section 5.3 leaves open. On
 gradient saturation of the paper's surface (see ``saturation``). So besides the paper's randAA we attack
 the same decision through other surfaces and transfers, and take the per-example worst case:
 
-1. ``randaa`` — randomized AutoAttack (APGD-CE + APGD-DLR, EoT) on the model's own surface: Table 2's
-   C/randAA, with the same seeds as ``--attack autoattack`` (so the same flags);
-2. ``randaa-logsum`` — the same on ``dexp-logsum`` (same decision, unsaturated gradients);
-3. ``pgd-eot-logsum`` — PGD+EoT (Lee & Kim 2024, Table 14) on ``dexp-logsum``;
+1. ``randaa`` — randomized AutoAttack (APGD-CE + APGD-DLR, EoT) on the paper's surface (for ``dexp`` the
+   authors' float32 ``dexp-authors``): Table 2's C/randAA, with the same surface and seeds as
+   ``--attack autoattack`` (so the same flags);
+2. ``randaa-logsum`` — APGD-CE and APGD-DLR (EoT) on ``dexp-logsum`` (same decision, unsaturated);
+3. ``pgd-eot-logsum`` — PGD+EoT (Lee & Kim 2024, Table 14) on ``dexp-logsum``, strengthened: best
+   iterate, ``restarts`` runs, per-draw normalised gradients (settings ``restarts``, ``eot_normalise``);
 4. ``transfer-classifier`` — APGD-CE + APGD-DLR on the classifier alone, fed to CARSO;
-5. ``transfer-logit`` — randAA on CARSO with logit averaging, fed to the paper's CARSO;
-6. ``square`` (with ``--square``) — black-box Square on the model itself, the preset's query budget.
+5. ``transfer-logit`` — APGD-CE + APGD-DLR (EoT) on CARSO with logit averaging, fed to the paper's CARSO;
+6. ``square`` (with ``--square``) — black-box Square on the ``dexp-logsum`` margin, the preset's budget.
 
-Every candidate is judged by the model as evaluated (its own aggregation) with the paper's rule: one
-seeded draw (for randAA the library's own verdict) and all ``repeats`` re-classifications right. An
-attack runs only on the examples still robust after the attacks before it (as AutoAttack does), so the
-cost stays near that of the most expensive attack. Per example and attack the flag is 1 (survived),
-0 (broken by it — first, since later attacks skip it) or -1 (not attacked: already broken, or
-misclassified clean).
+Every candidate point of every attack is judged by the model as evaluated (``judge``, its own
+aggregation) with the paper's rule: one seeded draw and all ``repeats`` re-classifications right. Only
+randAA's single draw is the library's verdict (the paper's protocol); a verdict computed on another
+surface would count another model's breaks (issue 23: the logit-averaged CARSO is wrong where the
+paper's is right, appendix B.1). An attack yields several candidates per example — every sub-attack's
+final point, also where it did not fool its own surface (APGD's highest-loss point, Square's
+lowest-margin point, a transfer whose source resists) — and an example survives it only if it survives
+them all. An attack runs only on the examples still robust after the attacks before it (as AutoAttack
+does), so the cost stays near that of the most expensive attack. Per example and attack the flag is 1
+(survived), 0 (broken by it — first, since later attacks skip it) or -1 (not attacked: already broken,
+or misclassified clean).
 """
 
 from __future__ import annotations
@@ -45,12 +52,12 @@ from carso_cli.evaluation.settings import EvalSettings
 
 ATTACKS = ("randaa", "randaa-logsum", "pgd-eot-logsum", "transfer-classifier", "transfer-logit", "square")
 TITLES = {
-    "randaa": "randAA (model's surface, Table 2)",
+    "randaa": "randAA (paper's surface, Table 2)",
     "randaa-logsum": "randAA on dexp-logsum",
     "pgd-eot-logsum": "PGD+EoT on dexp-logsum",
     "transfer-classifier": "transfer: AA on the classifier",
     "transfer-logit": "transfer: randAA, logit averaging",
-    "square": "Square (black-box)",
+    "square": "Square on dexp-logsum (black-box)",
 }
 NOT_ATTACKED = -1
 
