@@ -110,6 +110,7 @@ class Candidates:
     sources: list[str]
     verdict: torch.Tensor | None = None
     warnings: list[str] = field(default_factory=list)
+    library_point: torch.Tensor | None = None  # randAA: (b, C, H, W) the point of the library's verdict
 
 
 def run_candidates(
@@ -127,7 +128,7 @@ def run_candidates(
         with surface(model, paper_surface(s.aggregation)):  # exactly ``--attack autoattack``
             res = autoattack_flags(model, x, y, eps=s.eps, version="rand", seed=seed, device=device,
                                    steps=s.aa_steps, eot=s.aa_eot)
-        return Candidates(res.candidates, res.sources, res.flags, res.warnings)
+        return Candidates(res.candidates, res.sources, res.flags, res.warnings, res.x_adv)
     if name in ("randaa-logsum", "transfer-logit"):
         with surface(model, LOGSUM_SURFACE if name == "randaa-logsum" else "logit"):
             res = sub_attack_points(model, x, y, eps=s.eps, attacks=["apgd-ce", "apgd-dlr"], seed=seed,
@@ -172,8 +173,12 @@ def judge_candidates(
         reps_all = reps if reps_all is None else reps_all & reps
     survived_k = torch.stack(ok)  # (K, b)
     survived = survived_k.all(dim=0)
-    first = torch.where(survived, torch.full_like(survived, -1, dtype=torch.long),
-                        (~survived_k).long().argmax(dim=0))
+    first = (~survived_k).long().argmax(dim=0)
+    if c.verdict is not None and c.library_point is not None:
+        # Broken by the library's verdict: its point is the candidate of the sub-attack that fooled it.
+        same = (c.points == c.library_point.to(c.points.device)[None]).flatten(2).all(dim=2).cpu()  # (K, b)
+        first = torch.where(~c.verdict.bool().cpu() & same.any(dim=0), same.long().argmax(dim=0), first)
+    first = torch.where(survived, torch.full_like(first, -1), first)
     assert reps_all is not None
     return survived, first, reps_all
 
