@@ -250,3 +250,24 @@ def test_paper_protocol_attacks_the_authors_surface(monkeypatch) -> None:
                             torch.device("cpu"))
     assert seen == ["dexp-authors"] and toy.aggregation == "dexp"
     assert out["carso_randaa"] == [1, 1]
+
+
+def test_pgd_eot_defaults_paper_for_pgd_eot_stronger_inside_adaptive(tiny_run) -> None:
+    from typer.testing import CliRunner
+
+    from carso_cli.cli import app
+    from carso_cli.errors import CarsoError
+
+    paper, adaptive_s = ev.EvalSettings(attack="pgd-eot"), ev.EvalSettings(attack="adaptive")
+    assert (paper.restarts, paper.eot_normalise) == (1, False)
+    assert (adaptive_s.restarts, adaptive_s.eot_normalise) == (2, True)
+    assert ev.EvalSettings(attack="pgd-eot", restarts=3, eot_normalise=True).restarts == 3
+    bad = ev.EvalSettings(restarts=0)
+    try:
+        bad.validate()
+    except CarsoError as e:
+        assert "restarts" in str(e)
+    else:
+        raise AssertionError("restarts 0 accepted")
+    result = CliRunner().invoke(app, ["eval", "--run", str(tiny_run), "--restarts", "0", "--device", "cpu"])
+    assert result.exit_code == 1 and "restarts must be at least 1" in result.output
