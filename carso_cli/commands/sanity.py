@@ -436,7 +436,7 @@ def cli(
     monotonic_tolerance: Annotated[float, typer.Option("--monotonic-tolerance", help="Allowed accuracy rise with ε, beyond noise.")] = 0.05,
     min_eot_cosine: Annotated[float, typer.Option("--min-eot-cosine", help="Warn below this EoT-gradient agreement.")] = 0.5,
     blackbox_tolerance: Annotated[float, typer.Option("--blackbox-tolerance", help="How much stronger a black-box attack may be, beyond noise.")] = 0.05,
-    saturation_threshold: Annotated[float, typer.Option("--saturation-threshold", help="Largest fraction of examples with a zero or non-finite CE gradient on the paper's surface.")] = 0.1,
+    saturation_threshold: Annotated[float, typer.Option("--saturation-threshold", help="Largest fraction of examples with a numerically useless CE gradient (zero, non-finite, or not the float64 direction) on the paper's surface.")] = 0.1,
     out: Annotated[Optional[Path], typer.Option("--out", help="JSON report (default: RUN/sanity.json).")] = None,
     device: DeviceOpt = None,
     seed: SeedOpt = 0,
