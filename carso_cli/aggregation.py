@@ -7,7 +7,8 @@ The paper's robust aggregation (section 4.5; appendix B) is the normalised doubl
 where l_i^α is the logit of class i on reconstruction α. The alternatives of the later version's
 aggregation ablation (appendix B.2, Tables 4 and 5) are logit averaging, probability averaging and the
 majority vote. Every function maps logits (N, B, C) to *scores* (B, C) whose argmax is the prediction
-and which attacks can use as logits: finite, and (except for the vote) differentiable.
+and which attacks can use as logits: differentiable (except the vote), and finite except on
+``dexp-authors``, the authors' own float32 computation, kept as it is on purpose.
 """
 
 from __future__ import annotations
@@ -15,9 +16,6 @@ from __future__ import annotations
 import math
 
 import torch
-
-
-_SCORE_LIMIT = 1e30
 
 
 def doubly_exponential_scores(logits: torch.Tensor) -> torch.Tensor:
@@ -53,16 +51,28 @@ def dexp_probabilities(logits: torch.Tensor) -> torch.Tensor:
 
 
 def dexp_aggregate(logits: torch.Tensor) -> torch.Tensor:
-    """Paper's robust aggregation as attack-ready scores: the log-odds of P. (N, B, C) → (B, C).
+    """Paper's robust aggregation as attack-ready scores: the log-odds of P. (N, B, C) → (B, C) float64.
 
-    Computed in float64 (a negligible (N, B, C) tensor) so that S = Σ exp(l) is finite and exact
-    enough for logits up to several hundred; returned in the logits' dtype (float32 at least).
+    Computed and returned in float64, unclamped: S = Σ exp(l) is finite for logits up to ~700, and the
+    log-odds (up to ~e^l) keep their gradient. A float32 result (or a clamp) would make every score of
+    a confident example infinite (or constant) past logits of ~88 (~69 with the old ±1e30 clamp), and
+    DLR's gradient, which is scale-free, exactly 0 there (issue 23).
     """
-    out_dtype = torch.promote_types(logits.dtype, torch.float32)
-    log_odds = log_odds_from_scores(doubly_exponential_scores(logits.double()))
-    # Beyond logits of ~88 the log-odds themselves exceed float32; at ±1e30 P is 0 or 1 to any
-    # precision, so clamping there changes no prediction and keeps every score finite.
-    return log_odds.clamp(-_SCORE_LIMIT, _SCORE_LIMIT).to(out_dtype)
+    return log_odds_from_scores(doubly_exponential_scores(logits.double()))
+
+
+def dexp_authors_aggregate(logits: torch.Tensor) -> torch.Tensor:
+    """The authors' surface: ebtorch's ``lexsemble`` as CARSOWrap returns it, in float32. (N, B, C) → (B, C).
+
+    log(P / (1 − P)) with P = softmax_i(Σ_α exp l_i^α), literally (docs/FIDELITY.md cites the source
+    lines). Same argmax as ``dexp`` while S is finite, but for a confident example P rounds to 1: the
+    output is ±inf and CE / DLR gradients are NaN; past logits of ~88 S overflows and the row is NaN.
+    It is what the authors' AutoAttack saw, so ``--attack autoattack`` attacks it (issue 23). Computed
+    in the logits' dtype (float32 at least) so that a float64 recomputation shows what float32 loses.
+    """
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    p = torch.softmax(torch.exp(logits).sum(dim=0), dim=-1)
+    return torch.log(p / (1 - p))
 
 
 def dexp_logsum_aggregate(logits: torch.Tensor) -> torch.Tensor:
@@ -102,6 +112,7 @@ def vote_aggregate(logits: torch.Tensor) -> torch.Tensor:
 
 AGGREGATIONS = {
     "dexp": dexp_aggregate,
+    "dexp-authors": dexp_authors_aggregate,
     "dexp-logsum": dexp_logsum_aggregate,
     "logit": logit_mean_aggregate,
     "prob": prob_mean_aggregate,
@@ -110,7 +121,7 @@ AGGREGATIONS = {
 
 
 def aggregate(logits: torch.Tensor, method: str = "dexp") -> torch.Tensor:
-    """Dispatch by name ("dexp", "dexp-logsum", "logit", "prob", "vote"). (N, B, C) → (B, C) scores."""
+    """Dispatch by name ("dexp", "dexp-authors", "dexp-logsum", "logit", "prob", "vote"). (N, B, C) → (B, C)."""
     try:
         return AGGREGATIONS[method](logits)
     except KeyError:
@@ -119,7 +130,7 @@ def aggregate(logits: torch.Tensor, method: str = "dexp") -> torch.Tensor:
 
 def probabilities(scores: torch.Tensor, method: str = "dexp") -> torch.Tensor:
     """Class probabilities from the scores of ``aggregate`` (for display: predict, reports)."""
-    if method == "dexp":
+    if method in ("dexp", "dexp-authors"):
         # log-odds → P: P_i = σ(log-odds_i) exactly; renormalise to absorb rounding.
         p = torch.sigmoid(scores)
         return p / p.sum(dim=-1, keepdim=True)

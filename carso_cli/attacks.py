@@ -40,12 +40,12 @@ def _per_example(value: float | Tensor, x: Tensor, what: str) -> float | Tensor:
 def input_gradient(model: Model, x: Tensor, y: Tensor) -> Tensor:
     """∇ₓ Σᵢ CE(model(xᵢ), yᵢ) for x (B, C, H, W), y (B,); the parameters get no gradient.
 
-    The loss is computed in float32 even when the caller runs the model under autocast.
+    The loss is computed in float32 even when the caller runs the model under autocast (float64
+    scores, as the paper's aggregation returns, stay float64).
     """
     x = x.detach().requires_grad_(True)
     with torch.enable_grad():
-        logits = model(x)
-        loss = F.cross_entropy(logits.float(), y, reduction="sum")
+        loss = F.cross_entropy(_wide(model(x)), y, reduction="sum")
         (grad,) = torch.autograd.grad(loss, x)
     return grad
 
@@ -90,6 +90,47 @@ def fgsm(model: Model, x: Tensor, y: Tensor, eps: float | Tensor) -> Tensor:
     return torch.clamp(x + eps_ * grad.sign(), 0.0, 1.0).detach()
 
 
+def loss_and_gradient(model: Model, x: Tensor, y: Tensor, normalise: bool = False) -> tuple[Tensor, Tensor]:
+    """Per-example CE (B,) and its input gradient (B, C, H, W) from one forward of ``model``.
+
+    The loss is computed in float32 at least (float64 scores stay float64: the paper's log-odds are
+    float64, and float32 would make them infinite). ``normalise``: the gradient of each example divided
+    by its ℓ2 norm (computed in float64, so tiny gradients do not underflow; a zero gradient stays 0).
+    """
+    x = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        logits = model(x)
+        logits = logits if logits.dtype == torch.float64 else logits.float()
+        loss = F.cross_entropy(logits, y, reduction="none")
+        (grad,) = torch.autograd.grad(loss.sum(), x)
+    if normalise:
+        norm = grad.double().flatten(1).norm(dim=1).clamp_min(1e-300)
+        grad = (grad.double() / norm.view(-1, *[1] * (grad.dim() - 1))).to(grad.dtype)
+    return loss.detach(), grad
+
+
+def eot_loss_and_gradient(
+    model: Model, x: Tensor, y: Tensor, eot_iterations: int, normalise: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """EoT averages over ``eot_iterations`` fresh forwards: loss (B,) and gradient (B, C, H, W).
+
+    With ``normalise`` each draw's gradient is scaled to unit norm before averaging: on a peaked
+    surface one draw can otherwise carry most of the sum and decide the sign step alone.
+    """
+    total_loss, total_grad = loss_and_gradient(model, x, y, normalise)
+    for _ in range(eot_iterations - 1):
+        loss, grad = loss_and_gradient(model, x, y, normalise)
+        total_loss, total_grad = total_loss + loss, total_grad + grad
+    return total_loss / eot_iterations, total_grad
+
+
+def _better(loss: Tensor, best: Tensor, x_new: Tensor, x_best: Tensor) -> tuple[Tensor, Tensor]:
+    """Per example the point with the higher loss (ties keep the earlier one)."""
+    take = loss > best
+    mask = take.view(-1, *[1] * (x_new.dim() - 1)).to(x_new.device)
+    return torch.where(take, loss, best), torch.where(mask, x_new, x_best)
+
+
 def _pgd_loop(
     model: Model,
     x: Tensor,
@@ -102,23 +143,41 @@ def _pgd_loop(
     generator: torch.Generator | None,
     callback: StepCallback | None,
     start_noise: Tensor | None = None,
-) -> Tensor:
+    keep_best: bool = False,
+    normalise: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """The PGD(+EoT) iterations; returns (x_adv, its EoT loss (B,) or None when not tracked)."""
     if steps < 0 or eot_iterations < 1:
         raise ValueError(f"need steps ≥ 0 and eot_iterations ≥ 1, got {steps} and {eot_iterations}")
     x = x.detach()
     eps_ = _per_example(eps, x, "eps")
     alpha = _per_example(step_size, x, "step_size")
     x_adv = _uniform_start(x, eps_, generator, start_noise) if random_start else x.clone()
+    best_loss: Tensor | None = None
+    x_best = x_adv
     for step in range(steps):
         # Expectation over Transformation: each iteration is a fresh forward of a stochastic model;
         # the sign of the summed gradient equals the sign of the EoT-averaged gradient.
-        grad = input_gradient(model, x_adv, y)
-        for _ in range(eot_iterations - 1):
-            grad += input_gradient(model, x_adv, y)
+        loss, grad = eot_loss_and_gradient(model, x_adv, y, eot_iterations, normalise)
+        if keep_best:
+            best_loss, x_best = (loss, x_adv) if best_loss is None else _better(loss, best_loss, x_adv, x_best)
         x_adv = _project(x_adv + alpha * grad.sign(), x, eps_).detach()
         if callback is not None:
             callback(step, x_adv)
-    return x_adv
+    if not keep_best:
+        return x_adv, None
+    # The last iterate's loss: one more EoT estimate, no step (the best is judged afterwards anyway).
+    with torch.no_grad():
+        last = sum(F.cross_entropy(_wide(model(x_adv)), y, reduction="none") for _ in range(eot_iterations))
+    last = torch.as_tensor(last) / eot_iterations
+    if best_loss is None:
+        return x_adv, last
+    best_loss, x_best = _better(last, best_loss, x_adv, x_best)
+    return x_best, best_loss
+
+
+def _wide(logits: Tensor) -> Tensor:
+    return logits if logits.dtype == torch.float64 else logits.float()
 
 
 def pgd(
@@ -152,7 +211,7 @@ def pgd(
     Returns:
         Adversarial inputs (B, C, H, W), detached, with ‖x_adv − x‖∞ ≤ ε.
     """
-    return _pgd_loop(model, x, y, eps, steps, step_size, 1, random_start, generator, None, start_noise)
+    return _pgd_loop(model, x, y, eps, steps, step_size, 1, random_start, generator, None, start_noise)[0]
 
 
 def pgd_eot(
@@ -166,12 +225,17 @@ def pgd_eot(
     random_start: bool = False,
     generator: torch.Generator | None = None,
     callback: StepCallback | None = None,
-) -> Tensor:
+    keep_best: bool = False,
+    normalise: bool = False,
+    start_noise: Tensor | None = None,
+    return_loss: bool = False,
+) -> Tensor | tuple[Tensor, Tensor | None]:
     """PGD with Expectation over Transformation, the evaluation attack of Lee & Kim (2024).
 
-    The paper's settings (Table 14) are 200 steps of size 0.007 with 20 EoT iterations. At each step
-    the gradient of the cross-entropy is averaged over ``eot_iterations`` fresh forward passes of the
-    (stochastic) model, and a sign step is taken, followed by projection onto the ε-ball and [0, 1].
+    The paper's settings (Table 14) are 200 steps of size 0.007 with 20 EoT iterations, from x, and the
+    last iterate is returned. At each step the gradient of the cross-entropy is averaged over
+    ``eot_iterations`` fresh forward passes of the (stochastic) model, and a sign step is taken,
+    followed by projection onto the ε-ball and [0, 1].
 
     Args:
         model: x → logits; may be stochastic (CARSO draws new latents on each call).
@@ -184,11 +248,18 @@ def pgd_eot(
         random_start: start from x + U(-ε, ε) instead of x.
         generator: source of the random start.
         callback: ``callback(step, x_adv)`` after each step (progress reporting).
+        keep_best: return per example the iterate of highest EoT-averaged loss (the start and the last
+            iterate included) instead of the last one (stronger; not the paper's).
+        normalise: scale each draw's gradient to unit ℓ2 norm before averaging (not the paper's).
+        start_noise: (B, C, H, W) uniform [0, 1) draws of the random start (see ``pgd``).
+        return_loss: also return the EoT loss (B,) of the returned point (None without ``keep_best``).
 
     Returns:
-        Adversarial inputs (B, C, H, W) after the last step, detached.
+        Adversarial inputs (B, C, H, W), detached (and their loss with ``return_loss``).
     """
-    return _pgd_loop(model, x, y, eps, steps, step_size, eot_iterations, random_start, generator, callback)
+    out = _pgd_loop(model, x, y, eps, steps, step_size, eot_iterations, random_start, generator, callback,
+                    start_noise, keep_best, normalise)
+    return out if return_loss else out[0]
 
 
 def in_chunks(attack: Callable[..., Tensor], chunk: int | None, model: Model, x: Tensor, *args: object,

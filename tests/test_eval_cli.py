@@ -66,7 +66,11 @@ def test_eval_adaptive_is_the_default_for_carso_and_resumes(trained_copy: Path) 
     protocol's (same flags as ``--attack autoattack``); the worst case is the AND over attacks; no
     saturation alarm on a normal model; an interrupted run resumes to the same flags."""
     run = trained_copy
-    args = ["--target", "carso", "--n-examples", "8", "--batch-size", "4", "--samples", "4"]
+    # A margin, not the default 0.1 (one example of 8 would cross it): a normal model has about none of its
+    # examples saturated on dexp (0/8 measured), the ×20 model of test_adaptive most; 0.3 needs 3 of 8, so a
+    # reseeded smoke model does not flip the no-false-alarm assertions below (issue 23).
+    args = ["--target", "carso", "--n-examples", "8", "--batch-size", "4", "--samples", "4",
+            "--saturation-threshold", "0.3"]
     code, out = _eval(run, *args)
     assert code == 0, out
     for column in ("C/Cl", "C/randAA", "C/adaptive", "saturated", "adaptive evaluation", "broke first",
@@ -76,7 +80,9 @@ def test_eval_adaptive_is_the_default_for_carso_and_resumes(trained_copy: Path) 
     r = _results(run, "adaptive")
     assert r["settings"]["attack"] == "adaptive" and r["settings"]["square"] is False
     flags, block = r["flags"], r["adaptive"]
-    assert r["saturation"]["flagged"] == [] and set(r["saturation"]["surfaces"]) == {"dexp", "dexp-logsum"}
+    sat = r["saturation"]
+    assert set(sat["surfaces"]) == {"dexp", "dexp-logsum", "dexp-authors"}
+    assert not {"dexp", "dexp-logsum"} & set(sat["flagged"])  # the authors' surface may be: a finding
     assert [a["attack"] for a in block["attacks"]] == ["randaa", "randaa-logsum", "pgd-eot-logsum",
                                                       "transfer-classifier", "transfer-logit"]
     # Every example right on the clean draw is either broken first by exactly one attack or robust.

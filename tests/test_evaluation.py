@@ -93,9 +93,14 @@ def test_randaa_keeps_candidates_and_eot(models) -> None:
     assert aa.apgd.eot_iter == 3 and aa.apgd.n_iter == 7 and aa.device == torch.device("cpu")
     assert aa.attacks_to_run == ["apgd-ce", "apgd-dlr"]
     res = ev.autoattack_flags(carso, x, y, eps=0.1, version="rand", seed=0, device=torch.device("cpu"), steps=3, eot=1)
+    # One point per sub-attack (issue 23), each in the ball; where the library's verdict broke an example,
+    # its adversarial example is one of them (the point of the sub-attack that fooled its draw).
+    assert res.sources == ["apgd-ce", "apgd-dlr"] and res.candidates.shape == (2, *x.shape)
     assert (res.candidates - x).abs().max() <= 0.1 + 1e-6
     broken = ~res.flags
-    assert torch.equal(res.candidates[broken], res.x_adv[broken])
+    same = (res.candidates == res.x_adv[None]).flatten(2).all(dim=2)  # (K, B)
+    assert same[:, broken].any(dim=0).all()
+    assert torch.equal(res.point[broken], res.x_adv[broken]) and torch.equal(res.point[~broken], res.candidates[0, ~broken])
 
 
 def test_apgd_iterations_match_the_library() -> None:

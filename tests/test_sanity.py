@@ -22,7 +22,11 @@ FAST = ["--n-examples", "16", "--batch-size", "16", "--steps", "3", "--eot", "2"
 @pytest.mark.slow
 def test_sanity_passes_on_a_trained_smoke_run(trained_smoke_run: Path, tmp_path: Path) -> None:
     out = tmp_path / "sanity.json"
-    result = runner.invoke(app, ["sanity", "--run", str(trained_smoke_run), *FAST, "--out", str(out)])
+    # The saturation check with a margin (issue 23): 0.1 of 16 examples is 2, which a reseeded smoke model
+    # may reach; 0.3 (5 of 16) is far from a normal model (about none saturated on dexp) and far below the
+    # ×20 model of test_adaptive, which fails at the default.
+    result = runner.invoke(app, ["sanity", "--run", str(trained_smoke_run), *FAST, "--out", str(out),
+                                 "--saturation-threshold", "0.3"])
     assert result.exit_code == 0, result.output
     assert "all checks passed" in result.output
     for title in ("chance", "gradient health", "ε-monotonicity", "EoT stability", "black-box"):

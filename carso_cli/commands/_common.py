@@ -36,7 +36,8 @@ GpusOpt = Annotated[int, typer.Option("--gpus", min=1, help="Processes to run (t
 # The aggregation choices of every command, from the one list in carso_cli.aggregation.
 Aggregation = Enum("Aggregation", {name.replace("-", "_"): name for name in AGGREGATIONS}, type=str)  # type: ignore[misc]
 AGGREGATION_HELP = (
-    "dexp (paper, section 4.5), dexp-logsum (the same prediction, attacked through log Σ exp l: no "
+    "dexp (paper, section 4.5, in float64), dexp-authors (the authors' float32 lexsemble: ±inf and NaN "
+    "gradients on confident examples), dexp-logsum (the same prediction, attacked through log Σ exp l: no "
     "saturated gradients), logit, prob or vote (ablation, appendix B.2)"
 )
 

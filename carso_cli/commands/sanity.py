@@ -11,8 +11,9 @@
 5. **blackbox** — neither the Square attack nor a transfer attack (PGD against the classifier alone, fed
    to CARSO) is markedly stronger than the end-to-end white-box attack (the same PGD+EoT budget):
    if one were, the white-box gradients would be masked.
-6. **saturation** — the fraction of examples whose cross-entropy input gradient is exactly zero or
-   non-finite on the paper's ``dexp`` surface and on ``dexp-logsum`` (the same decision): fails when the
+6. **saturation** — the fraction of examples whose cross-entropy input gradient is numerically useless
+   (zero, non-finite, or not the direction of its float64 recomputation; ``evaluation.saturation``)
+   on the paper's ``dexp`` surface and on ``dexp-logsum`` (the same decision): fails when the
    paper's surface is saturated above the threshold while ``dexp-logsum`` is not — cross-entropy attacks
    on the paper's surface are then blunted, and ``carso eval --attack adaptive`` is the remedy.
 
@@ -303,7 +304,7 @@ class Checker:
             count = 0
             with ev.surface(self.carso, name):
                 for x, y, idx in self.batches:
-                    count += int(ev.saturated_flags(self.carso, x, y, idx, seed=s.seed).sum())
+                    count += int(ev.saturated_flags(self.carso, x, y, idx, seed=s.seed).bool().sum())
             fractions[name] = count / self.n
             self.tick("gradient saturation")
         paper, logsum = fractions[ev.PAPER_SURFACE], fractions[ev.LOGSUM_SURFACE]
@@ -436,7 +437,7 @@ def cli(
     monotonic_tolerance: Annotated[float, typer.Option("--monotonic-tolerance", help="Allowed accuracy rise with ε, beyond noise.")] = 0.05,
     min_eot_cosine: Annotated[float, typer.Option("--min-eot-cosine", help="Warn below this EoT-gradient agreement.")] = 0.5,
     blackbox_tolerance: Annotated[float, typer.Option("--blackbox-tolerance", help="How much stronger a black-box attack may be, beyond noise.")] = 0.05,
-    saturation_threshold: Annotated[float, typer.Option("--saturation-threshold", help="Largest fraction of examples with a zero or non-finite CE gradient on the paper's surface.")] = 0.1,
+    saturation_threshold: Annotated[float, typer.Option("--saturation-threshold", help="Largest fraction of examples with a numerically useless CE gradient (zero, non-finite, or not the float64 direction) on the paper's surface.")] = 0.1,
     out: Annotated[Optional[Path], typer.Option("--out", help="JSON report (default: RUN/sanity.json).")] = None,
     device: DeviceOpt = None,
     seed: SeedOpt = 0,

@@ -14,6 +14,7 @@ from __future__ import annotations
 from carso_cli.evaluation.adaptive import (
     AdaptiveResult,
     AttackOutcome,
+    Candidates,
     adaptive_attack,
     adaptive_summary,
     attacks_of,
@@ -28,6 +29,7 @@ from carso_cli.evaluation.autoattack import (
     autoattack_flags,
     library_logging,
     make_autoattack,
+    sub_attack_points,
 )
 from carso_cli.evaluation.batch import (
     Autocast,
@@ -65,9 +67,15 @@ from carso_cli.evaluation.runner import (
     evaluate,
 )
 from carso_cli.evaluation.saturation import (
+    AUTHORS_SURFACE,
+    HEALTHY,
     LOGSUM_SURFACE,
+    NONFINITE,
     PAPER_SURFACE,
     SURFACES,
+    USELESS,
+    gradient_pair,
+    paper_surface,
     saturated_flags,
     saturation_summary,
     surface,

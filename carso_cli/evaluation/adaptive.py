@@ -6,25 +6,31 @@ attack (later version, appendix B.2, Table 4), a gap section 5.3 leaves open. On
 gradient saturation of the paper's surface (see ``saturation``). So besides the paper's randAA we attack
 the same decision through other surfaces and transfers, and take the per-example worst case:
 
-1. ``randaa`` — randomized AutoAttack (APGD-CE + APGD-DLR, EoT) on the model's own surface: Table 2's
-   C/randAA, with the same seeds as ``--attack autoattack`` (so the same flags);
-2. ``randaa-logsum`` — the same on ``dexp-logsum`` (same decision, unsaturated gradients);
-3. ``pgd-eot-logsum`` — PGD+EoT (Lee & Kim 2024, Table 14) on ``dexp-logsum``;
+1. ``randaa`` — randomized AutoAttack (APGD-CE + APGD-DLR, EoT) on the paper's surface (for ``dexp`` the
+   authors' float32 ``dexp-authors``): Table 2's C/randAA, with the same surface and seeds as
+   ``--attack autoattack`` (so the same flags);
+2. ``randaa-logsum`` — APGD-CE and APGD-DLR (EoT) on ``dexp-logsum`` (same decision, unsaturated);
+3. ``pgd-eot-logsum`` — PGD+EoT (Lee & Kim 2024, Table 14) on ``dexp-logsum``, strengthened: best
+   iterate, ``restarts`` runs, per-draw normalised gradients (settings ``restarts``, ``eot_normalise``);
 4. ``transfer-classifier`` — APGD-CE + APGD-DLR on the classifier alone, fed to CARSO;
-5. ``transfer-logit`` — randAA on CARSO with logit averaging, fed to the paper's CARSO;
-6. ``square`` (with ``--square``) — black-box Square on the model itself, the preset's query budget.
+5. ``transfer-logit`` — APGD-CE + APGD-DLR (EoT) on CARSO with logit averaging, fed to the paper's CARSO;
+6. ``square`` (with ``--square``) — black-box Square on the ``dexp-logsum`` margin, the preset's budget.
 
-Every candidate is judged by the model as evaluated (its own aggregation) with the paper's rule: one
-seeded draw (for randAA the library's own verdict) and all ``repeats`` re-classifications right. An
-attack runs only on the examples still robust after the attacks before it (as AutoAttack does), so the
-cost stays near that of the most expensive attack. Per example and attack the flag is 1 (survived),
-0 (broken by it — first, since later attacks skip it) or -1 (not attacked: already broken, or
-misclassified clean).
+Every candidate point of every attack is judged by the model as evaluated (``judge``, its own
+aggregation) with the paper's rule: one seeded draw and all ``repeats`` re-classifications right. Only
+randAA's single draw is the library's verdict (the paper's protocol); a verdict computed on another
+surface would count another model's breaks (issue 23: the logit-averaged CARSO is wrong where the
+paper's is right, appendix B.1). An attack yields several candidates per example — every sub-attack's
+final point, also where it did not fool its own surface (APGD's highest-loss point, Square's
+lowest-margin point, a transfer whose source resists) — and an example survives it only if it survives
+them all. An attack runs only on the examples still robust after the attacks before it (as AutoAttack
+does), so the cost stays near that of the most expensive attack. Per example and attack the flag is 1
+(survived), 0 (broken by it — first, since later attacks skip it) or -1 (not attacked: already broken,
+or misclassified clean).
 """
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -33,9 +39,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from carso_cli.evaluation.autoattack import autoattack_flags
+from carso_cli.evaluation.autoattack import autoattack_flags, sub_attack_points
 from carso_cli.evaluation.gradients import pgd_eot_examples
-from carso_cli.evaluation.saturation import LOGSUM_SURFACE, surface
+from carso_cli.evaluation.saturation import LOGSUM_SURFACE, paper_surface, surface
 from carso_cli.evaluation.seeding import (
     STREAM_ADV,
     STREAM_ADV_REPEATS,
@@ -46,12 +52,12 @@ from carso_cli.evaluation.settings import EvalSettings
 
 ATTACKS = ("randaa", "randaa-logsum", "pgd-eot-logsum", "transfer-classifier", "transfer-logit", "square")
 TITLES = {
-    "randaa": "randAA (model's surface, Table 2)",
+    "randaa": "randAA (paper's surface, Table 2)",
     "randaa-logsum": "randAA on dexp-logsum",
     "pgd-eot-logsum": "PGD+EoT on dexp-logsum",
     "transfer-classifier": "transfer: AA on the classifier",
     "transfer-logit": "transfer: randAA, logit averaging",
-    "square": "Square (black-box)",
+    "square": "Square on dexp-logsum (black-box)",
 }
 NOT_ATTACKED = -1
 
@@ -67,50 +73,114 @@ def flag_key(attack: str) -> str:
 
 @dataclass
 class AttackOutcome:
-    """One attack on one batch. ``flags`` (B,) int: 1 survived, 0 broken by it, -1 not attacked."""
+    """One attack on one batch. ``flags`` (B,) int: 1 survived, 0 broken by it, -1 not attacked.
+
+    ``candidates`` (K, B, C, H, W): every adversarial point the attack produced per example, one per
+    sub-attack named in ``sources`` (e.g. "apgd-ce", "apgd-dlr"); the input where it did not run. Each
+    was judged by the model as evaluated. ``point`` (B, C, H, W): per example the candidate that broke
+    it (the first in ``sources`` order), else the first candidate; ``broken_by`` (B,) long: that
+    candidate's index in ``sources``, -1 where the example survived or was not attacked.
+    """
 
     name: str
     flags: torch.Tensor
-    candidates: torch.Tensor  # (B, C, H, W): its adversarial points (the input where it did not run)
+    candidates: torch.Tensor
+    point: torch.Tensor
+    sources: list[str] = field(default_factory=list)
+    broken_by: torch.Tensor | None = None
     wall_s: float = 0.0
     warnings: list[str] = field(default_factory=list)
     library_flags: torch.Tensor | None = None  # randAA only: the library's own single-draw verdict
-    repeats: torch.Tensor | None = None  # randAA only: (repeats, B) re-classification of every candidate
+    repeats: torch.Tensor | None = None  # randAA only: (repeats, B), a draw right on every candidate
 
 
 @dataclass
 class AdaptiveResult:
     attacks: list[AttackOutcome]
     robust: torch.Tensor  # (B,) bool: clean and survived every attack
-    worst: torch.Tensor  # (B, C, H, W): per example the point that broke it first (else randAA's)
+    worst: torch.Tensor  # (B, C, H, W): per example the point that broke it first (else randAA's first)
+
+
+@dataclass
+class Candidates:
+    """What one attack produced on the examples it ran on: (K, b, C, H, W) points, their K sources, the
+    library's verdict (randAA only: the paper's single draw), the library's warnings."""
+
+    points: torch.Tensor
+    sources: list[str]
+    verdict: torch.Tensor | None = None
+    warnings: list[str] = field(default_factory=list)
+    library_point: torch.Tensor | None = None  # randAA: (b, C, H, W) the point of the library's verdict
 
 
 def run_candidates(
     name: str, model: nn.Module, classifier: nn.Module, x: torch.Tensor, y: torch.Tensor, idx: list[int],
     s: EvalSettings, device: torch.device,
-) -> tuple[torch.Tensor, torch.Tensor | None, list[str]]:
-    """(candidates, library verdict or None, warnings) of one attack on the examples ``idx``."""
+) -> Candidates:
+    """Every adversarial point of one attack on the examples ``idx``; only ``randaa`` keeps a verdict.
+
+    Every other attack's points are judged afterwards by the model as evaluated: a verdict computed on
+    another surface (logsum, logit averaging, the classifier alone) would count the breaks of another
+    model (issue 23).
+    """
     seed = example_seed(s.seed, "carso" if name == "randaa" else name, idx[0], bits=31)
-    if name in ("randaa", "randaa-logsum", "transfer-logit"):
-        aggregation = {"randaa-logsum": LOGSUM_SURFACE, "transfer-logit": "logit"}.get(name)
-        with surface(model, aggregation) if aggregation else contextlib.nullcontext():
+    if name == "randaa":
+        with surface(model, paper_surface(s.aggregation)):  # exactly ``--attack autoattack``
             res = autoattack_flags(model, x, y, eps=s.eps, version="rand", seed=seed, device=device,
                                    steps=s.aa_steps, eot=s.aa_eot)
-        return res.candidates, res.flags, res.warnings
+        return Candidates(res.candidates, res.sources, res.flags, res.warnings, res.x_adv)
+    if name in ("randaa-logsum", "transfer-logit"):
+        with surface(model, LOGSUM_SURFACE if name == "randaa-logsum" else "logit"):
+            res = sub_attack_points(model, x, y, eps=s.eps, attacks=["apgd-ce", "apgd-dlr"], seed=seed,
+                                    device=device, steps=s.aa_steps, eot=s.aa_eot)
+        return Candidates(res.candidates, res.sources, None, res.warnings)
     if name == "pgd-eot-logsum":
         with surface(model, LOGSUM_SURFACE):
-            return pgd_eot_examples(model, x, y, idx, eps=s.eps, steps=s.pgd_steps, step_size=s.pgd_step_size,
-                                    eot=s.pgd_eot, seed=s.seed), None, []
+            x_adv = pgd_eot_examples(model, x, y, idx, eps=s.eps, steps=s.pgd_steps, step_size=s.pgd_step_size,
+                                     eot=s.pgd_eot, seed=s.seed, restarts=int(s.restarts or 1),
+                                     normalise=bool(s.eot_normalise), keep_best=True)
+        return Candidates(x_adv[None], ["pgd-eot"])
     if name == "transfer-classifier":
         # The classifier is deterministic: EoT is pointless, APGD-CE + APGD-DLR as in randAA.
-        res = autoattack_flags(classifier, x, y, eps=s.eps, version="custom", attacks=["apgd-ce", "apgd-dlr"],
-                               seed=seed, device=device, steps=s.aa_steps)
-        return res.candidates, None, res.warnings
+        res = sub_attack_points(classifier, x, y, eps=s.eps, attacks=["apgd-ce", "apgd-dlr"], seed=seed,
+                                device=device, steps=s.aa_steps)
+        return Candidates(res.candidates, res.sources, None, res.warnings)
     if name == "square":
-        res = autoattack_flags(model, x, y, eps=s.eps, version="custom", attacks=["square"], seed=seed,
-                               device=device, square_queries=s.square_queries)
-        return res.candidates, None, res.warnings
+        # Square's margin on log S: the paper's decision, with margins on the logits' scale.
+        with surface(model, LOGSUM_SURFACE):
+            res = sub_attack_points(model, x, y, eps=s.eps, attacks=["square"], seed=seed, device=device,
+                                    square_queries=s.square_queries)
+        return Candidates(res.candidates, res.sources, None, res.warnings)
     raise ValueError(f"unknown adaptive attack '{name}'")
+
+
+def judge_candidates(
+    judge: nn.Module, c: Candidates, y: torch.Tensor, idx: list[int], s: EvalSettings,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(survived (b,) bool, first breaking candidate (b,) long or -1, repeats (repeats, b) bool).
+
+    A candidate survives if the judge's single seeded draw and all ``repeats`` re-classifications are
+    right (for randAA the single draw is the library's verdict on its final point, the paper's rule);
+    an example survives the attack only if it survives every candidate.
+    """
+    ok = []
+    reps_all = None
+    for points in c.points:
+        reps = draw_flags(judge, points, y, idx, s.seed, STREAM_ADV_REPEATS, s.repeats)
+        single = (c.verdict.bool() if c.verdict is not None
+                  else draw_flags(judge, points, y, idx, s.seed, STREAM_ADV)[0])
+        ok.append(single & reps.all(dim=0))
+        reps_all = reps if reps_all is None else reps_all & reps
+    survived_k = torch.stack(ok)  # (K, b)
+    survived = survived_k.all(dim=0)
+    first = (~survived_k).long().argmax(dim=0)
+    if c.verdict is not None and c.library_point is not None:
+        # Broken by the library's verdict: its point is the candidate of the sub-attack that fooled it.
+        same = (c.points == c.library_point.to(c.points.device)[None]).flatten(2).all(dim=2).cpu()  # (K, b)
+        first = torch.where(~c.verdict.bool().cpu() & same.any(dim=0), same.long().argmax(dim=0), first)
+    first = torch.where(survived, torch.full_like(first, -1), first)
+    assert reps_all is not None
+    return survived, first, reps_all
 
 
 def adaptive_attack(
@@ -122,37 +192,42 @@ def adaptive_attack(
     ``clean`` (B,) bool: the single-draw clean correctness (a misclassified example is never robust).
     """
     idx = list(indices)
+    b = len(idx)
     alive = clean.clone().bool()
     worst = x.detach().clone()
     outcomes: list[AttackOutcome] = []
     for k, name in enumerate(attacks_of(s)):
         # randAA runs on the whole batch, exactly as ``--attack autoattack``: same seeds, same flags.
-        rows = torch.arange(len(idx)) if k == 0 else alive.nonzero().flatten()
-        flags = torch.full((len(idx),), NOT_ATTACKED, dtype=torch.long)
-        candidates = x.detach().clone()
-        out = AttackOutcome(name, flags, candidates)
+        rows = torch.arange(b) if k == 0 else alive.nonzero().flatten()
+        out = AttackOutcome(name, torch.full((b,), NOT_ATTACKED, dtype=torch.long), x.detach().clone()[None],
+                            x.detach().clone(), ["none"], torch.full((b,), -1, dtype=torch.long))
         if rows.numel():
             t0 = time.time()
             sub = [idx[int(r)] for r in rows]
             dev_rows = rows.to(x.device)
-            cand, verdict, warnings = run_candidates(name, model, classifier, x[dev_rows], y[dev_rows], sub, s,
-                                                     device)
-            reps = draw_flags(judge, cand, y[dev_rows], sub, s.seed, STREAM_ADV_REPEATS, s.repeats)
-            if verdict is None:
-                verdict = draw_flags(judge, cand, y[dev_rows], sub, s.seed, STREAM_ADV)[0]
-            survived = verdict.bool() & reps.bool().all(dim=0) & alive[rows]
-            candidates[dev_rows] = cand.to(candidates.dtype)
+            c = run_candidates(name, model, classifier, x[dev_rows], y[dev_rows], sub, s, device)
+            survived, first, reps = judge_candidates(judge, c, y[dev_rows], sub, s)
+            points = c.points.to(x.device, x.dtype)
+            out.candidates = x.detach().clone()[None].repeat(points.shape[0], *[1] * x.dim())
+            out.candidates[:, dev_rows] = points
+            out.sources = c.sources
+            chosen = points[first.clamp(min=0).to(x.device), torch.arange(len(sub), device=x.device)]
+            out.point[dev_rows] = chosen
             attacked = alive[rows]
-            flags[rows[attacked]] = survived[attacked].long()
-            broken = rows[attacked & ~survived]
-            worst[broken.to(x.device)] = cand[(attacked & ~survived).to(cand.device)]
+            survived = survived & attacked
+            out.flags[rows[attacked]] = survived[attacked].long()
+            broken = attacked & ~survived
+            out.broken_by[rows[broken]] = first[broken]
+            worst[rows[broken].to(x.device)] = chosen[broken.to(x.device)]
             if k == 0:
-                out.library_flags = verdict.bool()
+                assert c.verdict is not None
+                out.library_flags = c.verdict.bool()
                 out.repeats = reps
-                worst[alive.to(x.device)] = cand[alive.to(cand.device)]  # survivors keep randAA's point
+                keep = alive.to(x.device)
+                worst[keep] = out.point[keep]  # survivors keep randAA's point
             alive[rows] = alive[rows] & survived
             out.wall_s = time.time() - t0
-            out.warnings = warnings
+            out.warnings = c.warnings
         outcomes.append(out)
     return AdaptiveResult(outcomes, alive, worst)
 

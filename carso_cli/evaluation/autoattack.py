@@ -8,8 +8,9 @@ from (seed, batch start). Its results therefore depend on how examples are group
 takes whole batches.
 
 The rand version decides robustness from one stochastic forward of the final adversarial example,
-which flatters stochastic defences: we keep every adversarial candidate APGD returns (also for examples
-that one final draw then classified correctly) so that they can be re-classified ``repeats`` times.
+which flatters stochastic defences: we keep every sub-attack's final point (APGD's misclassified point,
+else its highest-loss point; Square's lowest-margin point), also for examples that one draw then
+classified correctly, so that each can be re-classified ``repeats`` times by the model as evaluated.
 """
 
 from __future__ import annotations
@@ -34,15 +35,25 @@ class AutoAttackResult:
 
     flags: (B,) bool — the library's verdict (one forward of its final adversarial example).
     x_adv: (B, C, H, W) — its adversarial examples (the input itself where it found none).
-    candidates: (B, C, H, W) — ``x_adv``, or, where the library declared the example robust, the last
-        point APGD reported as misclassified during the attack (else the input).
+    candidates: (K, B, C, H, W) — every sub-attack's final point: for APGD the point it found
+        misclassified, else its highest-loss point (the library returns the input there); for Square
+        its lowest-margin point. The input where a sub-attack did not run on an example.
+    sources: the K sub-attacks, in the order they ran ("apgd-ce", "apgd-dlr", "square").
     warnings: the library's warning lines (its checks: zero gradients, randomness, …).
     """
 
     flags: torch.Tensor
     x_adv: torch.Tensor
     candidates: torch.Tensor
+    sources: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+
+    @property
+    def point(self) -> torch.Tensor:
+        """(B, C, H, W): the library's adversarial example where it found one, else the first candidate."""
+        broken = ~self.flags.to(self.x_adv.device)
+        return torch.where(broken.view(-1, *[1] * (self.x_adv.dim() - 1)), self.x_adv,
+                           self.candidates[0].to(self.x_adv.device))
 
 
 def _set_apgd_iterations(apgd: Any, steps: int) -> None:
@@ -86,6 +97,61 @@ def _row_keys(x: torch.Tensor) -> list[bytes]:
     return [row.tobytes() for row in flat]
 
 
+class _PointRecorder:
+    """Keeps, per sub-attack and example, the final point of the library's ``attack_single_run``.
+
+    The library returns only points that fooled its single draw (``perturb`` keeps ``x_best_adv`` where
+    the run misclassified, else the input), so an APGD run that raised the loss without a misclassified
+    draw, or a Square run that lowered the margin, leaves nothing to re-judge. We wrap
+    ``attack_single_run`` (APGD returns ``(x_best, acc, loss_best, x_best_adv)``, Square
+    ``(n_queries, x_best)``) and find each row's example by its bytes (the library passes subsets).
+    """
+
+    def __init__(self, x: torch.Tensor) -> None:
+        self.x = x.detach()
+        self.rows: dict[bytes, list[int]] = {}
+        for i, key in enumerate(_row_keys(x)):
+            self.rows.setdefault(key, []).append(i)
+        self.points: dict[str, torch.Tensor] = {}
+
+    def _store(self, name: str, xb: torch.Tensor, point: torch.Tensor) -> None:
+        out = self.points.setdefault(name, self.x.clone())
+        seen: dict[bytes, int] = {}
+        for j, key in enumerate(_row_keys(xb)):
+            rows = self.rows.get(key)
+            if rows:  # identical inputs: the c-th copy in the subset goes to the c-th copy in the batch
+                c = seen[key] = seen.get(key, -1) + 1
+                out[rows[min(c, len(rows) - 1)]] = point[j].detach().to(out.device, out.dtype)
+
+    def wrap_apgd(self, apgd: Any) -> None:
+        original = apgd.attack_single_run
+
+        def run(xb: torch.Tensor, yb: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            x_best, acc, loss_best, x_best_adv = original(xb, yb, *args, **kwargs)
+            fooled = (acc == 0).view(-1, *[1] * (xb.dim() - 1))
+            self._store(f"apgd-{apgd.loss}", xb, torch.where(fooled, x_best_adv, x_best))
+            return x_best, acc, loss_best, x_best_adv
+
+        apgd.attack_single_run = run
+
+    def wrap_square(self, square: Any) -> None:
+        original = square.attack_single_run
+
+        def run(xb: torch.Tensor, yb: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            n_queries, x_best = original(xb, yb, *args, **kwargs)
+            self._store("square", xb, x_best)
+            return n_queries, x_best
+
+        square.attack_single_run = run
+
+    def stacked(self) -> tuple[torch.Tensor, list[str]]:
+        """(K, B, C, H, W) and the K names; the input alone (K = 1, "none") if nothing ran."""
+        if not self.points:
+            return self.x.clone()[None], ["none"]
+        names = list(self.points)
+        return torch.stack([self.points[n] for n in names]), names
+
+
 def autoattack_flags(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, version: str, seed: int,
     device: torch.device, steps: int = 100, eot: int = 20, square_queries: int = 5000,
@@ -94,38 +160,75 @@ def autoattack_flags(
     """Run pyautoattack's ``run_standard_evaluation`` on one batch (already on ``device``).
 
     The global RNG is seeded with ``seed`` first (the library's own clean pass draws from it), and the
-    library re-seeds it with ``seed`` before every attack.
+    library re-seeds it with ``seed`` before every attack. As in the library, a sub-attack runs only on
+    the examples the earlier ones did not fool (by its single draw); every sub-attack's point is kept.
     """
     aa = make_autoattack(model, eps=eps, version=version, seed=seed, device=device, steps=steps, eot=eot,
                          square_queries=square_queries, attacks=attacks)
-    # Keep what APGD returns: for an example that one final draw classifies correctly the library
-    # drops the point APGD found, and re-classification needs it.
-    keys = {key: i for i, key in enumerate(_row_keys(x))}
-    candidates = x.detach().clone()
-    original = aa.apgd.perturb
-
-    def perturb(xb: torch.Tensor, yb: torch.Tensor | None = None, *args: Any, **kwargs: Any) -> torch.Tensor:
-        adv = original(xb, yb, *args, **kwargs)
-        changed = (adv.detach() != xb.detach()).flatten(1).any(dim=1)
-        for j, key in enumerate(_row_keys(xb)):
-            if changed[j] and key in keys:
-                candidates[keys[key]] = adv[j].detach().to(candidates.device)
-        return adv
-
-    aa.apgd.perturb = perturb
+    recorder = _PointRecorder(x)
+    recorder.wrap_apgd(aa.apgd)
+    recorder.wrap_square(aa.square)
     warnings: list[str] = []
-    collector = _Collector(warnings)
+    with _collect_warnings(warnings):
+        seed_everything(seed)
+        x_adv, y_adv = aa.run_standard_evaluation(x, y, batch_size=x.shape[0])
+    flags = (y_adv.to(y.device) == y).cpu()
+    candidates, sources = recorder.stacked()
+    return AutoAttackResult(flags, x_adv.detach(), candidates, sources, warnings)
+
+
+def sub_attack_points(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, attacks: Sequence[str], seed: int,
+    device: torch.device, steps: int = 100, eot: int = 1, square_queries: int = 5000,
+) -> AutoAttackResult:
+    """Each of ``attacks`` ("apgd-ce", "apgd-dlr", "square") run once on *every* example, independently.
+
+    Unlike ``run_standard_evaluation`` (and the library's ``perturb``), a sub-attack also runs where the
+    attacked surface is already wrong or an earlier sub-attack fooled it: in the adaptive evaluation that
+    surface is not the judge (a transfer source, the logsum surface) and its verdict decides nothing.
+    One run of the library's ``attack_single_run`` per sub-attack, seeded like the library (its RNG is
+    re-seeded with ``seed`` before each). ``flags`` (information only): the attacked surface was right
+    on every sub-attack's point; ``x_adv``: the candidate of the first sub-attack that fooled it.
+    """
+    aa = make_autoattack(model, eps=eps, version="custom", seed=seed, device=device, steps=steps, eot=eot,
+                         square_queries=square_queries, attacks=list(attacks))
+    aa.apgd.eot_iter = eot
+    recorder = _PointRecorder(x)
+    recorder.wrap_apgd(aa.apgd)
+    recorder.wrap_square(aa.square)
+    xf, yf = x.detach().float().to(device), y.detach().long().to(device)
+    warnings: list[str] = []
+    with _collect_warnings(warnings):
+        for name in attacks:
+            if name in ("apgd-ce", "apgd-dlr"):
+                attack = aa.apgd
+                attack.loss = name.removeprefix("apgd-")
+            elif name == "square":
+                attack = aa.square
+            else:
+                raise ValueError(f"unknown sub-attack '{name}'")
+            attack.seed = seed
+            attack.init_hyperparam(xf)
+            seed_everything(seed)
+            attack.attack_single_run(xf, yf)
+    candidates, sources = recorder.stacked()
+    with torch.no_grad():
+        right = torch.stack([model(c.to(device)).argmax(dim=-1) == yf for c in candidates]).cpu()  # (K, B)
+    first = (~right).long().argmax(dim=0)  # the first sub-attack that fooled the surface (0 if none did)
+    x_adv = torch.where(right.all(dim=0).view(-1, *[1] * (x.dim() - 1)).to(x.device), x.detach(),
+                        candidates[first, torch.arange(x.shape[0])].to(x.device))
+    return AutoAttackResult(right.all(dim=0), x_adv, candidates, sources, warnings)
+
+
+@contextlib.contextmanager
+def _collect_warnings(out: list[str]) -> Iterator[None]:
+    collector = _Collector(out)
     logger = logging.getLogger(AUTOATTACK_LOGGER)
     logger.addHandler(collector)
     try:
-        seed_everything(seed)
-        x_adv, y_adv = aa.run_standard_evaluation(x, y, batch_size=x.shape[0])
+        yield
     finally:
         logger.removeHandler(collector)
-    flags = (y_adv.to(y.device) == y).cpu()
-    found = ~flags.to(x.device)
-    candidates[found] = x_adv[found].to(candidates.device)
-    return AutoAttackResult(flags, x_adv.detach(), candidates, warnings)
 
 
 class _Collector(logging.Handler):

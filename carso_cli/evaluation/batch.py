@@ -12,7 +12,12 @@ from carso_cli.evaluation.adaptive import adaptive_attack, flag_key
 from carso_cli.evaluation.autoattack import autoattack_flags
 from carso_cli.evaluation.gradients import pgd_eot_examples
 from carso_cli.evaluation.saturation import flag_key as saturation_key
-from carso_cli.evaluation.saturation import saturated_flags, surface, surfaces_of
+from carso_cli.evaluation.saturation import (
+    paper_surface,
+    saturated_flags,
+    surface,
+    surfaces_of,
+)
 from carso_cli.evaluation.seeding import (
     STREAM_ADV,
     STREAM_ADV_REPEATS,
@@ -26,7 +31,7 @@ from carso_cli.evaluation.settings import EvalSettings
 
 
 class Autocast(nn.Module):
-    """Runs a model under bfloat16 autocast (CUDA), returning float32 scores."""
+    """Runs a model under bfloat16 autocast (CUDA), returning float32 scores (float64 ones unchanged)."""
 
     def __init__(self, model: nn.Module, device: torch.device) -> None:
         super().__init__()
@@ -35,7 +40,8 @@ class Autocast(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(self.device_type, dtype=torch.bfloat16):
-            return self.model(x).float()
+            out = self.model(x)
+        return out if out.dtype == torch.float64 else out.float()
 
 
 class CountCalls(nn.Module):
@@ -106,39 +112,46 @@ def evaluate_batch(
         out["carso_clean_repeats"] = [_flags(r) for r in clean_r]
         x_adv = x_final = None
         if s.attack == "autoattack":
-            # The library's z come from the global RNG: the standard sampler, not the seeded one.
-            res = autoattack_flags(counted_carso, x, y, eps=s.eps, version="rand",
-                                   seed=example_seed(s.seed, "carso", idx[0], bits=31),
-                                   device=device, steps=s.aa_steps, eot=s.aa_eot)
+            # The paper's protocol: randAA on the surface the authors' AutoAttack saw (their float32
+            # lexsemble for dexp). The library's z come from the global RNG: not the seeded sampler.
+            with surface(counted_carso, paper_surface(s.aggregation)):
+                res = autoattack_flags(counted_carso, x, y, eps=s.eps, version="rand",
+                                       seed=example_seed(s.seed, "carso", idx[0], bits=31),
+                                       device=device, steps=s.aa_steps, eot=s.aa_eot)
             out["carso_randaa_library"] = _flags(res.flags)
             out["carso_randaa"] = _flags(res.flags & clean)
             x_adv, key = res.candidates, "carso_randaa"
+            keep[key] = x_final = res.point
             warnings += [f"carso: {w}" for w in res.warnings]
         elif s.attack == "pgd-eot":
             x_adv = pgd_eot_examples(counted_carso, x, y, idx, eps=s.eps, steps=s.pgd_steps,
-                                     step_size=s.pgd_step_size, eot=s.pgd_eot, seed=s.seed)
+                                     step_size=s.pgd_step_size, eot=s.pgd_eot, seed=s.seed,
+                                     restarts=int(s.restarts or 1), normalise=bool(s.eot_normalise))
             single = draw_flags(carso, x_adv, y, idx, s.seed, STREAM_ADV)[0]
             out["carso_pgd_eot"] = _flags(single & clean)
             key = "carso_pgd_eot"
+            keep[key] = x_final = x_adv
+            x_adv = x_adv[None]
         elif s.attack == "adaptive":
             result = adaptive_attack(counted_carso, carso, counted_classifier, x, y, idx, clean, s, device)
-            first = result.attacks[0]  # randAA on the model's surface: Table 2's column, as ``autoattack``
+            first = result.attacks[0]  # randAA on the paper's surface: Table 2's column, as ``autoattack``
             assert first.library_flags is not None and first.repeats is not None
             out["carso_randaa_library"] = _flags(first.library_flags)
             out["carso_randaa"] = _flags(first.library_flags & clean)
             out["carso_randaa_repeats"] = [_flags(r) for r in first.repeats]
             for a in result.attacks:
                 out[flag_key(a.name)] = _flags(a.flags)
-                keep[flag_key(a.name)] = a.candidates.cpu()
+                keep[flag_key(a.name)] = a.point.cpu()
                 warnings += [f"carso {a.name}: {w}" for w in a.warnings]
             out["carso_adaptive"] = _flags(result.robust)
             out["adaptive_wall_s"] = {a.name: round(a.wall_s, 3) for a in result.attacks}
-            keep["carso_randaa"] = first.candidates.cpu()
+            keep["carso_randaa"] = first.point.cpu()
             keep["carso_adaptive"] = x_final = result.worst
         if x_adv is not None:
-            reps = draw_flags(carso, x_adv, y, idx, s.seed, STREAM_ADV_REPEATS, s.repeats)
+            # Re-classification: a draw is right only if it is right on every candidate of the attack.
+            reps = torch.stack([draw_flags(carso, c, y, idx, s.seed, STREAM_ADV_REPEATS, s.repeats)
+                                for c in x_adv]).all(dim=0)
             out[f"{key}_repeats"] = [_flags(r) for r in reps]
-            keep[key] = x_final = x_adv
         # Saturation of each surface's CE gradient, at the clean and the final adversarial point.
         points = {"clean": x} if x_final is None else {"clean": x, "adversarial": x_final}
         for name in surfaces_of(s.aggregation):

@@ -6,6 +6,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, astuple, dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -16,24 +17,51 @@ from carso_cli.evaluation.seeding import (
     STREAM_EOT_B,
     STREAM_GRADIENTS,
     ExampleSeededSampler,
+    example_seed,
     seeded_latents,
 )
 
 
 def pgd_eot_examples(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, indices: Sequence[int], *, eps: float, steps: int,
-    step_size: float, eot: int, seed: int, callback: Callable[..., Any] | None = None,
+    step_size: float, eot: int, seed: int, callback: Callable[..., Any] | None = None, restarts: int = 1,
+    normalise: bool = False, keep_best: bool = False,
 ) -> torch.Tensor:
     """Adversarial examples (B, C, H, W) by the PGD+EoT pipeline of Lee & Kim 2024 (Table 14).
 
+    With the defaults, the paper's attack: one run from x, the last iterate, raw EoT sums. ``restarts``
+    > 1 adds runs from uniform random starts (drawn per example from (seed, restart, index)), and the
+    point of highest EoT loss over the runs is kept per example; ``keep_best`` keeps the best iterate
+    of each run, ``normalise`` scales each draw's gradient to unit norm (see ``attacks.pgd_eot``).
     The attack's z draws are seeded per example (stream ``STREAM_ATTACK``), so the result does not
     depend on the batch.
     """
     from carso_cli.attacks import pgd_eot
 
     sampler = ExampleSeededSampler(seed, STREAM_ATTACK).bind(indices)
+    best_x: torch.Tensor | None = None
+    best_loss: torch.Tensor | None = None
+    track = keep_best or restarts > 1
     with seeded_latents(model, sampler):
-        return pgd_eot(model, x, y, eps, steps, step_size, eot, random_start=False, callback=callback).detach()
+        for r in range(restarts):
+            noise = start_noise(x, indices, seed, r) if r > 0 else None
+            x_adv, loss = pgd_eot(model, x, y, eps, steps, step_size, eot, random_start=r > 0, callback=callback,
+                                  keep_best=track, normalise=normalise, start_noise=noise, return_loss=True)
+            if best_x is None or best_loss is None or loss is None:
+                best_x, best_loss = x_adv, loss
+                continue
+            take = loss > best_loss
+            best_x = torch.where(take.view(-1, *[1] * (x.dim() - 1)), x_adv, best_x)
+            best_loss = torch.where(take, loss, best_loss)
+    assert best_x is not None
+    return best_x.detach()
+
+
+def start_noise(x: torch.Tensor, indices: Sequence[int], seed: int, restart: int) -> torch.Tensor:
+    """Uniform [0, 1) draws (B, C, H, W) of a random start, per example from (seed, "start", restart, index)."""
+    rows = [np.random.Generator(np.random.Philox(key=example_seed(seed, "start", restart, int(i), bits=128)))
+            .random(tuple(x.shape[1:]), dtype=np.float32) for i in indices]
+    return torch.from_numpy(np.stack(rows)).to(x.device, x.dtype)
 
 
 @dataclass
@@ -87,7 +115,8 @@ def input_gradient(
     """
     x = x.detach().clone().requires_grad_(True)
     with torch.enable_grad():
-        scores = model(x).float()
+        scores = model(x)
+        scores = scores if scores.dtype == torch.float64 else scores.float()
         value = LOSSES[loss](scores, y).sum()
         (grad,) = torch.autograd.grad(value, x, allow_unused=True)
     grad = torch.zeros_like(x) if grad is None else grad.detach()

@@ -33,6 +33,12 @@ class EvalSettings:
     pgd_steps: int = 200
     pgd_step_size: float = 0.007
     pgd_eot: int = 20
+    # PGD+EoT beyond the paper (issue 23): random restarts (the first run starts at x, as the paper's),
+    # each draw's gradient normalised before averaging, the best iterate kept. None: the attack's default
+    # — the paper's PGD+EoT for ``pgd-eot`` (1, off; last iterate), the stronger one inside ``adaptive``
+    # (2 restarts, normalised; best iterate always).
+    restarts: int | None = None
+    eot_normalise: bool | None = None
     # The adaptive evaluation (``adaptive``): Square among its attacks; the saturation warning level.
     square: bool = False
     saturation_threshold: float = 0.1
@@ -42,6 +48,12 @@ class EvalSettings:
     classifier_sha256: str = ""
     purifier_sha256: str = ""
 
+    def __post_init__(self) -> None:
+        if self.restarts is None:
+            self.restarts = 2 if self.attack == "adaptive" else 1
+        if self.eot_normalise is None:
+            self.eot_normalise = self.attack == "adaptive"
+
     def validate(self) -> None:
         if self.attack not in ATTACKS:
             raise CarsoError(f"unknown attack '{self.attack}' (choose from {', '.join(ATTACKS)})")
@@ -49,7 +61,7 @@ class EvalSettings:
             raise CarsoError(f"targets must be among {', '.join(TARGETS)}, got {self.targets}")
         if not 0.0 <= self.eps <= 1.0:
             raise CarsoError(f"eps must lie in [0, 1], got {self.eps}")
-        for name in ("batch_size", "repeats", "aa_steps", "aa_eot", "pgd_steps", "pgd_eot"):
+        for name in ("batch_size", "repeats", "aa_steps", "aa_eot", "pgd_steps", "pgd_eot", "restarts"):
             if getattr(self, name) < 1:
                 raise CarsoError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.square_queries < 1:
