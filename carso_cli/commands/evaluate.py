@@ -79,7 +79,7 @@ def build_settings(
     cfg: Any, *, attack: str, target: str, eps: str | float | None, n_examples: int | None, dataset_size: int,
     batch_size: int, samples: int | None, aggregation: str | None, seed: int, repeats: int,
     steps: int | None, eot: int | None, queries: int, precision: str = "float32", square: bool = False,
-    saturation_threshold: float = 0.1,
+    saturation_threshold: float = 0.1, indicators: bool = True, indicator_examples: int = 8,
 ) -> ev.EvalSettings:
     """EvalSettings from the options; the preset supplies ε, samples, aggregation, steps and EoT."""
     if square and attack != "adaptive":
@@ -110,6 +110,8 @@ def build_settings(
         pgd_eot=cfg.attacks.pgd_eot_iterations if eot is None else eot,
         square=square,
         saturation_threshold=saturation_threshold,
+        indicators=indicators and attack == "adaptive",
+        indicator_examples=indicator_examples,
         precision=precision,
         dataset=cfg.data.dataset,
     )
@@ -146,6 +148,8 @@ def run(
     precision: str = "float32",
     square: bool = False,
     saturation_threshold: float = 0.1,
+    indicators: bool = True,
+    indicator_examples: int = 8,
     console: Console | None = None,
     show_progress: bool = True,
     adversarial: Path | None = None,
@@ -186,7 +190,7 @@ def run(
             cfg, attack=attack, target=target, eps=eps, n_examples=n_examples, dataset_size=len(dataset),
             batch_size=batch_size, samples=samples, aggregation=aggregation, seed=seed, repeats=repeats,
             steps=steps, eot=eot, queries=queries, precision=precision, square=square,
-            saturation_threshold=saturation_threshold,
+            saturation_threshold=saturation_threshold, indicators=indicators, indicator_examples=indicator_examples,
         )
         if s.precision == "bfloat16" and ctx.device.type != "cuda":
             raise CarsoError("--precision bfloat16 needs a CUDA device")
@@ -325,6 +329,8 @@ def render(results: dict[str, Any], console: Console) -> None:
         w = adaptive["worst_case"]
         a.add_row("[bold]C/adaptive (worst case)[/]", "", "", f"[bold]{w['correct']}/{w['total']}[/]", "")
         console.print(a)
+    if results.get("indicators"):
+        render_indicators(results["indicators"], console)
     report = results.get("reclassification") or {}
     if report:
         r = Table(title=f"CARSO re-classified {s['repeats']}× per example (stochastic: {s['samples']} samples)")
@@ -347,6 +353,48 @@ def render(results: dict[str, Any], console: Console) -> None:
     warnings = results.get("library_warnings") or []
     if warnings:
         console.print(f"[yellow]{len(warnings)} distinct warning(s) from the attack library (in the results file)[/]")
+
+
+def render_indicators(block: dict[str, Any], console: Console) -> None:
+    """The attack-failure indicators, one row per attack; a failed indicator in yellow, then what it means."""
+    from carso_cli.evaluation.adaptive import TITLES
+    from carso_cli.evaluation.indicators import TITLES as INDICATOR_TITLES
+
+    t = Table(title=f"attack-failure indicators (Pintor et al. 2022; ✗ = the attack may fail silently) — "
+                    f"ε = 0.5, 2× budget and EoT noise on the first {block['examples']} examples")
+    t.add_column("attack")
+    for key, title in INDICATOR_TITLES.items():
+        t.add_column(title)
+    for name, row in block["attacks"].items():
+        cells = []
+        for key in INDICATOR_TITLES:
+            ind = row.get(key)
+            if ind is None:
+                cells.append("[dim]—[/]")
+            else:
+                style = {"fail": "yellow", "n/a": "dim"}.get(ind["status"])
+                mark = {"pass": "✓ ", "fail": "✗ "}.get(ind["status"], "")
+                cells.append(f"[{style}]{mark}{ind['measured']}[/]" if style else f"{mark}{ind['measured']}")
+        t.add_row(name, *cells)
+    console.print(t)
+    relative = block.get("relative_cost")
+    cost = f" ({100 * relative:.0f}% of the adaptive attacks' {block['adaptive_wall_s']:.1f} s)" if relative else ""
+    console.print(f"[dim]indicators: {block['wall_s']:.1f} s{cost}; --indicator-examples N, --no-indicators[/]",
+                  highlight=False)
+    for failed in block["failed"]:
+        name, key = failed.split(": ")
+        console.print(f"[yellow]indicator failed — {TITLES.get(name, name)}: {INDICATOR_HINTS[key]}[/]", highlight=False)
+
+
+INDICATOR_HINTS = {
+    "reproduction": "the evaluated model does not reproduce some counted breaks (a bug of the evaluation; "
+                    "the indices are in results.json)",
+    "unbounded": "at ε = 0.5 the attack leaves examples standing: it is blind on this model, its survivors prove nothing",
+    "convergence": "not converged — 2× steps and EoT break more or raise the loss: raise --steps / --eot",
+    "transfer": "transfer or black-box points break examples every white-box attack left: the gradients are not "
+                "useful on this model",
+    "eot_noise": "single-draw gradients disagree: the EoT iterations are too few for a stable direction (--eot)",
+}
 
 
 def cli(
@@ -373,6 +421,8 @@ def cli(
     adversarial: Annotated[Optional[Path], typer.Option("--adversarial", help="Evaluate on the adversarial examples of this file (.safetensors, or .pt with x_adv, y, optionally idx) instead of attacking.")] = None,
     square: Annotated[bool, typer.Option("--square", help="Add the Square black-box attack (--queries) to --attack adaptive.")] = False,
     saturation_threshold: Annotated[float, typer.Option("--saturation-threshold", help="Warn when more than this fraction of examples has a zero or non-finite CE gradient on an attack surface.")] = 0.1,
+    indicator_examples: Annotated[int, typer.Option("--indicator-examples", help="Attack-failure indicators of --attack adaptive (unbounded ε, convergence, EoT noise) on the first N examples.")] = 8,
+    no_indicators: Annotated[bool, typer.Option("--no-indicators", help="Skip the attack-failure indicators.")] = False,
 ) -> None:
     """Clean and robust accuracy of the classifier and of CARSO (the paper's Table 2)."""
     from carso_cli.cli import console
@@ -386,6 +436,7 @@ def cli(
             samples=samples, aggregation=aggregation, device=device, seed=seed, resume=resume, repeats=repeats,
             steps=steps, eot=eot, queries=queries, name=name, data_root=data_root, precision=precision,
             square=square, saturation_threshold=saturation_threshold, save_adversarial=save_adversarial,
+            indicator_examples=indicator_examples, no_indicators=no_indicators,
         )
         code = distributed.relaunch(gpus, argv)
         if code != 0:
@@ -396,7 +447,8 @@ def cli(
         samples=samples, aggregation=aggregation.value if aggregation else None, device=device, seed=seed,
         resume=resume, repeats=repeats, steps=steps, eot=eot, queries=queries, name=name, data_root=data_root,
         precision=precision.value, square=square, saturation_threshold=saturation_threshold, console=console,
-        adversarial=adversarial, save_adversarial=save_adversarial,
+        adversarial=adversarial, save_adversarial=save_adversarial, indicators=not no_indicators,
+        indicator_examples=indicator_examples,
     )
 
 
