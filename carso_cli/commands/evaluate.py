@@ -362,8 +362,8 @@ def render_indicators(block: dict[str, Any], console: Console) -> None:
 
     t = Table(title=f"attack-failure indicators (Pintor et al. 2022; ✗ = the attack may fail silently) — "
                     f"ε = 0.5, 2× budget and EoT noise on the first {block['examples']} examples")
-    t.add_column("attack")
-    for key, title in INDICATOR_TITLES.items():
+    t.add_column("attack", no_wrap=True)
+    for title in INDICATOR_TITLES.values():
         t.add_column(title)
     for name, row in block["attacks"].items():
         cells = []
@@ -383,14 +383,16 @@ def render_indicators(block: dict[str, Any], console: Console) -> None:
                   highlight=False)
     for failed in block["failed"]:
         name, key = failed.split(": ")
-        console.print(f"[yellow]indicator failed — {TITLES.get(name, name)}: {INDICATOR_HINTS[key]}[/]", highlight=False)
+        console.print(f"[yellow]indicator failed — {TITLES.get(name, name)}, {INDICATOR_TITLES[key]} "
+                      f"({block['attacks'][name][key]['measured']}): {INDICATOR_HINTS[key]}[/]", highlight=False)
 
 
 INDICATOR_HINTS = {
     "reproduction": "the evaluated model does not reproduce some counted breaks (a bug of the evaluation; "
                     "the indices are in results.json)",
     "unbounded": "at ε = 0.5 the attack leaves examples standing: it is blind on this model, its survivors prove nothing",
-    "convergence": "not converged — 2× steps and EoT break more or raise the loss: raise --steps / --eot",
+    "convergence": "not converged: twice the steps and EoT break more examples or raise the loss; raise --steps / "
+                   "--eot",
     "transfer": "transfer or black-box points break examples every white-box attack left: the gradients are not "
                 "useful on this model",
     "eot_noise": "single-draw gradients disagree: the EoT iterations are too few for a stable direction (--eot)",

@@ -113,8 +113,8 @@ class Reproduction(_Indicator):
         return "fail" if self.not_reproduced else "pass"
 
     def measured(self) -> str:
-        extra = f" (+{len(self.library_draw_only)} library draw)" if self.library_draw_only else ""
-        return f"{len(self.not_reproduced)}/{self.breaks} not{extra}"
+        extra = f" (+{len(self.library_draw_only)} lib. draw)" if self.library_draw_only else ""
+        return f"{len(self.not_reproduced)}/{self.breaks}{extra}"
 
 
 @dataclass
@@ -131,7 +131,7 @@ class Unbounded(_Indicator):
         return "fail" if self.survived > self.tolerance * self.attacked else "pass"
 
     def measured(self) -> str:
-        return f"{self.survived}/{self.attacked} left" if self.attacked else "n/a"
+        return f"{self.survived}/{self.attacked}" if self.attacked else "n/a"
 
 
 @dataclass
@@ -172,8 +172,7 @@ class Convergence(_Indicator):
     def measured(self) -> str:
         if not self.survivors:
             return "n/a"
-        head = "not converged: " if self.failed else ""
-        return f"{head}−{100 * self.drop:.1f} pts ({self.broken}/{self.survivors}), DLR {self.loss_rise:+.2f}"
+        return f"−{100 * self.drop:.1f} pts ({self.broken}/{self.survivors}), DLR {self.loss_rise:+.2f}"
 
 
 @dataclass
