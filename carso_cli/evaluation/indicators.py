@@ -402,23 +402,33 @@ def batch_indicators(model: nn.Module, judge: nn.Module, classifier: nn.Module, 
     xs, ys = x[dev], y[dev.to(y.device)]
     big, double = unbounded_settings(s), doubled_settings(s)
     out: dict[str, dict[str, Any]] = {}
+    cost = dict.fromkeys(INDICATOR_TYPES, 0.0)  # seconds per indicator, over the attacks
+
+    def timed(key: str, fn: Callable[..., _Indicator], *args: Any, **kwargs: Any) -> _Indicator:
+        t = time.time()
+        value = fn(*args, seed=s.seed, **kwargs)
+        cost[key] += time.time() - t
+        return value
+
     for a in result.attacks:
         ind: dict[str, _Indicator] = {
-            "reproduction": judge_reproduction(judge, a.candidates, y, idx, a.flags == 0, seed=s.seed,
-                                               repeats=s.repeats, library_flags=a.library_flags),
-            "unbounded": unbounded_attack(judge, attack_fn(a.name, model, classifier, big, device), xs, ys, sub,
-                                          seed=s.seed, repeats=s.repeats),
-            "convergence": non_convergence(judge, attack_fn(a.name, model, classifier, double, device), xs,
-                                           a.candidates[dev.to(a.candidates.device)], ys, sub,
-                                           a.flags[rows] == 1, seed=s.seed, repeats=s.repeats),
+            "reproduction": timed("reproduction", judge_reproduction, judge, a.candidates, y, idx, a.flags == 0,
+                                  repeats=s.repeats, library_flags=a.library_flags),
+            "unbounded": timed("unbounded", unbounded_attack, judge, attack_fn(a.name, model, classifier, big, device),
+                               xs, ys, sub, repeats=s.repeats),
+            "convergence": timed("convergence", non_convergence, judge,
+                                 attack_fn(a.name, model, classifier, double, device), xs,
+                                 a.candidates[dev.to(a.candidates.device)], ys, sub, a.flags[rows] == 1,
+                                 repeats=s.repeats),
         }
         if a.name in GRADIENT_SURFACES:
             aggregation, losses = GRADIENT_SURFACES[a.name]
             eot = s.pgd_eot if a.name.startswith("pgd") else s.aa_eot
             with surface(model, aggregation) if aggregation else contextlib.nullcontext():
-                ind["eot_noise"] = eot_noise(model, xs, ys, sub, eot=eot, seed=s.seed, losses=losses)
+                ind["eot_noise"] = timed("eot_noise", eot_noise, model, xs, ys, sub, eot=eot, losses=losses)
         out[a.name] = {k: asdict(v) for k, v in ind.items()}
-    return {"attacks": out, "wall_s": round(time.time() - t0, 3)}
+    return {"attacks": out, "wall_s": round(time.time() - t0, 3),
+            "cost_s": {k: round(v, 3) for k, v in cost.items() if k != "transfer"}}
 
 
 def indicators_summary(parts: Sequence[dict[str, Any] | None], flags: dict[str, list[int]],
@@ -441,6 +451,10 @@ def indicators_summary(parts: Sequence[dict[str, Any] | None], flags: dict[str, 
     for name, t in transfer_beats_whitebox(flags).items():
         merged.setdefault(name, {})["transfer"] = t
     wall = sum(p["wall_s"] for p in parts)
+    cost: dict[str, float] = {}
+    for p in parts:
+        for key, seconds in (p.get("cost_s") or {}).items():
+            cost[key] = round(cost.get(key, 0.0) + seconds, 3)
     attacks = {name: {key: row[key].to_json() for key in INDICATOR_TYPES if key in row} for name, row in merged.items()}
     failed = [f"{name}: {key}" for name, row in merged.items() for key in INDICATOR_TYPES
               if key in row and row[key].failed]
@@ -449,6 +463,7 @@ def indicators_summary(parts: Sequence[dict[str, Any] | None], flags: dict[str, 
         "failed": failed,
         "examples": examples,
         "wall_s": round(wall, 3),
+        "cost_s": cost,  # per indicator
         "adaptive_wall_s": round(adaptive_wall_s, 3),
         "relative_cost": wall / adaptive_wall_s if adaptive_wall_s > 0 else None,
         "meaning": "Pintor et al. 2022: a failed indicator means the attack may have failed silently on this "
