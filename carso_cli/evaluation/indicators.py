@@ -172,7 +172,8 @@ class Convergence(_Indicator):
     def measured(self) -> str:
         if not self.survivors:
             return "n/a"
-        return f"−{100 * self.drop:.1f} pts ({self.broken}/{self.survivors}), DLR {self.loss_rise:+.2f}"
+        drop = f"−{100 * self.drop:.1f}" if self.broken else "0"
+        return f"{drop} pts ({self.broken}/{self.survivors}), DLR {self.loss_rise:+.2f}"
 
 
 @dataclass
