@@ -81,6 +81,7 @@ def build_settings(
     batch_size: int, samples: int | None, aggregation: str | None, seed: int, repeats: int,
     steps: int | None, eot: int | None, queries: int, precision: str = "float32", square: bool = False,
     saturation_threshold: float = 0.1, restarts: int | None = None, eot_normalise: bool | None = None,
+    indicators: bool = True, indicator_examples: int = 8,
 ) -> ev.EvalSettings:
     """EvalSettings from the options; the preset supplies ε, samples, aggregation, steps and EoT."""
     if square and attack != "adaptive":
@@ -113,6 +114,8 @@ def build_settings(
         saturation_threshold=saturation_threshold,
         restarts=restarts,
         eot_normalise=eot_normalise,
+        indicators=indicators and attack == "adaptive",
+        indicator_examples=indicator_examples,
         precision=precision,
         dataset=cfg.data.dataset,
     )
@@ -151,6 +154,8 @@ def run(
     saturation_threshold: float = 0.1,
     restarts: int | None = None,
     eot_normalise: bool | None = None,
+    indicators: bool = True,
+    indicator_examples: int = 8,
     console: Console | None = None,
     show_progress: bool = True,
     adversarial: Path | None = None,
@@ -192,6 +197,7 @@ def run(
             batch_size=batch_size, samples=samples, aggregation=aggregation, seed=seed, repeats=repeats,
             steps=steps, eot=eot, queries=queries, precision=precision, square=square,
             saturation_threshold=saturation_threshold, restarts=restarts, eot_normalise=eot_normalise,
+            indicators=indicators, indicator_examples=indicator_examples,
         )
         if s.precision == "bfloat16" and ctx.device.type != "cuda":
             raise CarsoError("--precision bfloat16 needs a CUDA device")
@@ -355,6 +361,8 @@ def render(results: dict[str, Any], console: Console) -> None:
         w = adaptive["worst_case"]
         a.add_row("[bold]C/adaptive (worst case)[/]", "", "", f"[bold]{w['correct']}/{w['total']}[/]", "")
         console.print(a)
+    if results.get("indicators"):
+        render_indicators(results["indicators"], console)
     report = results.get("reclassification") or {}
     if report:
         r = Table(title=f"CARSO re-classified {s['repeats']}× per example (stochastic: {s['samples']} samples)")
@@ -398,6 +406,50 @@ def _saturation_warnings(saturation: dict[str, Any], attack: str, console: Conso
         )
 
 
+def render_indicators(block: dict[str, Any], console: Console) -> None:
+    """The attack-failure indicators, one row per attack; a failed indicator in yellow, then what it means."""
+    from carso_cli.evaluation.adaptive import TITLES
+    from carso_cli.evaluation.indicators import TITLES as INDICATOR_TITLES
+
+    t = Table(title=f"attack-failure indicators (Pintor et al. 2022; ✗ = the attack may fail silently) — "
+                    f"ε = 0.5, 2× budget and EoT noise on the first {block['examples']} examples")
+    t.add_column("attack", no_wrap=True)
+    for title in INDICATOR_TITLES.values():
+        t.add_column(title)
+    for name, row in block["attacks"].items():
+        cells = []
+        for key in INDICATOR_TITLES:
+            ind = row.get(key)
+            if ind is None:
+                cells.append("[dim]—[/]")
+            else:
+                style = {"fail": "yellow", "n/a": "dim"}.get(ind["status"])
+                mark = {"pass": "✓ ", "fail": "✗ "}.get(ind["status"], "")
+                cells.append(f"[{style}]{mark}{ind['measured']}[/]" if style else f"{mark}{ind['measured']}")
+        t.add_row(name, *cells)
+    console.print(t)
+    relative = block.get("relative_cost")
+    cost = f" ({100 * relative:.0f}% of the adaptive attacks' {block['adaptive_wall_s']:.1f} s)" if relative else ""
+    console.print(f"[dim]indicators: {block['wall_s']:.1f} s{cost}; --indicator-examples N, --no-indicators[/]",
+                  highlight=False)
+    for failed in block["failed"]:
+        name, key = failed.split(": ")
+        console.print(f"[yellow]indicator failed — {TITLES.get(name, name)}, {INDICATOR_TITLES[key]} "
+                      f"({block['attacks'][name][key]['measured']}): {INDICATOR_HINTS[key]}[/]", highlight=False)
+
+
+INDICATOR_HINTS = {
+    "reproduction": "the evaluated model does not reproduce some counted breaks (a bug of the evaluation; "
+                    "the indices are in results.json)",
+    "unbounded": "at ε = 0.5 the attack leaves examples standing: it is blind on this model, its survivors prove nothing",
+    "convergence": "not converged: twice the steps and EoT break more examples or raise the loss; raise --steps / "
+                   "--eot",
+    "transfer": "transfer or black-box points break examples every white-box attack left: the gradients are not "
+                "useful on this model",
+    "eot_noise": "single-draw gradients disagree: the EoT iterations are too few for a stable direction (--eot)",
+}
+
+
 def cli(
     run: RunOpt = None,
     attack: Annotated[Optional[Attack], typer.Option("--attack", help="adaptive (default when CARSO is evaluated): the per-example worst case over randAA on the paper's and the dexp-logsum surface, PGD+EoT on dexp-logsum and transfer attacks; autoattack: the paper's protocol, standard AA on the classifier, randAA on CARSO (section 5.1); pgd-eot: Lee & Kim 2024 (Table 14); none: clean only.")] = None,
@@ -424,6 +476,8 @@ def cli(
     saturation_threshold: Annotated[float, typer.Option("--saturation-threshold", help="Warn when more than this fraction of examples has a numerically useless CE gradient (zero, non-finite, or not the float64 direction) on an attack surface.")] = 0.1,
     restarts: Annotated[Optional[int], typer.Option("--restarts", help="PGD+EoT runs per example, the first from x, the others from random starts; the highest-loss point is kept (default: 1 for --attack pgd-eot, the paper's; 2 inside --attack adaptive).")] = None,
     eot_normalise: Annotated[Optional[bool], typer.Option("--eot-normalise/--no-eot-normalise", help="Scale each EoT draw's gradient to unit norm before averaging in PGD+EoT (default: off for --attack pgd-eot, the paper's; on inside --attack adaptive).")] = None,
+    indicator_examples: Annotated[int, typer.Option("--indicator-examples", help="Attack-failure indicators of --attack adaptive (unbounded ε, convergence, EoT noise) on the first N examples.")] = 8,
+    no_indicators: Annotated[bool, typer.Option("--no-indicators", help="Skip the attack-failure indicators.")] = False,
 ) -> None:
     """Clean and robust accuracy of the classifier and of CARSO (the paper's Table 2)."""
     from carso_cli.cli import console
@@ -439,6 +493,7 @@ def cli(
             square=square, saturation_threshold=saturation_threshold, save_adversarial=save_adversarial,
             restarts=restarts, eot_normalise=True if eot_normalise else None,
             no_eot_normalise=True if eot_normalise is False else None,
+            indicator_examples=indicator_examples, no_indicators=no_indicators,
         )
         try:
             code = distributed.relaunch(gpus, argv)
@@ -453,7 +508,8 @@ def cli(
         resume=resume, repeats=repeats, steps=steps, eot=eot, queries=queries, name=name, data_root=data_root,
         precision=precision.value, square=square, saturation_threshold=saturation_threshold, console=console,
         restarts=restarts, eot_normalise=eot_normalise,
-        adversarial=adversarial, save_adversarial=save_adversarial,
+        adversarial=adversarial, save_adversarial=save_adversarial, indicators=not no_indicators,
+        indicator_examples=indicator_examples,
     )
 
 

@@ -16,6 +16,9 @@
    on the paper's ``dexp`` surface and on ``dexp-logsum`` (the same decision): fails when the
    paper's surface is saturated above the threshold while ``dexp-logsum`` is not — cross-entropy attacks
    on the paper's surface are then blunted, and ``carso eval --attack adaptive`` is the remedy.
+7. **indicators** — the attack-failure indicators (Pintor et al. 2022) that ``carso eval --attack adaptive``
+   stored for this run (``RUN/eval/NAME/results.json``, ``--eval NAME``): fails when one failed; a warning
+   when there is no such evaluation, or it was made with other weights.
 
 Every stochastic draw is seeded per example (``evaluation.ExampleSeededSampler``).
 """
@@ -23,6 +26,7 @@ Every stochastic draw is seeded per example (``evaluation.ExampleSeededSampler``
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import time
 from collections.abc import Callable
@@ -51,7 +55,7 @@ from carso_cli.commands._common import (
 from carso_cli.config import parse_eps
 from carso_cli.errors import CarsoError
 
-CHECKS = ("large-eps", "gradients", "monotonic", "eot", "blackbox", "saturation")
+CHECKS = ("large-eps", "gradients", "monotonic", "eot", "blackbox", "saturation", "indicators")
 SANITY_FORMAT = "carso-sanity/1"
 
 
@@ -88,6 +92,8 @@ class SanitySettings:
     blackbox_tolerance: float = 0.05
     # 6. gradient saturation of the paper's surface.
     saturation_threshold: float = 0.1
+    # 7. the attack-failure indicators of this evaluation (RUN/eval/NAME).
+    eval_name: str = "adaptive"
 
 
 @dataclass
@@ -154,7 +160,8 @@ class Checker:
 
     def __init__(self, carso: torch.nn.Module, classifier: torch.nn.Module, batches: Batches,
                  s: SanitySettings, num_classes: int, device: torch.device,
-                 tick: Callable[[str], None] | None = None) -> None:
+                 tick: Callable[[str], None] | None = None, run: Path | None = None) -> None:
+        self.run = run
         self.carso = carso
         self.classifier = classifier
         self.batches = batches
@@ -321,6 +328,37 @@ class Checker:
             {"fraction": fractions, "threshold": s.saturation_threshold, "hint": hint},
         )
 
+    def indicators(self) -> CheckResult:
+        title = f"attack-failure indicators (eval/{self.s.eval_name})"
+        why, block = stored_indicators(self.run, self.s.eval_name) if self.run is not None else ("no run", None)
+        if block is None:
+            return CheckResult("indicators", title, "warn", "not evaluated", "none failed", {"hint": why})
+        failed = block["failed"]
+        hint = ("an attack may have failed silently (see `carso eval`'s indicator table and the README): "
+                + "; ".join(failed)) if failed else ""
+        return CheckResult(
+            "indicators", title, "fail" if failed else "pass",
+            f"{len(failed)} failed" + (f": {', '.join(failed[:3])}" if failed else ""), "none failed",
+            {"failed": failed, "attacks": block["attacks"], "examples": block["examples"], "hint": hint},
+        )
+
+
+def stored_indicators(run: Path, name: str) -> tuple[str, dict[str, Any] | None]:
+    """(why not, or "") and the ``indicators`` block of RUN/eval/NAME/results.json, if made with these weights."""
+    path = run / "eval" / name / ev.RESULTS_FILE
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return f"no readable {path}: run `carso eval` (--attack adaptive) first", None
+    settings = results.get("settings") or {}
+    weights = {"classifier_sha256": ckpt.sha256_file(ckpt.classifier_path_of(run)),
+               "purifier_sha256": ckpt.sha256_file(run / ckpt.PURIFIER_FILE)}
+    if any(settings.get(k) not in ("", None, v) for k, v in weights.items()):
+        return f"{path} was made with other weights: evaluate again", None
+    if not results.get("indicators"):
+        return f"{path} has no indicators (--attack adaptive without --no-indicators makes them)", None
+    return "", results["indicators"]
+
 
 def run(
     run_dir: Path | None = None,
@@ -378,7 +416,7 @@ def run(
                 if progress is not None:
                     progress.update(task, description=label, advance=1)
 
-            checker = Checker(carso, classifier, batches, s, loaded.cfg.data.num_classes, dev, tick)
+            checker = Checker(carso, classifier, batches, s, loaded.cfg.data.num_classes, dev, tick, loaded.run)
             for key in CHECKS:
                 if key in s.checks:
                     results.append(getattr(checker, key.replace("-", "_"))())
@@ -438,12 +476,13 @@ def cli(
     min_eot_cosine: Annotated[float, typer.Option("--min-eot-cosine", help="Warn below this EoT-gradient agreement.")] = 0.5,
     blackbox_tolerance: Annotated[float, typer.Option("--blackbox-tolerance", help="How much stronger a black-box attack may be, beyond noise.")] = 0.05,
     saturation_threshold: Annotated[float, typer.Option("--saturation-threshold", help="Largest fraction of examples with a numerically useless CE gradient (zero, non-finite, or not the float64 direction) on the paper's surface.")] = 0.1,
+    eval_name: Annotated[str, typer.Option("--eval", help="The evaluation (RUN/eval/NAME) whose attack-failure indicators are checked.")] = "adaptive",
     out: Annotated[Optional[Path], typer.Option("--out", help="JSON report (default: RUN/sanity.json).")] = None,
     device: DeviceOpt = None,
     seed: SeedOpt = 0,
     data_root: DataRootOpt = Path("data"),
 ) -> None:
-    """Checks an honest robustness claim needs (large ε, gradients, ε-monotonicity, EoT, black-box, saturation)."""
+    """Checks an honest robustness claim needs (large ε, gradients, ε-monotonicity, EoT, black-box, saturation, attack-failure indicators)."""
     from carso_cli.cli import console
     from carso_cli.config import load_config
 
@@ -473,6 +512,7 @@ def cli(
         queries=queries,
         blackbox_tolerance=blackbox_tolerance,
         saturation_threshold=saturation_threshold,
+        eval_name=eval_name,
     )
     report = run_fn(run, settings=s, device=device, data_root=data_root, out=out, console=console)
     if not report.passed:

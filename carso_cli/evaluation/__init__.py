@@ -3,7 +3,7 @@
 One module per concern: ``seeding`` (per-example z), ``autoattack`` (pyautoattack), ``gradients``
 (PGD+EoT, gradient health), ``adaptive`` (the worst case over attack surfaces), ``settings``, ``store``
 (resumable results), ``saturation`` (CE-gradient saturation per surface), ``batch`` (one batch),
-``runner`` (the split, sharded), ``report``, ``cost``.
+``runner`` (the split, sharded), ``report``, ``cost``, ``indicators`` (attack-failure indicators).
 Everything other modules use is re-exported here.
 """
 
@@ -55,6 +55,22 @@ from carso_cli.evaluation.gradients import (
     input_gradient,
     label_rank,
     pgd_eot_examples,
+)
+from carso_cli.evaluation.indicators import (
+    INDICATOR_TYPES,
+    Convergence,
+    EotNoise,
+    Reproduction,
+    Transfer,
+    Unbounded,
+    batch_indicators,
+    eot_noise,
+    implied_eot,
+    indicators_summary,
+    judge_reproduction,
+    non_convergence,
+    transfer_beats_whitebox,
+    unbounded_attack,
 )
 from carso_cli.evaluation.report import (
     COLUMNS,

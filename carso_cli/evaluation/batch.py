@@ -11,6 +11,7 @@ from torch import nn
 from carso_cli.evaluation.adaptive import adaptive_attack, flag_key
 from carso_cli.evaluation.autoattack import autoattack_flags
 from carso_cli.evaluation.gradients import pgd_eot_examples
+from carso_cli.evaluation.indicators import batch_indicators
 from carso_cli.evaluation.saturation import flag_key as saturation_key
 from carso_cli.evaluation.saturation import (
     paper_surface,
@@ -74,7 +75,8 @@ def evaluate_batch(
     ``adaptive``) ``classifier_aa``, ``carso_randaa`` (+ ``carso_randaa_library``, ``carso_randaa_repeats``);
     with PGD+EoT ``classifier_pgd_eot``, ``carso_pgd_eot`` (+ ``carso_pgd_eot_repeats``); with ``adaptive``
     ``carso_adaptive`` (the worst case) and one ``adaptive_<attack>`` list per attack (1/0/-1, see
-    ``adaptive``), with ``adaptive_wall_s`` (attack → seconds); for CARSO ``saturation_<surface>_<point>``.
+    ``adaptive``), with ``adaptive_wall_s`` (attack → seconds) and, unless ``settings.indicators`` is off,
+    ``indicators`` (``indicators.batch_indicators``); for CARSO ``saturation_<surface>_<point>``.
     A robust flag is set only when the clean flag is too (robust accuracy ≤ clean accuracy by construction).
 
     ``adversarial``: when a dict is given, it is filled with each attack's adversarial examples (B, C, H, W)
@@ -147,6 +149,9 @@ def evaluate_batch(
             out["adaptive_wall_s"] = {a.name: round(a.wall_s, 3) for a in result.attacks}
             keep["carso_randaa"] = first.point.cpu()
             keep["carso_adaptive"] = x_final = result.worst
+            if s.indicators:  # attack-failure indicators, on the evaluation's first s.indicator_examples
+                out["indicators"] = batch_indicators(counted_carso, carso, counted_classifier, x, y, idx, result,
+                                                     clean, s, device)
         if x_adv is not None:
             # Re-classification: a draw is right only if it is right on every candidate of the attack.
             reps = torch.stack([draw_flags(carso, c, y, idx, s.seed, STREAM_ADV_REPEATS, s.repeats)

@@ -16,11 +16,12 @@ from torch import nn
 from carso_cli import checkpoint as ckpt
 from carso_cli import distributed
 from carso_cli.errors import CarsoError
-from carso_cli.evaluation.adaptive import adaptive_summary
+from carso_cli.evaluation.adaptive import ATTACKS, adaptive_summary, flag_key
 from carso_cli.evaluation.autoattack import library_logging
 from carso_cli.evaluation.batch import Autocast, evaluate_batch, load_examples
 from carso_cli.evaluation.cost import expected_calls
 from carso_cli.evaluation.perclass import per_class_section
+from carso_cli.evaluation.indicators import indicators_summary
 from carso_cli.evaluation.report import library_versions, merge_records, summarize
 from carso_cli.evaluation.saturation import saturation_summary
 from carso_cli.evaluation.settings import EvalSettings, batch_ranges
@@ -152,6 +153,10 @@ def evaluate(
         "adaptive": adaptive_summary(flags, _wall_per_attack(all_records)),
         "saturation": saturation_summary(flags, s.saturation_threshold),
         "per_class": per_class_section(all_records, flags, run, dataset),
+        "indicators": indicators_summary(
+            [r["flags"].get("indicators") for r in all_records],
+            {a: flags[flag_key(a)] for a in ATTACKS if flag_key(a) in flags},
+            sum(_wall_per_attack(all_records).values()), s.indicator_examples),
         "flags": flags,
         "library_warnings": warnings,
         "wall_time_s": round(sum(r["wall_s"] for r in all_records), 3),

@@ -42,6 +42,9 @@ class EvalSettings:
     # The adaptive evaluation (``adaptive``): Square among its attacks; the saturation warning level.
     square: bool = False
     saturation_threshold: float = 0.1
+    # Attack-failure indicators (``indicators``) of the adaptive evaluation, on its first N examples.
+    indicators: bool = True
+    indicator_examples: int = 8
     precision: str = "float32"
     dataset: str = ""
     split: str = "test"
@@ -68,6 +71,8 @@ class EvalSettings:
             raise CarsoError(f"square queries must be at least 1, got {self.square_queries}")
         if not 0.0 <= self.saturation_threshold <= 1.0:
             raise CarsoError(f"saturation threshold must lie in [0, 1], got {self.saturation_threshold}")
+        if self.indicator_examples < 1:
+            raise CarsoError(f"indicator examples must be at least 1, got {self.indicator_examples}")
         if self.precision not in ("float32", "bfloat16"):
             raise CarsoError(f"precision must be float32 or bfloat16, got {self.precision}")
 
