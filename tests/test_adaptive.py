@@ -122,7 +122,7 @@ def test_adaptive_attack_on_a_batch_skips_broken_examples_and_fills_adversarial(
 SCALE = 20.0
 # 16 examples, 6 steps, 2 EoT: the adaptive evaluation's attacks, and PGD+EoT on the paper's surface.
 SCALED = ["--target", "carso", "--n-examples", "16", "--batch-size", "16", "--samples", "4", "--steps", "6",
-          "--eot", "2", "--repeats", "2", "--device", "cpu"]
+          "--eot", "2", "--repeats", "2", "--device", "cpu", "--no-indicators"]  # indicators: test_indicators.py
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ N = 8
 
 
 def _eval(run: Path, *args: str) -> tuple[int, str]:
-    result = runner.invoke(app, ["eval", "--run", str(run), "--device", "cpu", "--repeats", "2", *args])
+    result = runner.invoke(app, ["eval", "--run", str(run), "--device", "cpu", "--repeats", "2", "--no-indicators", *args])
     return result.exit_code, result.output
 
 

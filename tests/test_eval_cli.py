@@ -15,7 +15,9 @@ from carso_cli.cli import app
 runner = CliRunner()
 
 # Reduced attacks (the paper's settings are the defaults): a few steps, one EoT iteration.
-FAST = ["--steps", "2", "--eot", "1", "--repeats", "2", "--queries", "10", "--device", "cpu"]
+# --no-indicators: the attack-failure indicators have tests of their own (test_indicators.py); on these
+# tiny evaluations they would cost several times the evaluation itself.
+FAST = ["--steps", "2", "--eot", "1", "--repeats", "2", "--queries", "10", "--device", "cpu", "--no-indicators"]
 
 
 def _eval(run: Path, *args: str) -> tuple[int, str]:
