@@ -402,9 +402,9 @@ def run(
         )
     progress = None
     if console is not None:
-        from carso_cli.commands.evaluate import _progress
+        from carso_cli.progress import progress_bar
 
-        progress = _progress(console)
+        progress = progress_bar(console)
     results: list[CheckResult] = []
     with ev.library_logging(console):
         if progress is not None:
