@@ -36,19 +36,27 @@ def eta_seconds(task: Task, now: float | None = None) -> float | None:
 
 
 class EtaColumn(ProgressColumn):
-    """``ETA 0:03:12`` from ``eta_seconds`` (``ETA -:--:--`` while unknown, nothing once finished)."""
+    """``ETA 0:03:12`` from ``eta_seconds``; ``ETA -:--:--`` while unknown, ``late 0:00:40`` past a
+    deadline (the estimate was short: said, not hidden as 0:00:00), nothing for an open-ended counter."""
 
     max_refresh = 0.5
 
     def render(self, task: Task) -> Text:
-        if task.finished:
+        if task.finished or (task.total is None and task.fields.get("deadline") is None):
             return Text("")
         left = eta_seconds(task)
         if left is None:
             return Text("ETA -:--:--", style="progress.remaining")
-        minutes, seconds = divmod(int(round(left)), 60)
-        hours, minutes = divmod(minutes, 60)
-        return Text(f"ETA {hours}:{minutes:02d}:{seconds:02d}", style="progress.remaining")
+        deadline = task.fields.get("deadline")
+        if deadline is not None and left == 0.0:
+            return Text(f"late {_clock(time.monotonic() - deadline)}", style="yellow")
+        return Text(f"ETA {_clock(left)}", style="progress.remaining")
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}"
 
 
 def progress_bar(console: Any) -> Progress:

@@ -48,3 +48,13 @@ def test_autoattack_log_goes_to_the_file_warnings_to_the_screen(tmp_path: Path) 
     log = path.read_text()
     assert "apgd-ce - 1/1 - 3 out of 8" in log and "zero gradient" in log
     assert (logger.level, logger.propagate, list(logger.handlers)) == before
+
+
+def test_eta_column_says_late_past_the_deadline() -> None:
+    from carso_cli.progress import EtaColumn
+
+    progress = progress_bar(Console(file=io.StringIO()))
+    late = progress.add_task("evaluation", total=10, deadline=time.monotonic() - 40)
+    assert str(EtaColumn().render(progress.tasks[late])).startswith("late 0:00:4")
+    counter = progress.add_task("forward passes", total=None)
+    assert str(EtaColumn().render(progress.tasks[counter])) == ""  # an open-ended counter has no ETA
