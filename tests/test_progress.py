@@ -58,3 +58,17 @@ def test_eta_column_says_late_past_the_deadline() -> None:
     assert str(EtaColumn().render(progress.tasks[late])).startswith("late 0:00:4")
     counter = progress.add_task("forward passes", total=None)
     assert str(EtaColumn().render(progress.tasks[counter])) == ""  # an open-ended counter has no ETA
+
+
+def test_the_cost_estimate_counts_the_indicators() -> None:
+    from dataclasses import replace
+
+    from carso_cli.evaluation.cost import indicator_passes, passes_per_example
+    from carso_cli.evaluation.settings import EvalSettings
+
+    s = EvalSettings(attack="adaptive", targets=["classifier", "carso"], eps=8 / 255, n_examples=32, batch_size=32,
+                     samples=8, aggregation="dexp", seed=0, repeats=2, aa_steps=10, aa_eot=2, indicator_examples=8)
+    carso, _ = passes_per_example(s, 10)
+    assert indicator_passes(s, carso) > carso  # each attack again at ε = 0.5 and with 2× steps and EoT
+    assert indicator_passes(replace(s, indicators=False), carso) == 0.0
+    assert indicator_passes(replace(s, attack="autoattack"), carso) == 0.0
