@@ -314,16 +314,18 @@ def render(results: dict[str, Any], console: Console) -> None:
     """Table 2's columns (with C/adaptive and the saturation column) and, for CARSO, the detail tables."""
     s = results["settings"]
     metrics = results["metrics"]
-    columns = [c for c, _ in ev.COLUMNS if c in metrics or c in ("AT/Cl", "C/Cl", "AT/AA", "C/randAA", "PGD+EoT")]
+    # Table 2's columns; an empty PGD+EoT beside C/adaptive only costs width (its adaptive run is in the table below).
+    shown = ("AT/Cl", "C/Cl", "AT/AA", "C/randAA") + (() if s.get("attack") == "adaptive" else ("PGD+EoT",))
+    columns = [c for c, _ in ev.COLUMNS if c in metrics or c in shown]
     saturation = results.get("saturation")
     t = Table(title=f"accuracy (Table 2) — ε = {format_eps(s['eps'])}, {results['n_examples']} examples")
-    for c in columns:
-        t.add_column(c, justify="right")
+    for c in columns:  # a header is never cut (at 80 columns "C/adaptive" became "C/adapti…"): cells wrap instead
+        t.add_column(c, justify="right", min_width=len(c))
     cells = [_pct(metrics.get(c)) for c in columns]
     if saturation:  # the paper's surface (or the model's own): the worst of the clean and adversarial points
         name = next(iter(saturation["surfaces"]))
         worst = max(p["fraction"] for p in saturation["surfaces"][name].values())
-        t.add_column("saturated", justify="right")
+        t.add_column("saturated", justify="right", min_width=len("saturated"))
         cells.append(f"[yellow]{100 * worst:.1f}%[/]" if name in saturation["flagged"] else f"{100 * worst:.1f}%")
     t.add_row(*cells)
     console.print(t)
