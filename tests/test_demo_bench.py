@@ -14,6 +14,8 @@ from carso_cli.cli import app
 from carso_cli.commands import demo
 from carso_cli.commands._common import load_preset
 from carso_cli.commands.demo import DemoSizes
+from carso_cli import zoo
+from carso_cli.config import list_presets
 
 runner = CliRunner()
 
@@ -37,6 +39,15 @@ def test_demo_sizes_fit_the_five_minute_budget() -> None:
     assert "classifier 4 epochs, purifier 6 epochs on 2000 synthetic images" in text
 
 
+def test_demo_closing_panel_is_three_lines_with_real_next_commands() -> None:
+    panel = io.StringIO()
+    Console(file=panel, width=80).print(demo.closing_panel())
+    lines = panel.getvalue().splitlines()
+    assert len(lines) == 5, lines  # three lines between the borders, at 80 columns
+    entry = zoo.entries()["cifar10-cui2023"]  # the model it names is in the zoo, with a purifier
+    assert entry.has_purifier and entry.preset in list_presets() and "cifar10" in list_presets()
+
+
 @pytest.mark.slow
 def test_demo_runs_the_whole_pipeline(tmp_path: Path) -> None:
     """The library function the CLI calls, with even smaller sizes: the printed story is the real one."""
@@ -46,7 +57,7 @@ def test_demo_runs_the_whole_pipeline(tmp_path: Path) -> None:
     sizes = DemoSizes(n_examples=4, batch_size=4, steps=1, eot=1, repeats=1, queries=5, indicator_examples=2)
     cfg = load_preset("smoke", [s for s in TINY if s != "--set"])
     result = demo.run(cfg, out, sizes=sizes, device="cpu", console=console)
-    console.print(demo.closing_panel(result.run))
+    console.print(demo.closing_panel())
     text = buffer.getvalue()
     for name in ("config.toml", "classifier.safetensors", "purifier.safetensors", "metrics.jsonl",
                  "adversarial-classifier.safetensors"):
