@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
 import pytest
+from rich.console import Console
 from typer.testing import CliRunner
 
 from carso_cli.cli import app
+from carso_cli.commands import demo
+from carso_cli.commands._common import load_preset
+from carso_cli.commands.demo import DemoSizes
+from carso_cli import zoo
+from carso_cli.config import list_presets
 
 runner = CliRunner()
 
@@ -23,19 +30,53 @@ TINY = [
 ]
 
 
+def test_demo_sizes_fit_the_five_minute_budget() -> None:
+    """The sizes measured for BENCHMARKS.md's demo row; a change must be re-measured (≤ 5 min on 2 cores)."""
+    assert DemoSizes() == DemoSizes(n_examples=32, batch_size=32, steps=10, eot=2, repeats=2, queries=100,
+                                    indicator_examples=8)
+    text = DemoSizes().describe(load_preset("smoke", None))
+    assert "32 examples, 10 steps, EoT 2, 2 repeats, Square 100 queries, indicators on 8 examples" in text
+    assert "classifier 4 epochs, purifier 6 epochs on 2000 synthetic images" in text
+
+
+def test_demo_closing_panel_is_three_lines_with_real_next_commands() -> None:
+    panel = io.StringIO()
+    Console(file=panel, width=80).print(demo.closing_panel())
+    lines = panel.getvalue().splitlines()
+    assert len(lines) == 5, lines  # three lines between the borders, at 80 columns
+    entry = zoo.entries()["cifar10-cui2023"]  # the model it names is in the zoo, with a purifier
+    assert entry.has_purifier and entry.preset in list_presets() and "cifar10" in list_presets()
+
+
 @pytest.mark.slow
 def test_demo_runs_the_whole_pipeline(tmp_path: Path) -> None:
+    """The library function the CLI calls, with even smaller sizes: the printed story is the real one."""
     out = tmp_path / "demo"
-    result = runner.invoke(app, ["demo", "--out", str(out), "--n-examples", "8", "--device", "cpu", *TINY])
-    assert result.exit_code == 0, result.output
+    buffer = io.StringIO()
+    console = Console(file=buffer, width=300)  # one line per printed sentence
+    sizes = DemoSizes(n_examples=4, batch_size=4, steps=1, eot=1, repeats=1, queries=5, indicator_examples=2)
+    cfg = load_preset("smoke", [s for s in TINY if s != "--set"])
+    result = demo.run(cfg, out, sizes=sizes, device="cpu", console=console)
+    console.print(demo.closing_panel())
+    text = buffer.getvalue()
     for name in ("config.toml", "classifier.safetensors", "purifier.safetensors", "metrics.jsonl",
                  "adversarial-classifier.safetensors"):
         assert (out / name).is_file(), name
-    assert "AT/Cl" in result.output and "C/randAA" in result.output and "run directory" in result.output
-    results = json.loads(next((out / "eval").rglob("results.json")).read_text())
+    assert "4 examples, 1 steps, EoT 1, 1 repeats, Square 5 queries, indicators on 2 examples" in text
+    header = next(line for line in text.splitlines() if "AT/Cl" in line)
+    for column in ("AT/Cl", "C/Cl", "AT/AA", "C/randAA", "C/adaptive"):
+        assert column in header, column
+    assert "attack-failure indicators" in text and "C/adaptive (worst case)" in text
+    assert "carso pull cifar10-cui2023" in text and "carso eval --run runs/cifar10-cui2023" in text
+    # AutoAttack's own lines go to the log file, summarised in one line.
+    log = out / "eval" / "demo" / "autoattack.log"
+    assert log.is_file() and "apgd" in log.read_text().lower()
+    assert "auto-attack: apgd" not in text and "AutoAttack's log:" in text
+    results = json.loads((out / "eval" / "demo" / "results.json").read_text())
     metrics = results["metrics"]
+    assert results["settings"]["attack"] == "adaptive" and results["indicators"]["examples"] == 2
     assert metrics["AT/AA"]["accuracy"] <= metrics["AT/Cl"]["accuracy"]
-    assert metrics["C/randAA"]["total"] == 8
+    assert metrics["C/adaptive"]["total"] == 4 and metrics["C/adaptive"]["correct"] <= metrics["C/randAA"]["correct"]
 
 
 def test_bench_attack_reports_throughput() -> None:

@@ -19,14 +19,6 @@ import torch
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 from rich.table import Table
 
 from carso_cli import checkpoint as ckpt
@@ -44,6 +36,7 @@ from carso_cli.commands._common import (
 )
 from carso_cli.config import parse_eps
 from carso_cli.errors import CarsoError
+from carso_cli.progress import progress_bar
 
 # "--run-dir" is what the torchrun workers get: torchrun's own parser takes "--run" for an ambiguous
 # abbreviation of its "--run-path" and stops.
@@ -225,6 +218,7 @@ def run(
         distributed.on_main(ctx, lock)
         store = ev.ResultsStore(eval_dir, s.to_json(), resume)
         out = console if ctx.is_main else None
+        estimate: float | None = None
         if out is not None:
             out.print(
                 f"[bold]carso eval[/] {escape(str(loaded.run))} — {s.n_examples} examples of {cfg.data.dataset} ({s.split}), "
@@ -232,13 +226,14 @@ def run(
                 f"{ctx.world_size} process(es) on {ctx.device}",
                 highlight=False,
             )
-            _print_estimate(out, classifier, carso, dataset, s, cfg.data.num_classes, ctx)
-        progress = _progress(out) if (out is not None and show_progress) else None
+            estimate = _print_estimate(out, classifier, carso, dataset, s, cfg.data.num_classes, ctx)
+        progress = progress_bar(out) if (out is not None and show_progress) else None
         if progress is not None:
             progress.start()
         try:
             outcome = ev.evaluate(classifier, carso, dataset, s, store, ctx, run=loaded.run, progress=progress,
-                                  console=out, keep_adversarial=save_adversarial is not None)
+                                  console=out, keep_adversarial=save_adversarial is not None,
+                                  estimate_s=estimate)
         finally:
             if progress is not None:
                 progress.stop()
@@ -246,6 +241,10 @@ def run(
             if resume:
                 out.print(f"resumed: {outcome.resumed} batch(es) found on disk, {outcome.computed} computed")
             render(outcome.results, out)
+            log = outcome.results.get("autoattack_log")
+            if log:
+                out.print(f"[dim]AutoAttack's log: {log['lines']} lines ({log['warnings']} warnings, shown above) "
+                          f"in {escape(str(eval_dir / log['file']))}[/]", highlight=False)
             out.print(f"results: {outcome.path}", highlight=False, markup=False)
         if ctx.is_main and save_adversarial is not None and outcome.results is not None:
             from carso_cli.adversarial import save_adversarial as write
@@ -283,24 +282,11 @@ def finished_evaluation(eval_dir: Path, settings: dict[str, Any],
             f"(carso report {eval_dir} shows them)", results)
 
 
-def _progress(console: Console) -> Progress:
-    return Progress(
-        TextColumn("[progress.description]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-        console=console,
-        transient=False,
-    )
-
-
 def _print_estimate(console: Console, classifier: torch.nn.Module, carso: torch.nn.Module | None, dataset: Any,
-                    s: ev.EvalSettings, num_classes: int, ctx: distributed.DistContext) -> None:
-    """One line: a rough wall-time estimate; a warning (not a stop) when it is long."""
+                    s: ev.EvalSettings, num_classes: int, ctx: distributed.DistContext) -> float | None:
+    """One line: a rough wall-time estimate (returned, seconds); a warning (not a stop) when it is long."""
     if s.attack == "none":
-        return
+        return None
     x, y = ev.load_examples(dataset, range(min(s.batch_size, s.n_examples, 4)))
     seconds = ev.estimate_seconds(classifier, carso, x.to(ctx.device), y.to(ctx.device), s, num_classes,
                                   ctx.world_size)
@@ -315,6 +301,7 @@ def _print_estimate(console: Console, classifier: torch.nn.Module, carso: torch.
         )
     else:
         console.print(f"[dim]{text}[/]", highlight=False)
+    return seconds
 
 
 def _pct(m: dict[str, Any] | None) -> str:
@@ -327,16 +314,18 @@ def render(results: dict[str, Any], console: Console) -> None:
     """Table 2's columns (with C/adaptive and the saturation column) and, for CARSO, the detail tables."""
     s = results["settings"]
     metrics = results["metrics"]
-    columns = [c for c, _ in ev.COLUMNS if c in metrics or c in ("AT/Cl", "C/Cl", "AT/AA", "C/randAA", "PGD+EoT")]
+    # Table 2's columns; an empty PGD+EoT beside C/adaptive only costs width (its adaptive run is in the table below).
+    shown = ("AT/Cl", "C/Cl", "AT/AA", "C/randAA") + (() if s.get("attack") == "adaptive" else ("PGD+EoT",))
+    columns = [c for c, _ in ev.COLUMNS if c in metrics or c in shown]
     saturation = results.get("saturation")
     t = Table(title=f"accuracy (Table 2) — ε = {format_eps(s['eps'])}, {results['n_examples']} examples")
-    for c in columns:
-        t.add_column(c, justify="right")
+    for c in columns:  # a header is never cut (at 80 columns "C/adaptive" became "C/adapti…"): cells wrap instead
+        t.add_column(c, justify="right", min_width=len(c))
     cells = [_pct(metrics.get(c)) for c in columns]
     if saturation:  # the paper's surface (or the model's own): the worst of the clean and adversarial points
         name = next(iter(saturation["surfaces"]))
         worst = max(p["fraction"] for p in saturation["surfaces"][name].values())
-        t.add_column("saturated", justify="right")
+        t.add_column("saturated", justify="right", min_width=len("saturated"))
         cells.append(f"[yellow]{100 * worst:.1f}%[/]" if name in saturation["flagged"] else f"{100 * worst:.1f}%")
     t.add_row(*cells)
     console.print(t)

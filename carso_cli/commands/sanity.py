@@ -402,11 +402,12 @@ def run(
         )
     progress = None
     if console is not None:
-        from carso_cli.commands.evaluate import _progress
+        from carso_cli.progress import progress_bar
 
-        progress = _progress(console)
+        progress = progress_bar(console)
     results: list[CheckResult] = []
-    with ev.library_logging(console):
+    log_path = loaded.run / "sanity-autoattack.log"  # AutoAttack's own lines: off the terminal, as in eval
+    with ev.library_logging(console, log_path=log_path) as log_counts:
         if progress is not None:
             progress.start()
         try:
@@ -428,6 +429,9 @@ def run(
     ckpt.atomic_write_text(report.path, ev.dumps_compact(report.to_json()))
     if console is not None:
         render(report, console)
+        if log_counts["lines"]:
+            console.print(f"[dim]AutoAttack's log: {log_counts['lines']} lines ({log_counts['warnings']} warnings, "
+                          f"shown above) in {escape(str(log_path))}[/]", highlight=False)
     return report
 
 

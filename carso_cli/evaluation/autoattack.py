@@ -19,6 +19,7 @@ import contextlib
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,6 +27,7 @@ from torch import nn
 
 from carso_cli.evaluation.seeding import seed_everything
 
+AUTOATTACK_LOG = "autoattack.log"  # in RUN/eval/NAME: the library's whole log, off the terminal
 AUTOATTACK_LOGGER = "auto-attack"  # pyautoattack logs progress at DEBUG, its checks at WARNING
 
 
@@ -263,21 +265,48 @@ class RichLogHandler(logging.Handler):
             self.handleError(record)
 
 
+class _Counter(logging.Handler):
+    """Counts the records (all, and warnings) for the on-screen summary of the log file."""
+
+    def __init__(self, counts: dict[str, int]) -> None:
+        super().__init__(level=logging.DEBUG)
+        self.counts = counts
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.counts["lines"] += 1
+        self.counts["warnings"] += record.levelno >= logging.WARNING
+
+
 @contextlib.contextmanager
-def library_logging(console: Any | None, level: int = logging.DEBUG, prefix: str = "auto-attack: ") -> Iterator[None]:
-    """Show pyautoattack's log (progress at DEBUG, its checks at WARNING) through ``console``."""
+def library_logging(console: Any | None, level: int = logging.DEBUG, prefix: str = "auto-attack: ",
+                    log_path: Path | None = None) -> Iterator[dict[str, int]]:
+    """Show pyautoattack's log (progress at DEBUG, its checks at WARNING) through ``console``.
+
+    With ``log_path``: the whole log is appended to that file and only the warnings reach the console
+    (AutoAttack's per-attack lines would flood the terminal under the progress bar). Yields the counts
+    ``{"lines": …, "warnings": …}`` of the records seen, for a one-line summary.
+    """
     logger = logging.getLogger(AUTOATTACK_LOGGER)
     old = (logger.level, logger.propagate)
-    handler = RichLogHandler(console, prefix) if console is not None else None
+    counts = {"lines": 0, "warnings": 0}
+    handlers: list[logging.Handler] = [_Counter(counts)]
+    if console is not None:
+        handlers.append(RichLogHandler(console, prefix))
+        handlers[-1].setLevel(logging.WARNING if log_path is not None else level)
+    if log_path is not None:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        file_handler = logging.FileHandler(log_path, encoding="utf-8")
+        file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        handlers.append(file_handler)
     logger.setLevel(level)
     logger.propagate = False  # the root handler would print the warnings a second time
-    if handler is not None:
-        handler.setLevel(level)
+    for handler in handlers:
         logger.addHandler(handler)
     try:
-        yield
+        yield counts
     finally:
-        if handler is not None:
+        for handler in handlers:
             logger.removeHandler(handler)
+            handler.close()
         logger.setLevel(old[0])
         logger.propagate = old[1]

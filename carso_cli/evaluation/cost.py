@@ -60,6 +60,18 @@ def passes_per_example(s: EvalSettings, num_classes: int) -> tuple[float, float]
     return carso, classifier
 
 
+def indicator_passes(s: EvalSettings, carso_passes: float) -> float:
+    """CARSO forward+backward passes per indicator example (``--attack adaptive``'s attack-failure indicators).
+
+    Each attack runs again at ε = 0.5 (about its own cost) and, on its survivors, with twice the steps and
+    EoT (up to 4× its cost; few survive), plus a few single-draw gradients and the re-classifications:
+    about 1.5× the adaptive attacks' passes, an estimate calibrated on the CPU (BENCHMARKS.md).
+    """
+    if not (s.attack == "adaptive" and s.indicators and "carso" in s.targets):
+        return 0.0
+    return 1.5 * carso_passes
+
+
 def probe_seconds(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     """Seconds for one forward+backward of ``model`` on ``x`` (after one warm-up)."""
     for i in range(2):
@@ -81,7 +93,8 @@ def estimate_seconds(
     n_carso, n_classifier = passes_per_example(s, num_classes)
     per_carso = probe_seconds(carso, x, y) / x.shape[0] if carso is not None and n_carso else 0.0
     per_classifier = probe_seconds(classifier, x, y) / x.shape[0] if n_classifier else 0.0
-    return s.n_examples * (n_carso * per_carso + n_classifier * per_classifier) / max(world_size, 1)
+    indicators = min(s.indicator_examples, s.n_examples) * indicator_passes(s, n_carso) * per_carso
+    return (s.n_examples * (n_carso * per_carso + n_classifier * per_classifier) + indicators) / max(world_size, 1)
 
 
 def format_duration(seconds: float) -> str:

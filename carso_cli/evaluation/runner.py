@@ -17,7 +17,7 @@ from carso_cli import checkpoint as ckpt
 from carso_cli import distributed
 from carso_cli.errors import CarsoError
 from carso_cli.evaluation.adaptive import ATTACKS, adaptive_summary, flag_key
-from carso_cli.evaluation.autoattack import library_logging
+from carso_cli.evaluation.autoattack import AUTOATTACK_LOG, library_logging
 from carso_cli.evaluation.batch import Autocast, evaluate_batch, load_examples
 from carso_cli.evaluation.cost import expected_calls
 from carso_cli.evaluation.perclass import per_class_section
@@ -80,13 +80,16 @@ def evaluate(
     console: Any = None,
     extra: dict[str, Any] | None = None,
     keep_adversarial: bool = False,
+    estimate_s: float | None = None,
 ) -> EvalOutcome:
     """Evaluate the first ``settings.n_examples`` examples of ``dataset``; rank 0 writes the results.
 
     Every process takes a contiguous range of whole batches; finished batches are skipped with
     ``store.resume``. ``progress`` (a rich Progress, main process) gets an example-level task and a
     per-batch task counting forward passes. ``keep_adversarial``: each batch's adversarial examples are
-    kept beside its flags (``adversarial_path``), for ``--save-adversarial``.
+    kept beside its flags (``adversarial_path``), for ``--save-adversarial``. ``estimate_s``: the cost
+    estimate, the whole-evaluation ETA until the first computed batch re-calibrates it (``_deadline``).
+    pyautoattack's log goes to ``RUN/eval/NAME/autoattack.log`` (its warnings to the console too).
     """
     s = settings
     s.validate()
@@ -102,11 +105,16 @@ def evaluate(
     if carso is not None and s.precision == "bfloat16":
         model = Autocast(carso, device)
     n_mine = sum(len(batches[k]) for k in mine)
-    task = progress.add_task("examples", total=n_mine) if progress is not None else None
+    start = time.monotonic()
+    task = progress.add_task("evaluation: examples", total=n_mine,
+                             deadline=start + estimate_s if estimate_s is not None else None) \
+        if progress is not None else None
     calls = progress.add_task("forward passes", total=None, visible=False) if progress is not None else None
     records: list[dict[str, Any]] = []
     computed = resumed = 0
-    with library_logging(console if ctx.is_main else None):
+    log_path = store.dir / AUTOATTACK_LOG if ctx.is_main else None
+    batch_seconds: list[tuple[float, int]] = []  # (seconds without the indicators, examples) per computed batch
+    with library_logging(console if ctx.is_main else None, log_path=log_path) as log_counts:
         for k in mine:
             rng = batches[k]
             record = store.load(k)
@@ -126,11 +134,15 @@ def evaluate(
                           "flags": flags, "labels": y.tolist(), "wall_s": round(time.time() - t0, 3), "rank": ctx.rank}
                 store.save(k, record)
                 computed += 1
+                indicator_s = (flags.get("indicators") or {}).get("wall_s", 0.0)
+                batch_seconds.append((record["wall_s"] - indicator_s, len(rng)))
             else:
                 resumed += 1
             records.append(record)
             if progress is not None:
                 progress.advance(task, len(rng))
+                left = sum(len(batches[j]) for j in mine[mine.index(k) + 1:])
+                progress.update(task, deadline=_deadline(batch_seconds, left, progress.tasks[task].fields["deadline"]))
     if progress is not None:
         progress.update(calls, visible=False)
     gathered = distributed.gather_objects(records, ctx)
@@ -159,6 +171,7 @@ def evaluate(
             sum(_wall_per_attack(all_records).values()), s.indicator_examples),
         "flags": flags,
         "library_warnings": warnings,
+        "autoattack_log": {"file": AUTOATTACK_LOG, **log_counts} if log_counts["lines"] else None,
         "wall_time_s": round(sum(r["wall_s"] for r in all_records), 3),
         "elapsed_s": round(time.time() - started, 3),
         "processes": ctx.world_size,
@@ -183,6 +196,15 @@ def evaluate(
     path = store.dir / RESULTS_FILE
     ckpt.atomic_write_text(path, dumps_compact(results))
     return EvalOutcome(results, path, computed, resumed)
+
+
+def _deadline(batch_seconds: list[tuple[float, int]], examples_left: int, previous: float | None) -> float | None:
+    """The predicted finish (``time.monotonic()``): the finished batches' seconds per example × the examples
+    left — without the indicators, which run once, on the first batch only; the previous one when none."""
+    if not batch_seconds:
+        return previous
+    per_example = sum(t for t, _ in batch_seconds) / sum(n for _, n in batch_seconds)
+    return time.monotonic() + per_example * examples_left
 
 
 def _wall_per_attack(records: list[dict[str, Any]]) -> dict[str, float]:
