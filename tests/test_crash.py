@@ -61,6 +61,8 @@ def check_loads(path: Path, ignore: list[Path] = ()) -> None:  # type: ignore[as
             load_config(p)
         elif name.endswith(".png"):
             assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", p
+        elif name.endswith(".log"):  # AutoAttack's log (text, appended as the library writes)
+            p.read_text()
         else:
             raise AssertionError(f"unexpected file {p}")
 
