@@ -41,8 +41,12 @@ class AdversarialSet:
 
 
 def save_adversarial(
-    path: str | Path, y: torch.Tensor, idx: torch.Tensor, attacks: dict[str, tuple[torch.Tensor, torch.Tensor]],
-    eps: float, metadata: dict[str, Any] | None = None,
+    path: str | Path,
+    y: torch.Tensor,
+    idx: torch.Tensor,
+    attacks: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    eps: float,
+    metadata: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``attacks`` (name → (x_adv (N, C, H, W), flags (N,) bool)) with labels and test-set indices."""
     if not attacks:
@@ -79,7 +83,7 @@ def load_adversarial(path: str | Path) -> list[AdversarialSet]:
     tensors = _read(path)
     if "y" not in tensors:
         raise CarsoError(f"{path} has no 'y' (labels); it needs x_adv and y, optionally idx")
-    names = [k[len("x_adv."):] for k in tensors if k.startswith("x_adv.")]
+    names = [k[len("x_adv.") :] for k in tensors if k.startswith("x_adv.")]
     sets = [AdversarialSet(n, tensors[f"x_adv.{n}"], tensors["y"], tensors.get("idx")) for n in names]
     if "x_adv" in tensors:
         sets.insert(0, AdversarialSet(path.stem, tensors["x_adv"], tensors["y"], tensors.get("idx")))
@@ -94,8 +98,9 @@ def linf_distance(x_adv: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return torch.where(d.isnan().any(dim=1), torch.full_like(d[:, 0], float("nan")), d.amax(dim=1))
 
 
-def check(a: AdversarialSet, *, shape: tuple[int, int, int], num_classes: int, eps: float, dataset: Any,
-          source: str = "") -> AdversarialSet:
+def check(
+    a: AdversarialSet, *, shape: tuple[int, int, int], num_classes: int, eps: float, dataset: Any, source: str = ""
+) -> AdversarialSet:
     """``a`` with x_adv as float32 and y, idx as int64, or a CarsoError saying what is wrong.
 
     ``shape`` (C, H, W) is the model's input; ``dataset`` the clean test set (``dataset[i]`` → (x, y)).
@@ -105,7 +110,9 @@ def check(a: AdversarialSet, *, shape: tuple[int, int, int], num_classes: int, e
     where = f"{source} ({a.attack})" if source else a.attack
     x, y = a.x_adv, a.y
     if x.dim() != 4 or tuple(x.shape[1:]) != tuple(shape):
-        raise CarsoError(f"{where}: x_adv has shape {tuple(x.shape)}, the model takes (N, {', '.join(map(str, shape))})")
+        raise CarsoError(
+            f"{where}: x_adv has shape {tuple(x.shape)}, the model takes (N, {', '.join(map(str, shape))})"
+        )
     if not x.is_floating_point():
         raise CarsoError(f"{where}: x_adv has dtype {x.dtype}; give float images in [0, 1]")
     if y.dim() != 1 or y.shape[0] != x.shape[0] or y.is_floating_point() or y.dtype == torch.bool:
@@ -127,7 +134,9 @@ def check(a: AdversarialSet, *, shape: tuple[int, int, int], num_classes: int, e
     idx = a.idx
     if idx is not None:
         if idx.dim() != 1 or idx.shape[0] != x.shape[0] or idx.is_floating_point():
-            raise CarsoError(f"{where}: idx must be {x.shape[0]} integer test-set indices, got shape {tuple(idx.shape)}")
+            raise CarsoError(
+                f"{where}: idx must be {x.shape[0]} integer test-set indices, got shape {tuple(idx.shape)}"
+            )
         idx = idx.long()
         if int(idx.min()) < 0 or int(idx.max()) >= len(dataset):
             raise CarsoError(f"{where}: idx outside the test set (0…{len(dataset) - 1})")
@@ -149,8 +158,17 @@ def _accuracy(flags: torch.Tensor) -> dict[str, Any]:
     return {"correct": int(flags.sum()), "total": int(flags.numel()), "accuracy": float(flags.double().mean())}
 
 
-def evaluate_set(classifier: torch.nn.Module, carso: torch.nn.Module | None, a: AdversarialSet, dataset: Any, *,
-                 seed: int, repeats: int, batch_size: int, device: torch.device) -> dict[str, Any]:
+def evaluate_set(
+    classifier: torch.nn.Module,
+    carso: torch.nn.Module | None,
+    a: AdversarialSet,
+    dataset: Any,
+    *,
+    seed: int,
+    repeats: int,
+    batch_size: int,
+    device: torch.device,
+) -> dict[str, Any]:
     """Per-example flags of the classifier and/or CARSO on ``a`` (checked), JSON-ready.
 
     CARSO's verdict is the paper's decision rule: the argmax of one aggregated forward (section 4.5),
@@ -187,9 +205,22 @@ def evaluate_set(classifier: torch.nn.Module, carso: torch.nn.Module | None, a: 
     return out
 
 
-def run_eval(run_dir: Path | None, path: Path, *, target: str, name: str | None, seed: int, repeats: int,
-             batch_size: int, samples: int | None, aggregation: str | None, eps: str | float | None,
-             device: torch.device, data_root: Path, console: Any = None) -> dict[str, Any]:
+def run_eval(
+    run_dir: Path | None,
+    path: Path,
+    *,
+    target: str,
+    name: str | None,
+    seed: int,
+    repeats: int,
+    batch_size: int,
+    samples: int | None,
+    aggregation: str | None,
+    eps: str | float | None,
+    device: torch.device,
+    data_root: Path,
+    console: Any = None,
+) -> dict[str, Any]:
     """``carso eval --adversarial FILE``: check every attack's examples in FILE, then evaluate them.
 
     Results go to RUN/eval/NAME/results.json (NAME: ``--name``, default ``adversarial-<file stem>``), with
@@ -206,19 +237,21 @@ def run_eval(run_dir: Path | None, path: Path, *, target: str, name: str | None,
     carso = api.load(run_dir, samples=samples, aggregation=aggregation, device=device)
     cfg = carso.config
     eps_value = cfg.attacks.eps if eps is None else parse_eps(eps, "--eps")
-    dataset = build_dataset(cfg, "test", root=str(data_root)) if any(
-        a.idx is not None for a in sets) else None
+    dataset = build_dataset(cfg, "test", root=str(data_root)) if any(a.idx is not None for a in sets) else None
     shape = (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
-    sets = [check(a, shape=shape, num_classes=cfg.data.num_classes, eps=eps_value, dataset=dataset, source=str(path))
-            for a in sets]  # all checked before any is evaluated
+    sets = [
+        check(a, shape=shape, num_classes=cfg.data.num_classes, eps=eps_value, dataset=dataset, source=str(path))
+        for a in sets
+    ]  # all checked before any is evaluated
     classifier = carso.classifier if target in ("both", "classifier") else None
     model = carso if target in ("both", "carso") else None
     metrics: dict[str, Any] = {}
     report: dict[str, Any] = {}
     flags: dict[str, Any] = {}
     for a in sets:
-        got = evaluate_set(classifier, model, a, dataset, seed=seed, repeats=repeats, batch_size=batch_size,
-                           device=device)
+        got = evaluate_set(
+            classifier, model, a, dataset, seed=seed, repeats=repeats, batch_size=batch_size, device=device
+        )
         for key, value in got.items():
             flags[f"{key}.{a.attack}"] = value
         if "classifier" in got:
@@ -230,9 +263,13 @@ def run_eval(run_dir: Path | None, path: Path, *, target: str, name: str | None,
             per_draw = reps.double().mean(dim=1)
             worst = single & reps.all(dim=0)
             report[a.attack] = {
-                "single": float(single.double().mean()), "mean": float(per_draw.mean()),
-                "std": float(per_draw.std()) if repeats > 1 else 0.0, "worst": float(worst.double().mean()),
-                "worst_correct": int(worst.sum()), "repeats": repeats, "total": int(single.numel()),
+                "single": float(single.double().mean()),
+                "mean": float(per_draw.mean()),
+                "std": float(per_draw.std()) if repeats > 1 else 0.0,
+                "worst": float(worst.double().mean()),
+                "worst_correct": int(worst.sum()),
+                "repeats": repeats,
+                "total": int(single.numel()),
             }
     out_dir = carso.run_dir / "eval" / (name or f"adversarial-{path.stem}")
     results = {
@@ -240,8 +277,16 @@ def run_eval(run_dir: Path | None, path: Path, *, target: str, name: str | None,
         "name": out_dir.name,
         "run": str(carso.run_dir),
         "adversarial_file": str(path),
-        "settings": {"attack": "file", "eps": eps_value, "samples": carso.samples, "aggregation": carso.aggregation,
-                     "seed": seed, "repeats": repeats, "target": target, "dataset": cfg.data.dataset},
+        "settings": {
+            "attack": "file",
+            "eps": eps_value,
+            "samples": carso.samples,
+            "aggregation": carso.aggregation,
+            "seed": seed,
+            "repeats": repeats,
+            "target": target,
+            "dataset": cfg.data.dataset,
+        },
         "n_examples": int(sets[0].x_adv.shape[0]),
         "metrics": metrics,
         "reclassification": report,

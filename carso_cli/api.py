@@ -40,8 +40,10 @@ def resolve(run_or_name: str | Path | None) -> Path | None:
         zoo.get(str(run_or_name))  # the zoo's error, with the closest names
     pulled = pull.run(str(run_or_name))
     if pulled.run is None:
-        raise CarsoError(f"{run_or_name} is a classifier without a published purifier: "
-                         f"use carso_cli.load_classifier or train a purifier for it")
+        raise CarsoError(
+            f"{run_or_name} is a classifier without a published purifier: "
+            f"use carso_cli.load_classifier or train a purifier for it"
+        )
     return pulled.run
 
 

@@ -110,7 +110,11 @@ def loss_and_gradient(model: Model, x: Tensor, y: Tensor, normalise: bool = Fals
 
 
 def eot_loss_and_gradient(
-    model: Model, x: Tensor, y: Tensor, eot_iterations: int, normalise: bool = False,
+    model: Model,
+    x: Tensor,
+    y: Tensor,
+    eot_iterations: int,
+    normalise: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """EoT averages over ``eot_iterations`` fresh forwards: loss (B,) and gradient (B, C, H, W).
 
@@ -257,13 +261,33 @@ def pgd_eot(
     Returns:
         Adversarial inputs (B, C, H, W), detached (and their loss with ``return_loss``).
     """
-    out = _pgd_loop(model, x, y, eps, steps, step_size, eot_iterations, random_start, generator, callback,
-                    start_noise, keep_best, normalise)
+    out = _pgd_loop(
+        model,
+        x,
+        y,
+        eps,
+        steps,
+        step_size,
+        eot_iterations,
+        random_start,
+        generator,
+        callback,
+        start_noise,
+        keep_best,
+        normalise,
+    )
     return out if return_loss else out[0]
 
 
-def in_chunks(attack: Callable[..., Tensor], chunk: int | None, model: Model, x: Tensor, *args: object,
-              parts: int | None = None, **kwargs: object) -> Tensor:
+def in_chunks(
+    attack: Callable[..., Tensor],
+    chunk: int | None,
+    model: Model,
+    x: Tensor,
+    *args: object,
+    parts: int | None = None,
+    **kwargs: object,
+) -> Tensor:
     """``attack(model, x, *args, **kwargs)`` on slices of at most ``chunk`` examples, concatenated.
 
     Bounds the memory of an attack (its autograd graph grows with the batch) without changing its
@@ -293,6 +317,7 @@ def in_chunks(attack: Callable[..., Tensor], chunk: int | None, model: Model, x:
     pieces = []
     for rows in split(n, chunk, parts):
         lo, hi = rows.start, rows.stop
-        pieces.append(attack(model, x[lo:hi], *(part(a, lo, hi) for a in args),
-                             **{k: part(v, lo, hi) for k, v in kwargs.items()}))
+        pieces.append(
+            attack(model, x[lo:hi], *(part(a, lo, hi) for a in args), **{k: part(v, lo, hi) for k, v in kwargs.items()})
+        )
     return torch.cat(pieces)

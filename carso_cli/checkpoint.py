@@ -37,9 +37,13 @@ from carso_cli.memory import format_bytes
 
 
 # OSErrors that mean "this disk or directory cannot take the write", not a bug: one line for the user.
-_DISK_ERRORS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
-                errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
-                errno.EPERM: "operation not permitted"}
+_DISK_ERRORS = {
+    errno.ENOSPC: "no space left on device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "read-only file system",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+}
 
 
 def disk_write_error(err: OSError, path: Path) -> DiskWriteError | None:
@@ -224,7 +228,7 @@ def _strip_prefixes(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         changed = False
         for prefix in _PREFIXES:
             if all(k.startswith(prefix) for k in sd):
-                sd = {k[len(prefix):]: v for k, v in sd.items()}
+                sd = {k[len(prefix) :]: v for k, v in sd.items()}
                 changed = True
     return sd
 
@@ -335,8 +339,9 @@ def new_run_dir(name: str, root: str | Path = RUNS_ROOT) -> Path:
 
 
 @contextmanager
-def undo_on_failure(directory: Path, made: bool, keep: list[Path], prefix: str = "",
-                    tell: bool = False) -> Iterator[None]:
+def undo_on_failure(
+    directory: Path, made: bool, keep: list[Path], prefix: str = "", tell: bool = False
+) -> Iterator[None]:
     """If the body fails before any of ``keep`` (a run's checkpoints) exists, remove what it made.
 
     ``made``: the body's caller created ``directory`` (then it goes entirely); otherwise only the
@@ -387,8 +392,7 @@ def latest_run(root: str | Path = RUNS_ROOT, require: str | None = PURIFIER_FILE
     if not runs:
         what = f" with a {require}" if require else ""
         raise CheckpointError(
-            f"no run directory{what} under ./{root} — train one (carso train-purifier / carso demo) "
-            "or pass --run DIR"
+            f"no run directory{what} under ./{root} — train one (carso train-purifier / carso demo) or pass --run DIR"
         )
     return max(runs, key=lambda p: (p / (require or CONFIG_FILE)).stat().st_mtime)
 

@@ -24,20 +24,119 @@ CLASSES_FILE = "classes.json"  # in a run directory
 CLASSES_FORMAT = "carso-classes/1"
 
 CIFAR10_CLASSES: tuple[str, ...] = (
-    "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
 )
 
 CIFAR100_CLASSES: tuple[str, ...] = (
-    "apple", "aquarium_fish", "baby", "bear", "beaver", "bed", "bee", "beetle", "bicycle", "bottle",
-    "bowl", "boy", "bridge", "bus", "butterfly", "camel", "can", "castle", "caterpillar", "cattle",
-    "chair", "chimpanzee", "clock", "cloud", "cockroach", "couch", "crab", "crocodile", "cup", "dinosaur",
-    "dolphin", "elephant", "flatfish", "forest", "fox", "girl", "hamster", "house", "kangaroo", "keyboard",
-    "lamp", "lawn_mower", "leopard", "lion", "lizard", "lobster", "man", "maple_tree", "motorcycle", "mountain",
-    "mouse", "mushroom", "oak_tree", "orange", "orchid", "otter", "palm_tree", "pear", "pickup_truck", "pine_tree",
-    "plain", "plate", "poppy", "porcupine", "possum", "rabbit", "raccoon", "ray", "road", "rocket",
-    "rose", "sea", "seal", "shark", "shrew", "skunk", "skyscraper", "snail", "snake", "spider",
-    "squirrel", "streetcar", "sunflower", "sweet_pepper", "table", "tank", "telephone", "television", "tiger", "tractor",
-    "train", "trout", "tulip", "turtle", "wardrobe", "whale", "willow_tree", "wolf", "woman", "worm",
+    "apple",
+    "aquarium_fish",
+    "baby",
+    "bear",
+    "beaver",
+    "bed",
+    "bee",
+    "beetle",
+    "bicycle",
+    "bottle",
+    "bowl",
+    "boy",
+    "bridge",
+    "bus",
+    "butterfly",
+    "camel",
+    "can",
+    "castle",
+    "caterpillar",
+    "cattle",
+    "chair",
+    "chimpanzee",
+    "clock",
+    "cloud",
+    "cockroach",
+    "couch",
+    "crab",
+    "crocodile",
+    "cup",
+    "dinosaur",
+    "dolphin",
+    "elephant",
+    "flatfish",
+    "forest",
+    "fox",
+    "girl",
+    "hamster",
+    "house",
+    "kangaroo",
+    "keyboard",
+    "lamp",
+    "lawn_mower",
+    "leopard",
+    "lion",
+    "lizard",
+    "lobster",
+    "man",
+    "maple_tree",
+    "motorcycle",
+    "mountain",
+    "mouse",
+    "mushroom",
+    "oak_tree",
+    "orange",
+    "orchid",
+    "otter",
+    "palm_tree",
+    "pear",
+    "pickup_truck",
+    "pine_tree",
+    "plain",
+    "plate",
+    "poppy",
+    "porcupine",
+    "possum",
+    "rabbit",
+    "raccoon",
+    "ray",
+    "road",
+    "rocket",
+    "rose",
+    "sea",
+    "seal",
+    "shark",
+    "shrew",
+    "skunk",
+    "skyscraper",
+    "snail",
+    "snake",
+    "spider",
+    "squirrel",
+    "streetcar",
+    "sunflower",
+    "sweet_pepper",
+    "table",
+    "tank",
+    "telephone",
+    "television",
+    "tiger",
+    "tractor",
+    "train",
+    "trout",
+    "tulip",
+    "turtle",
+    "wardrobe",
+    "whale",
+    "willow_tree",
+    "wolf",
+    "woman",
+    "worm",
 )
 
 TINYIMAGENET_DIR = "tiny-imagenet-200"
@@ -114,8 +213,9 @@ def stored_class_names(run: Path) -> list[str] | None:
     return names
 
 
-def run_class_names(run: Path | None, cfg: Any, data_root: Path | str | None = None,
-                    notify: Callable[[str], None] = lambda _msg: None) -> list[str] | None:
+def run_class_names(
+    run: Path | None, cfg: Any, data_root: Path | str | None = None, notify: Callable[[str], None] = lambda _msg: None
+) -> list[str] | None:
     """A run's class names: the stored ones, else the dataset's (as before names were stored), else None.
 
     Args:
@@ -133,10 +233,15 @@ def run_class_names(run: Path | None, cfg: Any, data_root: Path | str | None = N
         names = dataset_class_names(cfg, data_root if data_root is not None else "data")
         source = cfg.data.dataset
     if names is not None and len(names) != cfg.data.num_classes:
-        notify(f"{len(names)} class names found for {source}, but the model has {cfg.data.num_classes} classes: using numbers")
+        notify(
+            f"{len(names)} class names found for {source}, but the model has {cfg.data.num_classes} classes: "
+            "using numbers"
+        )
         return None
     if names is None and cfg.data.dataset == "tinyimagenet":
-        notify("TinyImageNet class names need tiny-imagenet-200/wnids.txt and words.txt under --data-root: using numbers")
+        notify(
+            "TinyImageNet class names need tiny-imagenet-200/wnids.txt and words.txt under --data-root: using numbers"
+        )
     return names
 
 

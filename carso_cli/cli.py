@@ -87,8 +87,9 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             where = f" on rank {rank}" if rank is not None and "WORLD_SIZE" in os.environ else ""
             text = f"{type(err).__name__}: {err}\n(run with --debug for the traceback, and please report it)"
             if not report_failure("internal", f"internal error{where}: {text}"):
-                err_console.print(f"[bold red]internal error{where}:[/] {escape(text)}", highlight=False,
-                                  soft_wrap=True)
+                err_console.print(
+                    f"[bold red]internal error{where}:[/] {escape(text)}", highlight=False, soft_wrap=True
+                )
             raise typer.Exit(1) from None
 
     return wrapper

@@ -99,7 +99,7 @@ class ClassifierConfig:
 class PurifierConfig:
     # Representation layers (Table 7): "auto" (the paper's rule for any residual network), a list of
     # module names and glob patterns ("layer1.*.conv1"), or a rule, e.g. "rule:block-convs".
-    layers: Union[str, list[str]] = "rule:block-convs"
+    layers: str | list[str] = "rule:block-convs"
     layerwise_depth: int = 3  # Tables 8/9: 3 convolutions for 32×32, 4 for 64×64
     fcrepr: int = 512  # Table 15
     fjoint: int = 128  # Table 15
@@ -300,9 +300,7 @@ def _build(cls: type, data: dict[str, Any], prefix: str, source: str) -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ConfigError(
-            f"{source}: unknown key '{prefix}{unknown[0]}' (valid keys here: {', '.join(sorted(names))})"
-        )
+        raise ConfigError(f"{source}: unknown key '{prefix}{unknown[0]}' (valid keys here: {', '.join(sorted(names))})")
     kwargs = {}
     for name, value in data.items():
         tp = hints[name]
@@ -381,7 +379,9 @@ def preset_data(path: Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
     try:
         parent_path = relative if relative.suffix == ".toml" and relative.is_file() else resolve_preset_path(parent)
     except ConfigError:
-        raise ConfigError(f"{path}: extends '{parent}', which is no preset (available: {', '.join(list_presets())})") from None
+        raise ConfigError(
+            f"{path}: extends '{parent}', which is no preset (available: {', '.join(list_presets())})"
+        ) from None
     return _merge(preset_data(parent_path, (*_chain, path)), data)
 
 
@@ -467,8 +467,9 @@ def validate(cfg: Config, source: str) -> None:
     if p.layerwise_depth < 1:
         raise bad("purifier.layerwise_depth", "must be at least 1")
     if isinstance(p.layers, str) and not (p.layers == "auto" or p.layers.startswith("rule:")):
-        raise bad("purifier.layers", "must be 'auto', a list of layer names / patterns, or a rule such as "
-                                     "'rule:block-convs'")
+        raise bad(
+            "purifier.layers", "must be 'auto', a list of layer names / patterns, or a rule such as 'rule:block-convs'"
+        )
     if p.max_fc_parameters < 1:
         raise bad("purifier.max_fc_parameters", "must be positive")
     t = cfg.training

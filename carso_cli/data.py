@@ -291,9 +291,7 @@ def _check_split(split: str) -> str:
 
 def _check_classes(found: int, cfg: Config, where: str) -> None:
     if found != cfg.data.num_classes:
-        raise DataError(
-            f"{where} has {found} classes, but the preset says data.num_classes = {cfg.data.num_classes}"
-        )
+        raise DataError(f"{where} has {found} classes, but the preset says data.num_classes = {cfg.data.num_classes}")
 
 
 def _cifar(cfg: Config, split: str, root: Path, download: bool, transform: Transform | None) -> Dataset:

@@ -81,8 +81,10 @@ class RankDied(CarsoError):
         """The one line: this, what is kept (None: nothing) and the command that continues (``argv``)."""
         if kept is None:
             again = [a for a in argv if a != "--resume"]
-            return CarsoError(f"{self}; no checkpoint was written yet, so the training so far is lost; "
-                              f"start again with: {shlex.join(['carso', *again])}")
+            return CarsoError(
+                f"{self}; no checkpoint was written yet, so the training so far is lost; "
+                f"start again with: {shlex.join(['carso', *again])}"
+            )
         again = list(argv) if "--resume" in argv else [*argv, "--resume"]
         return CarsoError(f"{self}; {kept}; continue with: {shlex.join(['carso', *again])}")
 
@@ -154,9 +156,13 @@ def _launch_failure(failures: dict[int, Any], reports: Path, stopped: str | None
         first = said[min(said)]
         return KeyboardInterrupt() if first.get("kind") == "interrupted" else CarsoError(first["text"])
     if stopped is not None:
-        return CarsoError(f"stopped by {stopped} before the workers could say where they were; "
-                          "continue with --resume if a checkpoint was written")
-    return CarsoError("the distributed job failed without an error message (run with --debug to see the launcher's report)")
+        return CarsoError(
+            f"stopped by {stopped} before the workers could say where they were; "
+            "continue with --resume if a checkpoint was written"
+        )
+    return CarsoError(
+        "the distributed job failed without an error message (run with --debug to see the launcher's report)"
+    )
 
 
 def report_failure(kind: str, text: str) -> bool:

@@ -57,8 +57,10 @@ def collect_images(inputs: Sequence[str | Path]) -> list[Path]:
         path = Path(item)
         if path.is_dir():
             images = sorted(
-                p for p in path.rglob("*")
-                if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                p
+                for p in path.rglob("*")
+                if p.is_file()
+                and p.suffix.lower() in IMAGE_SUFFIXES
                 and not any(part.startswith(".") for part in p.relative_to(path).parts)
             )
             if not images:
@@ -170,9 +172,15 @@ def caption_line(prefix: str, predicted: int, names: Sequence[str] | None, true:
 
 
 def reconstruction_rows(
-    inputs: torch.Tensor, reconstructions: torch.Tensor, recon_classes: torch.Tensor, carso_classes: torch.Tensor,
-    names: Sequence[str] | None, true: Sequence[int | None], attacked: torch.Tensor | None = None,
-    classifier_clean: torch.Tensor | None = None, classifier_attacked: torch.Tensor | None = None,
+    inputs: torch.Tensor,
+    reconstructions: torch.Tensor,
+    recon_classes: torch.Tensor,
+    carso_classes: torch.Tensor,
+    names: Sequence[str] | None,
+    true: Sequence[int | None],
+    attacked: torch.Tensor | None = None,
+    classifier_clean: torch.Tensor | None = None,
+    classifier_attacked: torch.Tensor | None = None,
     attack_title: str = "attacked",
 ) -> list[list[Tile]]:
     """The grid's rows: per input, the input (and its attacked version), then its N reconstructions.
@@ -200,8 +208,10 @@ def reconstruction_rows(
             assert classifier_clean is not None and classifier_attacked is not None
             clean = caption_line("classifier: ", int(classifier_clean[b]), names, t)
             adv = caption_line("classifier: ", int(classifier_attacked[b]), names, t)
-            row = [Tile(inputs[b], ["clean input", *truth, clean[0]], [None] * (1 + len(truth)) + [clean[1]]),
-                   Tile(attacked[b], [attack_title, adv[0], carso[0]], [None, adv[1], carso[1]])]
+            row = [
+                Tile(inputs[b], ["clean input", *truth, clean[0]], [None] * (1 + len(truth)) + [clean[1]]),
+                Tile(attacked[b], [attack_title, adv[0], carso[0]], [None, adv[1], carso[1]]),
+            ]
         for k in range(reconstructions.shape[0]):
             line = caption_line("→ ", int(recon_classes[k, b]), names, t)
             row.append(Tile(reconstructions[k, b], [f"reconstruction {k + 1}", line[0]], [None, line[1]]))

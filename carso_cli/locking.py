@@ -46,8 +46,9 @@ _held: dict[Path, int] = {}
 
 
 @contextmanager
-def hold(directory: str | Path, hint: str = "wait for it, or use another --out",
-         lock_file: str = LOCK_FILE) -> Iterator[Path]:
+def hold(
+    directory: str | Path, hint: str = "wait for it, or use another --out", lock_file: str = LOCK_FILE
+) -> Iterator[Path]:
     """Hold the exclusive lock ``directory/lock_file`` (the directory is created if missing).
 
     Raises ``LockedError`` at once if another process holds it; re-entrant within one process. In a

@@ -10,7 +10,8 @@ One training step of the purifier (section 4.4) has two memory peaks:
   BatchNorm then sees micro-batches, "ghost" batch norm).
 
 The estimates measure the bytes autograd saves for backward per example (forwards of two and four
-examples on the CPU at the preset's full sizes, float32, differenced), and add parameters, gradients and optimizer state.
+examples on the CPU at the preset's full sizes, float32, differenced), and add parameters, gradients and
+optimizer state.
 bf16 autocast roughly halves the activation terms, so float32 figures are an upper bound.
 """
 
@@ -28,8 +29,18 @@ from torch import nn
 
 from carso_cli.errors import CarsoError
 
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
 # Allocator fragmentation and workspace (cuDNN, NCCL buckets) on top of what tensors hold.
 OVERHEAD = 1.15
 PROBES = (2, 4)  # batch sizes of the measuring forwards (their difference is per-example)
@@ -148,10 +159,10 @@ def _params_bytes(module: nn.Module) -> int:
 class PerExample:
     """Bytes per example of each phase, measured at the preset's full sizes (float32)."""
 
-    attack: int          # classifier graph of one attacked example (FGSM/PGD step)
+    attack: int  # classifier graph of one attacked example (FGSM/PGD step)
     representation: int  # the captured representation (Table 7 layers), kept for the purifier pass
-    purifier: int        # the purifier's VAE graph (training)
-    evaluation: int      # CARSO end to end with the preset's samples (an attack's gradient)
+    purifier: int  # the purifier's VAE graph (training)
+    evaluation: int  # CARSO end to end with the preset's samples (an attack's gradient)
     image: int
 
 
@@ -227,10 +238,10 @@ def measure(cfg: Any) -> Footprint:
 
 @dataclasses.dataclass
 class TrainingEstimate:
-    batch: int            # per-process batch
-    attack_chunk: int     # examples attacked at once
-    micro_batch: int      # examples per purifier forward/backward
-    static: int           # parameters, gradients, optimizer state, the batch's images
+    batch: int  # per-process batch
+    attack_chunk: int  # examples attacked at once
+    micro_batch: int  # examples per purifier forward/backward
+    static: int  # parameters, gradients, optimizer state, the batch's images
     attack_phase: int
     purifier_phase: int
 
@@ -257,8 +268,9 @@ def classifier_fitting_options(fp: Footprint, budget: int, batch: int) -> dict[s
     return {"attack_chunk": fits, "micro_batch": fits}
 
 
-def estimate_training(fp: Footprint, batch: int, attacked: int, attack_chunk: int | None = None,
-                      micro_batch: int | None = None) -> TrainingEstimate:
+def estimate_training(
+    fp: Footprint, batch: int, attacked: int, attack_chunk: int | None = None, micro_batch: int | None = None
+) -> TrainingEstimate:
     """Peak bytes of one purifier training step for a per-process ``batch`` with ``attacked`` examples."""
     chunk = min(attack_chunk or attacked, attacked) if attacked else 0
     micro = min(micro_batch or batch, batch)
@@ -267,8 +279,9 @@ def estimate_training(fp: Footprint, batch: int, attacked: int, attack_chunk: in
     attack_phase = static + chunk * pe.attack
     # The representation is captured per micro-batch, right before the purifier pass that consumes it.
     purifier_phase = static + micro * (pe.representation + pe.purifier)
-    return TrainingEstimate(batch, chunk, micro, int(static * OVERHEAD), int(attack_phase * OVERHEAD),
-                            int(purifier_phase * OVERHEAD))
+    return TrainingEstimate(
+        batch, chunk, micro, int(static * OVERHEAD), int(attack_phase * OVERHEAD), int(purifier_phase * OVERHEAD)
+    )
 
 
 def estimate_evaluation(fp: Footprint, batch: int) -> int:
@@ -292,8 +305,9 @@ def fitting_options(fp: Footprint, budget: int, batch: int) -> dict[str, int]:
     return {
         "attack_chunk": largest_fitting(budget, static, pe.attack, batch),
         "micro_batch": largest_fitting(budget, static, pe.representation + pe.purifier, batch),
-        "eval_batch": largest_fitting(budget, fp.classifier_params + fp.purifier_inference_params,
-                                      pe.evaluation + 2 * pe.image, 10_000),
+        "eval_batch": largest_fitting(
+            budget, fp.classifier_params + fp.purifier_inference_params, pe.evaluation + 2 * pe.image, 10_000
+        ),
     }
 
 
@@ -314,13 +328,24 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
-def out_of_memory_message(device: torch.device, batch: int, attack_chunk: int | None, micro_batch: int | None,
-                          suggestion: dict[str, int] | None = None) -> str:
+def out_of_memory_message(
+    device: torch.device,
+    batch: int,
+    attack_chunk: int | None,
+    micro_batch: int | None,
+    suggestion: dict[str, int] | None = None,
+) -> str:
     """One line: what was in use, the peak, and the options that would fit."""
     peak = format_bytes(peak_bytes(device))
-    used = (f"per-process batch {batch}, --attack-chunk {attack_chunk or batch}, "
-            f"--micro-batch {micro_batch or batch}")
+    used = f"per-process batch {batch}, --attack-chunk {attack_chunk or batch}, --micro-batch {micro_batch or batch}"
     fix = "lower --attack-chunk / --micro-batch (or pass 'auto')"
     if suggestion:
-        fix = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in suggestion.items() if v and k in ("attack_chunk", "micro_batch")) + " should fit"
+        fix = (
+            " ".join(
+                f"--{k.replace('_', '-')} {v}"
+                for k, v in suggestion.items()
+                if v and k in ("attack_chunk", "micro_batch")
+            )
+            + " should fit"
+        )
     return f"out of GPU memory on {device} ({used}; peak {peak}): {fix}; `carso info --gpu-memory` estimates them"

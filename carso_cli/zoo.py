@@ -98,9 +98,16 @@ def _entry(name: str, raw: dict[str, Any], source: Path) -> ZooEntry:
     for role, digest in sha.items():
         if role not in files or not _SHA256.match(digest):
             raise bad(f"sha256.{role} must be the 64-hex-digit digest of one of its files")
-    return ZooEntry(name=name, preset=raw["preset"], title=raw.get("title", ""), files=files, sha256=sha,
-                    reported={k: float(v) for k, v in raw.get("reported", {}).items()},
-                    reported_in=raw.get("reported_in", ""), notes=raw.get("notes", ""))
+    return ZooEntry(
+        name=name,
+        preset=raw["preset"],
+        title=raw.get("title", ""),
+        files=files,
+        sha256=sha,
+        reported={k: float(v) for k, v in raw.get("reported", {}).items()},
+        reported_in=raw.get("reported_in", ""),
+        notes=raw.get("notes", ""),
+    )
 
 
 def load_zoo(path: Path | None = None) -> tuple[str, dict[str, ZooEntry]]:
@@ -189,12 +196,18 @@ def _progress(console: Any):
         TransferSpeedColumn,
     )
 
-    return Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                    TimeRemainingColumn(), console=console, disable=console is None)
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        disable=console is None,
+    )
 
 
-def download(url: str, dest: Path, sha256: str | None = None, console: Any = None,
-             timeout: float = TIMEOUT_S) -> str:
+def download(url: str, dest: Path, sha256: str | None = None, console: Any = None, timeout: float = TIMEOUT_S) -> str:
     """Download ``url`` to ``dest`` (resuming ``dest.part``); returns the file's sha256.
 
     Only a complete file is renamed onto ``dest``, and only if its sha256 equals ``sha256`` (when
@@ -244,14 +257,17 @@ def download(url: str, dest: Path, sha256: str | None = None, console: Any = Non
     digest = ckpt.sha256_file(part)
     if sha256 and digest != sha256:
         part.unlink()
-        raise DownloadError(f"{url} has sha256 {digest}, but the zoo expects {sha256}: the file was deleted, "
-                            "not used (a corrupted download or a changed file on the server; try again, or report it)")
+        raise DownloadError(
+            f"{url} has sha256 {digest}, but the zoo expects {sha256}: the file was deleted, "
+            "not used (a corrupted download or a changed file on the server; try again, or report it)"
+        )
     os.replace(part, dest)
     return digest
 
 
-def fetch(entry: ZooEntry, cache: Path | None = None, console: Any = None,
-          roles: tuple[str, ...] | None = None) -> dict[str, Fetched]:
+def fetch(
+    entry: ZooEntry, cache: Path | None = None, console: Any = None, roles: tuple[str, ...] | None = None
+) -> dict[str, Fetched]:
     """Make the entry's files (or ``roles`` of them) present in the cache; role → ``Fetched``.
 
     A cached file is checked against the zoo's sha256 when known (and downloaded again on mismatch).
@@ -262,8 +278,9 @@ def fetch(entry: ZooEntry, cache: Path | None = None, console: Any = None,
         relative = entry.files[role]
         url, path, expected = url_of(relative), cached_path(relative, cache), entry.sha256.get(role)
         try:
-            with locking.hold(path.parent, hint="another carso process is downloading it; wait for it",
-                              lock_file=f".{path.name}.lock"):
+            with locking.hold(
+                path.parent, hint="another carso process is downloading it; wait for it", lock_file=f".{path.name}.lock"
+            ):
                 digest = ckpt.sha256_file(path) if path.is_file() else None
                 if digest is None or (expected and digest != expected):
                     path.unlink(missing_ok=True)  # a cached file that does not match is never used
@@ -281,8 +298,10 @@ def manual_hint(entry: ZooEntry) -> str:
         return f"Manually: download {urls} and pass the file to --classifier."
     names = {role: Path(p).name for role, p in entry.files.items()}
     options = " ".join(f"--{role.replace('_', '-')} {names[role]}" for role in ROLES)
-    return (f"Manually: download {urls}, then run: carso convert reference --preset {entry.preset} {options} "
-            f"--out runs/{entry.name}")
+    return (
+        f"Manually: download {urls}, then run: carso convert reference --preset {entry.preset} {options} "
+        f"--out runs/{entry.name}"
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -290,8 +309,9 @@ def manual_hint(entry: ZooEntry) -> str:
 # ----------------------------------------------------------------------------------------------
 
 
-def resolve_weights(value: str | Path | None, option: str = "--classifier", cache: Path | None = None,
-                    console: Any = None) -> Path | None:
+def resolve_weights(
+    value: str | Path | None, option: str = "--classifier", cache: Path | None = None, console: Any = None
+) -> Path | None:
     """A weights option's value as a file: an existing path stays itself; the name of a published
     model becomes its classifier file (downloaded into the cache if needed).
 
@@ -312,5 +332,7 @@ def resolve_weights(value: str | Path | None, option: str = "--classifier", cach
         return fetch(models[text], cache, console, roles=("classifier",))["classifier"].path
     if path.suffix or len(path.parts) > 1:
         raise CarsoError(f"{option}: file not found: {value}")
-    raise CarsoError(f"{option}: '{value}' is neither a file nor a published model"
-                     f"{_suggest(text, models)} (carso pull --list shows them all)")
+    raise CarsoError(
+        f"{option}: '{value}' is neither a file nor a published model"
+        f"{_suggest(text, models)} (carso pull --list shows them all)"
+    )

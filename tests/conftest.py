@@ -74,11 +74,15 @@ def trained_smoke_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("trained-smoke")
     cpu = torch.device("cpu")
     classifier = train_classifier.run(
-        load_config("smoke", TRAINED_SMOKE_CLASSIFIER), root / "classifier.safetensors", device=cpu, evaluate=False,
+        load_config("smoke", TRAINED_SMOKE_CLASSIFIER),
+        root / "classifier.safetensors",
+        device=cpu,
+        evaluate=False,
         seed=seed,
     ).weights
-    return train_purifier.run(load_config("smoke", TRAINED_SMOKE_PURIFIER), classifier, root / "run", device=cpu,
-                              seed=seed).run
+    return train_purifier.run(
+        load_config("smoke", TRAINED_SMOKE_PURIFIER), classifier, root / "run", device=cpu, seed=seed
+    ).run
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

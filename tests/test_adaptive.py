@@ -55,8 +55,12 @@ def test_saturated_flags_vote_is_saturated_logsum_is_not(models) -> None:
 
 def test_saturation_summary_flags_above_the_threshold() -> None:
     # Codes: 0 healthy, 1 useless, 2 non-finite (NaN/inf: useless too, and counted apart).
-    flags = {"saturation_dexp_clean": [1, 2, 0, 0], "saturation_dexp_adversarial": [1, 0, 0, 0],
-             "saturation_dexp-logsum_clean": [0, 0, 0, 0], "carso_clean": [1, 1, 1, 1]}
+    flags = {
+        "saturation_dexp_clean": [1, 2, 0, 0],
+        "saturation_dexp_adversarial": [1, 0, 0, 0],
+        "saturation_dexp-logsum_clean": [0, 0, 0, 0],
+        "carso_clean": [1, 1, 1, 1],
+    }
     summary = ev.saturation_summary(flags, 0.25)
     assert summary["surfaces"]["dexp"]["clean"] == {"saturated": 2, "nonfinite": 1, "total": 4, "fraction": 0.5}
     assert summary["surfaces"]["dexp-logsum"]["clean"]["fraction"] == 0.0
@@ -95,8 +99,20 @@ def test_adaptive_attack_on_a_batch_skips_broken_examples_and_fills_adversarial(
     # Labels = the model's own clean predictions, so that the attacks have something to break.
     with ev.seeded_latents(carso, ev.ExampleSeededSampler(0, ev.STREAM_CLEAN).bind(range(6))):
         y = carso(x).argmax(dim=-1)
-    s = ev.EvalSettings(attack="adaptive", targets=["carso"], n_examples=6, batch_size=6, samples=2,
-                        repeats=2, aa_steps=2, aa_eot=1, pgd_steps=2, pgd_eot=1, square=True, square_queries=5)
+    s = ev.EvalSettings(
+        attack="adaptive",
+        targets=["carso"],
+        n_examples=6,
+        batch_size=6,
+        samples=2,
+        repeats=2,
+        aa_steps=2,
+        aa_eot=1,
+        pgd_steps=2,
+        pgd_eot=1,
+        square=True,
+        square_queries=5,
+    )
     adv: dict[str, torch.Tensor] = {}
     out = ev.evaluate_batch(classifier, carso, x, y, range(6), s, torch.device("cpu"), adversarial=adv)
     names = [adaptive.flag_key(a) for a in adaptive.ATTACKS]  # square included
@@ -121,8 +137,25 @@ def test_adaptive_attack_on_a_batch_skips_broken_examples_and_fills_adversarial(
 
 SCALE = 20.0
 # 16 examples, 6 steps, 2 EoT: the adaptive evaluation's attacks, and PGD+EoT on the paper's surface.
-SCALED = ["--target", "carso", "--n-examples", "16", "--batch-size", "16", "--samples", "4", "--steps", "6",
-          "--eot", "2", "--repeats", "2", "--device", "cpu", "--no-indicators"]  # indicators: test_indicators.py
+SCALED = [
+    "--target",
+    "carso",
+    "--n-examples",
+    "16",
+    "--batch-size",
+    "16",
+    "--samples",
+    "4",
+    "--steps",
+    "6",
+    "--eot",
+    "2",
+    "--repeats",
+    "2",
+    "--device",
+    "cpu",
+    "--no-indicators",
+]  # indicators: test_indicators.py
 
 
 @pytest.fixture(scope="module")
@@ -174,19 +207,23 @@ def test_scaled_logits_fool_the_paper_protocol_not_the_adaptive_one(scaled_run: 
     pgd_dexp = pgd["metrics"]["PGD+EoT"]["correct"]
     rows = {a["attack"]: a for a in r["adaptive"]["attacks"]}
     later = sum(a["broken_first"] for name, a in rows.items() if name != "randaa")
-    print(f"clean {clean}, PGD+EoT(dexp) {pgd_dexp}, randAA(paper) {randaa}, adaptive {worst}; broken first: "
-          + ", ".join(f"{n} {a['broken_first']}" for n, a in rows.items()))
+    print(
+        f"clean {clean}, PGD+EoT(dexp) {pgd_dexp}, randAA(paper) {randaa}, adaptive {worst}; broken first: "
+        + ", ".join(f"{n} {a['broken_first']}" for n, a in rows.items())
+    )
     # The worst case is clearly below both the cross-entropy attack on the paper's surface and the paper's
     # full protocol, and the examples the paper's protocol left were broken by the attacks that do not
     # rest on the saturated surface.
     assert worst <= pgd_dexp / 2 and pgd_dexp - worst >= 3, (worst, pgd_dexp)
     assert worst <= randaa - 3 and later >= 3, (worst, randaa, later)
-    assert rows["randaa"]["robust_after"] <= sum(a & c for a, c in zip(paper["flags"]["carso_randaa"],
-                                                                        r["flags"]["carso_clean"]))
+    assert rows["randaa"]["robust_after"] <= sum(
+        a & c for a, c in zip(paper["flags"]["carso_randaa"], r["flags"]["carso_clean"])
+    )
 
 
-def test_sanity_fails_on_saturated_logits_and_names_the_remedy(scaled_run: Path, trained_smoke_run: Path,
-                                                                tmp_path: Path) -> None:
+def test_sanity_fails_on_saturated_logits_and_names_the_remedy(
+    scaled_run: Path, trained_smoke_run: Path, tmp_path: Path
+) -> None:
     fast = ["--n-examples", "16", "--batch-size", "16", "--samples", "4", "--checks", "saturation", "--device", "cpu"]
     out = tmp_path / "scaled.json"
     result = runner.invoke(app, ["sanity", "--run", str(scaled_run), *fast, "--out", str(out)])
@@ -199,8 +236,9 @@ def test_sanity_fails_on_saturated_logits_and_names_the_remedy(scaled_run: Path,
     assert check["status"] == ("fail" if frac["dexp-logsum"] <= 0.1 else "warn")
     assert result.exit_code == (1 if check["status"] == "fail" else 0), result.output
     # The same check on the model as trained: no alarm (with a margin: 5 of 16 examples, see test_sanity).
-    result = runner.invoke(app, ["sanity", "--run", str(trained_smoke_run), *fast, "--out", str(out),
-                                 "--saturation-threshold", "0.3"])
+    result = runner.invoke(
+        app, ["sanity", "--run", str(trained_smoke_run), *fast, "--out", str(out), "--saturation-threshold", "0.3"]
+    )
     assert result.exit_code == 0, result.output
     (check,) = json.loads(out.read_text())["checks"]
     assert check["status"] == "pass" and check["details"]["fraction"]["dexp"] <= 0.3

@@ -51,9 +51,20 @@ def _mean(x: torch.Tensor) -> torch.Tensor:
 
 
 def _settings(**kw: object) -> ev.EvalSettings:
-    base: dict[str, object] = {"attack": "adaptive", "targets": ["carso"], "n_examples": 4, "batch_size": 4,
-                               "samples": 2, "repeats": 2, "aa_steps": 5, "aa_eot": 1, "pgd_steps": 5,
-                               "pgd_eot": 1, "eps": EPS, "square_queries": 20}
+    base: dict[str, object] = {
+        "attack": "adaptive",
+        "targets": ["carso"],
+        "n_examples": 4,
+        "batch_size": 4,
+        "samples": 2,
+        "repeats": 2,
+        "aa_steps": 5,
+        "aa_eot": 1,
+        "pgd_steps": 5,
+        "pgd_eot": 1,
+        "eps": EPS,
+        "square_queries": 20,
+    }
     base.update(kw)
     return ev.EvalSettings(**base)  # type: ignore[arg-type]
 
@@ -69,6 +80,7 @@ def _run(model: nn.Module, classifier: nn.Module, s: ev.EvalSettings, n: int = 4
 # --------------------------------------------------------------------------------------------------
 # Fault 1: the logit-averaged CARSO disagrees with the paper's; only the evaluated model may judge
 # --------------------------------------------------------------------------------------------------
+
 
 def _disagreeing_logits(x: torch.Tensor) -> torch.Tensor:
     """Two reconstructions: dexp says class 0 (S = e⁴+e⁻⁴ vs 1+e³), logit averaging says class 1 (0 vs 1.5),
@@ -128,8 +140,17 @@ def test_apgd_keeps_every_sub_attacks_highest_loss_point() -> None:
     classifier = Fn(_resisting_classifier)
     x = torch.full((3, *SHAPE), 0.5)
     y = torch.zeros(3, dtype=torch.long)
-    res = ev.autoattack_flags(classifier, x, y, eps=EPS, version="custom", attacks=["apgd-ce", "apgd-dlr"],
-                              seed=0, device=torch.device("cpu"), steps=5)
+    res = ev.autoattack_flags(
+        classifier,
+        x,
+        y,
+        eps=EPS,
+        version="custom",
+        attacks=["apgd-ce", "apgd-dlr"],
+        seed=0,
+        device=torch.device("cpu"),
+        steps=5,
+    )
     assert res.flags.all()  # the library's verdict: robust, and x_adv is x
     candidates = res.candidates.reshape(-1, *x.shape)
     assert candidates.shape[0] == 2  # one point per sub-attack, not one per example
@@ -141,6 +162,7 @@ def test_apgd_keeps_every_sub_attacks_highest_loss_point() -> None:
 # --------------------------------------------------------------------------------------------------
 # Fault 3: PGD+EoT keeps its best iterate; per-draw normalisation
 # --------------------------------------------------------------------------------------------------
+
 
 def test_pgd_eot_returns_the_best_iterate_not_the_last() -> None:
     # The loss is periodic along the mean pixel: sign steps of α overshoot its maximum and oscillate.
@@ -181,6 +203,7 @@ def test_eot_normalise_lets_every_draw_count_equally() -> None:
 # Fault 4: scores carry gradient; the saturation measure sees useless, not only zero, gradients
 # --------------------------------------------------------------------------------------------------
 
+
 def test_dexp_dlr_gradient_is_not_zero_at_large_logits() -> None:
     logits = torch.tensor([[[100.0, 99.0, 97.0]], [[99.5, 99.0, 96.0]]], requires_grad=True)  # (N=2, B=1, C=3)
     dlr_loss(dexp_aggregate(logits), torch.tensor([0])).sum().backward()
@@ -214,6 +237,7 @@ def test_saturation_counts_a_nonzero_but_wrong_gradient() -> None:
 # Fault 5: the authors' float32 surface (ebtorch's lexsemble)
 # --------------------------------------------------------------------------------------------------
 
+
 def test_authors_surface_is_lexsemble_in_float32_and_goes_infinite() -> None:
     logits = torch.randn(4, 3, 10)  # (N, B, C) float32, as the authors' classifier returns
     p = torch.softmax(torch.exp(logits).sum(0), dim=-1)
@@ -224,8 +248,10 @@ def test_authors_surface_is_lexsemble_in_float32_and_goes_infinite() -> None:
     out = aggregate(confident, "dexp-authors")
     assert out[0, 0] == float("inf") and out.argmax(-1).item() == 0
     x = torch.full((2, *SHAPE), 0.5)
-    toy = ToyCARSO(lambda x: (confident[:, :1] + 0.1 * _mean(x)[None, :, None]).expand(2, x.shape[0], 3),
-                   aggregation="dexp-authors")
+    toy = ToyCARSO(
+        lambda x: (confident[:, :1] + 0.1 * _mean(x)[None, :, None]).expand(2, x.shape[0], 3),
+        aggregation="dexp-authors",
+    )
     flags = ev.saturated_flags(toy, x, torch.zeros(2, dtype=torch.long), range(2), seed=0)
     assert (flags == ev.NONFINITE).all()  # NaN gradients, counted as such
 
@@ -246,8 +272,9 @@ def test_paper_protocol_attacks_the_authors_surface(monkeypatch) -> None:
     monkeypatch.setattr(batch, "autoattack_flags", spy)
     s = _settings(attack="autoattack")
     x = torch.full((2, *SHAPE), 0.5)
-    out = ev.evaluate_batch(Fn(_resisting_classifier), toy, x, torch.zeros(2, dtype=torch.long), range(2), s,
-                            torch.device("cpu"))
+    out = ev.evaluate_batch(
+        Fn(_resisting_classifier), toy, x, torch.zeros(2, dtype=torch.long), range(2), s, torch.device("cpu")
+    )
     assert seen == ["dexp-authors"] and toy.aggregation == "dexp"
     assert out["carso_randaa"] == [1, 1]
 

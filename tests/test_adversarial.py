@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_random_run
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
@@ -15,7 +16,6 @@ import carso_cli.checkpoint
 from carso_cli.adversarial import load_adversarial, save_adversarial
 from carso_cli.cli import app
 from carso_cli.data import build_dataset
-from conftest import make_random_run
 from carso_cli.evaluation import autoattack_flags, classifier_flags, load_examples
 
 runner = CliRunner()
@@ -23,7 +23,9 @@ N = 8
 
 
 def _eval(run: Path, *args: str) -> tuple[int, str]:
-    result = runner.invoke(app, ["eval", "--run", str(run), "--device", "cpu", "--repeats", "2", "--no-indicators", *args])
+    result = runner.invoke(
+        app, ["eval", "--run", str(run), "--device", "cpu", "--repeats", "2", "--no-indicators", *args]
+    )
     return result.exit_code, result.output
 
 
@@ -35,8 +37,9 @@ def attacked(tmp_path_factory: pytest.TempPathFactory) -> dict:
     classifier = carso_cli.load_classifier(run)
     eps = classifier.config.attacks.eps
     x, y = load_examples(build_dataset(classifier.config, "test", root="data"), range(N))
-    res = autoattack_flags(classifier, x, y, eps=eps, version="custom", attacks=["apgd-ce"], seed=0,
-                           device=torch.device("cpu"), steps=2)
+    res = autoattack_flags(
+        classifier, x, y, eps=eps, version="custom", attacks=["apgd-ce"], seed=0, device=torch.device("cpu"), steps=2
+    )
     robust = res.flags & classifier_flags(classifier, x, y)
     path = save_adversarial(run / "aa.safetensors", y, torch.arange(N), {"apgd-ce": (res.x_adv, robust)}, eps)
     return {"run": run, "x": x, "y": y, "x_adv": res.x_adv, "robust": robust, "eps": eps, "path": path}
@@ -49,7 +52,9 @@ def _results(run: Path, name: str) -> dict:
 def test_saved_examples_re_evaluate_to_the_same_robust_count(attacked: dict) -> None:
     run, path = attacked["run"], attacked["path"]
     (only,) = load_adversarial(path)
-    assert only.attack == "apgd-ce" and torch.equal(only.x_adv, attacked["x_adv"]) and only.idx.tolist() == list(range(N))
+    assert (
+        only.attack == "apgd-ce" and torch.equal(only.x_adv, attacked["x_adv"]) and only.idx.tolist() == list(range(N))
+    )
     code, out = _eval(run, "--adversarial", str(path), "--name", "again")
     assert code == 0, out
     r = _results(run, "again")
@@ -87,14 +92,17 @@ def _bad(tmp_path: Path, **tensors: torch.Tensor) -> Path:
     return path
 
 
-@pytest.mark.parametrize("case, message", [
-    ("shape", "x_adv has shape (8, 3, 8, 8)"),
-    ("range", "outside [0, 1]"),
-    ("nan", "1 example(s) contain NaN"),
-    ("labels", "labels outside"),
-    ("no_y", "has no 'y'"),
-    ("idx_labels", "label(s) differ from the test set"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("shape", "x_adv has shape (8, 3, 8, 8)"),
+        ("range", "outside [0, 1]"),
+        ("nan", "1 example(s) contain NaN"),
+        ("labels", "labels outside"),
+        ("no_y", "has no 'y'"),
+        ("idx_labels", "label(s) differ from the test set"),
+    ],
+)
 def test_bad_files_are_refused(attacked: dict, tmp_path: Path, case: str, message: str) -> None:
     x, y = attacked["x_adv"].clone(), attacked["y"].clone()
     tensors = {"x_adv": x, "y": y}
@@ -128,8 +136,23 @@ def test_eval_save_adversarial_then_adversarial_gives_the_same_robust_count(atta
     """``carso eval --save-adversarial A`` then ``carso eval --adversarial A``: the same robust count."""
     run = attacked["run"]
     saved = tmp_path / "A.safetensors"
-    code, out = _eval(run, "--target", "classifier", "--attack", "autoattack", "--n-examples", str(N),
-                      "--batch-size", "4", "--steps", "2", "--name", "saved", "--save-adversarial", str(saved))
+    code, out = _eval(
+        run,
+        "--target",
+        "classifier",
+        "--attack",
+        "autoattack",
+        "--n-examples",
+        str(N),
+        "--batch-size",
+        "4",
+        "--steps",
+        "2",
+        "--name",
+        "saved",
+        "--save-adversarial",
+        str(saved),
+    )
     assert code == 0, out
     first = _results(run, "saved")
     (aa,) = load_adversarial(saved)

@@ -15,8 +15,12 @@ EPS = 8 / 255
 def small_cnn(seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Module:
     torch.manual_seed(seed)
     model = nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.ReLU(),
-        nn.Flatten(), nn.Linear(8 * 4 * 4, 10),
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(8 * 4 * 4, 10),
     )
     with torch.no_grad():
         model[-1].weight.mul_(20.0)  # confident logits, so that a small ε changes the loss visibly
@@ -131,7 +135,13 @@ def test_pgd_eot_on_a_stochastic_model(batch) -> None:
     steps_seen: list[int] = []
     torch.manual_seed(0)
     x_adv = pgd_eot(
-        model, x, y, EPS, steps=8, step_size=0.007, eot_iterations=4,
+        model,
+        x,
+        y,
+        EPS,
+        steps=8,
+        step_size=0.007,
+        eot_iterations=4,
         callback=lambda step, xa: steps_seen.append(step),
     )
     assert steps_seen == list(range(8))

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import make_random_run
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -16,7 +17,6 @@ from carso_cli import checkpoint as ckpt
 from carso_cli.classnames import CLASSES_FILE, run_class_names, stored_class_names
 from carso_cli.cli import app
 from carso_cli.config import Config, load_config
-from conftest import make_random_run
 
 runner = CliRunner()
 FOLDERS = ("cat", "dog")
@@ -35,7 +35,9 @@ def make_imagefolder(root: Path, per_class: int = 4, size: int = 32) -> Path:
 
 
 def imagefolder_cfg(root: Path, extra: dict | None = None) -> Config:
-    return load_config("smoke", {"data.dataset": f"imagefolder:{root}", "data.num_classes": len(FOLDERS), **(extra or {})})
+    return load_config(
+        "smoke", {"data.dataset": f"imagefolder:{root}", "data.num_classes": len(FOLDERS), **(extra or {})}
+    )
 
 
 def _predict_labels(run: Path, *images: Path) -> list[dict]:
@@ -94,12 +96,33 @@ def test_train_purifier_on_an_imagefolder_stores_the_folder_names(tmp_path: Path
 
     torch.manual_seed(0)
     ckpt.save_tensors(weights, build_classifier(cfg).state_dict())
-    sets = [f"data.dataset=imagefolder:{data}", "data.num_classes=2", "training.epochs=1", "training.warmup_epochs=0",
-            "training.plateau_epochs=1", "training.annealing_epochs=0", "training.batch_size=8",
-            "training.beta_start_epoch=0", "training.beta_end_epoch=0", "training.bf16=false"]
-    result = runner.invoke(app, ["train-purifier", "--preset", "smoke", "--classifier", str(weights),
-                                 "--out", str(tmp_path / "run"), "--device", "cpu",
-                                 *[a for s in sets for a in ("--set", s)]])
+    sets = [
+        f"data.dataset=imagefolder:{data}",
+        "data.num_classes=2",
+        "training.epochs=1",
+        "training.warmup_epochs=0",
+        "training.plateau_epochs=1",
+        "training.annealing_epochs=0",
+        "training.batch_size=8",
+        "training.beta_start_epoch=0",
+        "training.beta_end_epoch=0",
+        "training.bf16=false",
+    ]
+    result = runner.invoke(
+        app,
+        [
+            "train-purifier",
+            "--preset",
+            "smoke",
+            "--classifier",
+            str(weights),
+            "--out",
+            str(tmp_path / "run"),
+            "--device",
+            "cpu",
+            *[a for s in sets for a in ("--set", s)],
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert stored_class_names(tmp_path / "run") == list(FOLDERS)
 
@@ -108,7 +131,9 @@ def test_extract_records_the_class_names(tmp_path: Path) -> None:
     data = make_imagefolder(tmp_path / "pets")
     run = make_random_run(tmp_path / "runs" / "pets", imagefolder_cfg(data))
     out = tmp_path / "rep.safetensors"
-    result = runner.invoke(app, ["extract", "--run", str(run), "--out", str(out), "--n-examples", "3", "--device", "cpu"])
+    result = runner.invoke(
+        app, ["extract", "--run", str(run), "--out", str(out), "--n-examples", "3", "--device", "cpu"]
+    )
     assert result.exit_code == 0, result.output
     assert json.loads(ckpt.read_metadata(out)["class_names"]) == list(FOLDERS)
 

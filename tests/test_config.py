@@ -18,9 +18,13 @@ from carso_cli.errors import ConfigError
 
 TABLE7 = [
     *(f"layer.0.block.{b}.conv_{k}" for b in range(4) for k in (0, 1)),
-    "layer.1.block.0.conv_0", "layer.1.block.0.conv_1", "layer.1.block.0.shortcut",
+    "layer.1.block.0.conv_0",
+    "layer.1.block.0.conv_1",
+    "layer.1.block.0.shortcut",
     *(f"layer.1.block.{b}.conv_{k}" for b in range(1, 4) for k in (0, 1)),
-    "layer.2.block.0.conv_0", "layer.2.block.0.conv_1", "layer.2.block.0.shortcut",
+    "layer.2.block.0.conv_0",
+    "layer.2.block.0.conv_1",
+    "layer.2.block.0.shortcut",
     *(f"layer.2.block.{b}.conv_{k}" for b in range(1, 4) for k in (0, 1)),
 ]
 
@@ -39,8 +43,9 @@ def test_all_presets_load() -> None:
         ("tinyimagenet", 64, 200, 768, 192, 4, "64x64", 250, 1024, 0.01, 0.0128, 1.378e-4, (32, 43)),
     ],
 )
-def test_paper_presets_hold_the_tables(name, size, classes, fcrepr, fjoint, depth, decoder, epochs, bs, frac,
-                                       plateau_lr, final_lr, beta) -> None:
+def test_paper_presets_hold_the_tables(
+    name, size, classes, fcrepr, fjoint, depth, decoder, epochs, bs, frac, plateau_lr, final_lr, beta
+) -> None:
     cfg = load_config(name)
     assert cfg.data.dataset == name and cfg.data.image_size == size and cfg.data.num_classes == classes
     assert (cfg.classifier.depth, cfg.classifier.width, cfg.classifier.activation) == (28, 10, "silu")

@@ -52,14 +52,18 @@ def reference_modules(spec: PurifierSpec) -> tuple[nn.ModuleList, nn.Sequential,
     features = 0
     for c, h, w in spec.layer_shapes:
         chans = [c, *layerwise_channels(c, spec.layerwise_depth)]
-        blocks: list[nn.Module] = [_conv_block(chans[k], chans[k + 1], spec.leaky_slope) for k in range(spec.layerwise_depth)]
+        blocks: list[nn.Module] = [
+            _conv_block(chans[k], chans[k + 1], spec.leaky_slope) for k in range(spec.layerwise_depth)
+        ]
         if spec.layerwise_depth == 3:
             blocks.append(nn.Identity())  # the authors' 4th element for 32×32 inputs
         compressors.append(nn.Sequential(*blocks))
         features += chans[-1] * (h - 2 * spec.layerwise_depth) * (w - 2 * spec.layerwise_depth)
     fcn = nn.Sequential(
         Concatenate(),
-        nn.Sequential(nn.Linear(features, spec.fcrepr, bias=False), nn.BatchNorm1d(spec.fcrepr), nn.LeakyReLU(spec.leaky_slope)),
+        nn.Sequential(
+            nn.Linear(features, spec.fcrepr, bias=False), nn.BatchNorm1d(spec.fcrepr), nn.LeakyReLU(spec.leaky_slope)
+        ),
     )
     side, out_pad, last_k = DECODER_VARIANTS[spec.decoder]
     ch = spec.decoder_channels
@@ -99,8 +103,11 @@ def randomise_(*modules: nn.Module) -> None:
 
 
 def reference_forward(
-    classifier: nn.Module, modules: tuple[nn.ModuleList, nn.Sequential, nn.Sequential],
-    layers: list[str], x: torch.Tensor, z: torch.Tensor,
+    classifier: nn.Module,
+    modules: tuple[nn.ModuleList, nn.Sequential, nn.Sequential],
+    layers: list[str],
+    x: torch.Tensor,
+    z: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The authors' inference: (reconstructions (N, B, C, H, W), logits (N, B, classes)), one z at a time."""
     compressors, fcn, decoder = modules
@@ -121,7 +128,9 @@ def published_files(tmp: Path, cfg: Config, seed: int = 0):
     randomise_(*modules)
     tmp.mkdir(parents=True, exist_ok=True)
     paths = {}
-    for role, module in zip(("classifier", "repr_compressors", "repr_fcn_compressor", "decoder"), (classifier, *modules)):
+    for role, module in zip(
+        ("classifier", "repr_compressors", "repr_fcn_compressor", "decoder"), (classifier, *modules)
+    ):
         paths[role] = tmp / f"wrn_{cfg.name}_{role}.safetensors"
         save_model(module, str(paths[role]))
     return paths, classifier, modules, spec
@@ -129,10 +138,14 @@ def published_files(tmp: Path, cfg: Config, seed: int = 0):
 
 def _args(paths: dict[str, Path]) -> list[str]:
     return [
-        "--classifier", str(paths["classifier"]),
-        "--repr-compressors", str(paths["repr_compressors"]),
-        "--repr-fcn-compressor", str(paths["repr_fcn_compressor"]),
-        "--decoder", str(paths["decoder"]),
+        "--classifier",
+        str(paths["classifier"]),
+        "--repr-compressors",
+        str(paths["repr_compressors"]),
+        "--repr-fcn-compressor",
+        str(paths["repr_fcn_compressor"]),
+        "--decoder",
+        str(paths["decoder"]),
     ]
 
 

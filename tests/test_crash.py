@@ -34,17 +34,37 @@ runner = CliRunner()
 DRIVER = Path(__file__).with_name("fault_driver.py")
 REPO = Path(__file__).resolve().parent.parent
 # 32 examples in batches of 16: 2 steps an epoch, 2 epochs, a checkpoint after each epoch.
-PURIFIER = ["data.synthetic_train_size=32", "training.batch_size=16", "training.epochs=2", "training.lookahead_k=2",
-            "attacks.pgd_steps=1"]
-CLASSIFIER = ["data.synthetic_train_size=32", "data.synthetic_test_size=20", "classifier_training.batch_size=16",
-              "classifier_training.epochs=2", "classifier_training.pgd_steps=1"]
-sets = lambda overrides: [a for s in overrides for a in ("--set", s)]
+PURIFIER = [
+    "data.synthetic_train_size=32",
+    "training.batch_size=16",
+    "training.epochs=2",
+    "training.lookahead_k=2",
+    "attacks.pgd_steps=1",
+]
+CLASSIFIER = [
+    "data.synthetic_train_size=32",
+    "data.synthetic_test_size=20",
+    "classifier_training.batch_size=16",
+    "classifier_training.epochs=2",
+    "classifier_training.pgd_steps=1",
+]
+
+
+def sets(overrides):
+    return [a for s in overrides for a in ("--set", s)]
 
 
 def run_with_fault(fault: str, argv: list[str]) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(torch.get_num_threads())}
-    return subprocess.run([sys.executable, str(DRIVER), fault, *argv], env=env, cwd=REPO, capture_output=True,
-                          text=True, timeout=300, check=False)
+    return subprocess.run(
+        [sys.executable, str(DRIVER), fault, *argv],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
 
 
 def check_loads(path: Path, ignore: list[Path] = ()) -> None:  # type: ignore[assignment]
@@ -79,8 +99,18 @@ def same_tensors(a: Path, b: Path, skip: str = "rng.") -> None:
 @pytest.fixture(scope="module")
 def whole_purifier(classifier_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("crash") / "whole"
-    argv = ["train-purifier", "--preset", "smoke", "--classifier", str(classifier_file), "--out", str(out),
-            "--device", "cpu", *sets(PURIFIER)]
+    argv = [
+        "train-purifier",
+        "--preset",
+        "smoke",
+        "--classifier",
+        str(classifier_file),
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+        *sets(PURIFIER),
+    ]
     assert runner.invoke(app, argv).exit_code == 0
     return out
 
@@ -89,8 +119,18 @@ def whole_purifier(classifier_file: Path, tmp_path_factory: pytest.TempPathFacto
 @pytest.mark.parametrize("fault", ["kill-at-step:3", "kill-in-write:last.safetensors:2"])
 def test_purifier_killed_and_resumed(tmp_path: Path, classifier_file: Path, whole_purifier: Path, fault: str) -> None:
     out = tmp_path / "run"
-    argv = ["train-purifier", "--preset", "smoke", "--classifier", str(classifier_file), "--out", str(out),
-            "--device", "cpu", *sets(PURIFIER)]
+    argv = [
+        "train-purifier",
+        "--preset",
+        "smoke",
+        "--classifier",
+        str(classifier_file),
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+        *sets(PURIFIER),
+    ]
     killed = run_with_fault(fault, argv)
     assert killed.returncode == -9, killed.stdout[-2000:] + killed.stderr[-2000:]
     assert tr.load_training_state(out / tp.CHECKPOINT, "purifier").position == tr.Position(1, 0)
@@ -111,7 +151,10 @@ def test_purifier_killed_and_resumed(tmp_path: Path, classifier_file: Path, whol
 @pytest.mark.slow
 def test_classifier_killed_while_writing_and_resumed(tmp_path: Path) -> None:
     whole, out = tmp_path / "whole.safetensors", tmp_path / "cut.safetensors"
-    argv = lambda o: ["train-classifier", "--preset", "smoke", "--out", str(o), "--device", "cpu", *sets(CLASSIFIER)]
+
+    def argv(o):
+        return ["train-classifier", "--preset", "smoke", "--out", str(o), "--device", "cpu", *sets(CLASSIFIER)]
+
     assert runner.invoke(app, argv(whole)).exit_code == 0
     killed = run_with_fault("kill-in-write:cut.state.safetensors:2", argv(out))
     assert killed.returncode == -9, killed.stdout[-2000:] + killed.stderr[-2000:]
@@ -129,8 +172,27 @@ def test_classifier_killed_while_writing_and_resumed(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_evaluation_killed_while_writing_and_resumed(tiny_run: Path) -> None:
-    args = ["eval", "--run", str(tiny_run), "--attack", "pgd-eot", "--n-examples", "6", "--batch-size", "2",
-            "--samples", "2", "--steps", "2", "--eot", "1", "--repeats", "2", "--device", "cpu"]
+    args = [
+        "eval",
+        "--run",
+        str(tiny_run),
+        "--attack",
+        "pgd-eot",
+        "--n-examples",
+        "6",
+        "--batch-size",
+        "2",
+        "--samples",
+        "2",
+        "--steps",
+        "2",
+        "--eot",
+        "1",
+        "--repeats",
+        "2",
+        "--device",
+        "cpu",
+    ]
     assert runner.invoke(app, [*args, "--name", "whole"]).exit_code == 0
     killed = run_with_fault("kill-in-write:batch-*.json:2", [*args, "--name", "cut"])
     assert killed.returncode == -9, killed.stdout[-2000:] + killed.stderr[-2000:]
@@ -149,12 +211,25 @@ def test_evaluation_killed_while_writing_and_resumed(tiny_run: Path) -> None:
 # ----------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("code, what", [(errno.ENOSPC, "no space left on device"), (errno.EROFS, "read-only file system")])
-def test_disk_full_while_writing_a_checkpoint(tmp_path: Path, classifier_file: Path, whole_purifier: Path,
-                                             monkeypatch: pytest.MonkeyPatch, code: int, what: str) -> None:
+@pytest.mark.parametrize(
+    "code, what", [(errno.ENOSPC, "no space left on device"), (errno.EROFS, "read-only file system")]
+)
+def test_disk_full_while_writing_a_checkpoint(
+    tmp_path: Path, classifier_file: Path, whole_purifier: Path, monkeypatch: pytest.MonkeyPatch, code: int, what: str
+) -> None:
     out = tmp_path / "run"
-    argv = ["train-purifier", "--preset", "smoke", "--classifier", str(classifier_file), "--out", str(out),
-            "--device", "cpu", *sets(PURIFIER)]
+    argv = [
+        "train-purifier",
+        "--preset",
+        "smoke",
+        "--classifier",
+        str(classifier_file),
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+        *sets(PURIFIER),
+    ]
     real, writes = ckpt.save_file, [0]
 
     def save_file(tensors, filename, metadata=None):
@@ -205,8 +280,12 @@ def tmpfs(folder: Path, size: str) -> Iterator[Path]:
     if os.geteuid() != 0:
         pytest.skip("mounting a tmpfs (a real full disk) needs root")
     folder.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
-                             capture_output=True, text=True, check=False)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip() or mounted.returncode}")
     try:
@@ -226,8 +305,18 @@ def test_real_full_disk_keeps_the_last_checkpoint(tmp_path: Path, classifier_fil
     stays until the new one is complete). After the disk grows, --resume ends where a whole run ends."""
     with tmpfs(tmp_path / "disk", "9m") as disk:
         out = disk / "run"
-        argv = ["train-purifier", "--preset", "smoke", "--classifier", str(classifier_file), "--out", str(out),
-                "--device", "cpu", *sets(PURIFIER)]
+        argv = [
+            "train-purifier",
+            "--preset",
+            "smoke",
+            "--classifier",
+            str(classifier_file),
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+            *sets(PURIFIER),
+        ]
         full = run_with_fault("none", argv)
         assert full.returncode == 1, full.stdout[-2000:] + full.stderr[-2000:]
         line = " ".join(full.stderr.split())
@@ -253,8 +342,21 @@ def test_real_full_disk_at_the_first_checkpoint(tmp_path: Path, classifier_file:
     what went."""
     with tmpfs(tmp_path / "disk", "4m") as disk:
         out = disk / "run"
-        full = run_with_fault("none", ["train-purifier", "--preset", "smoke", "--classifier", str(classifier_file),
-                                       "--out", str(out), "--device", "cpu", *sets(PURIFIER)])
+        full = run_with_fault(
+            "none",
+            [
+                "train-purifier",
+                "--preset",
+                "smoke",
+                "--classifier",
+                str(classifier_file),
+                "--out",
+                str(out),
+                "--device",
+                "cpu",
+                *sets(PURIFIER),
+            ],
+        )
         assert full.returncode == 1, full.stdout[-2000:] + full.stderr[-2000:]
         line = " ".join(full.stderr.split())
         assert line.startswith(f"error: no space left on device while writing {out / tp.CHECKPOINT} ("), line
@@ -271,9 +373,32 @@ def test_real_full_disk_saving_adversarial_examples(tiny_run: Path, tmp_path: Pa
     own results (on another disk) are complete; nothing partial on the full one."""
     with tmpfs(tmp_path / "disk", "16k") as disk:
         target = disk / "adv.safetensors"
-        full = run_with_fault("none", ["eval", "--run", str(tiny_run), "--attack", "pgd-eot", "--n-examples", "2",
-                                       "--batch-size", "2", "--samples", "2", "--steps", "1", "--eot", "1",
-                                       "--repeats", "1", "--device", "cpu", "--save-adversarial", str(target)])
+        full = run_with_fault(
+            "none",
+            [
+                "eval",
+                "--run",
+                str(tiny_run),
+                "--attack",
+                "pgd-eot",
+                "--n-examples",
+                "2",
+                "--batch-size",
+                "2",
+                "--samples",
+                "2",
+                "--steps",
+                "1",
+                "--eot",
+                "1",
+                "--repeats",
+                "1",
+                "--device",
+                "cpu",
+                "--save-adversarial",
+                str(target),
+            ],
+        )
         assert full.returncode == 1, full.stdout[-2000:] + full.stderr[-2000:]
         line = " ".join(full.stderr.split())
         assert line.startswith(f"error: no space left on device while writing {target} ("), line
@@ -313,12 +438,37 @@ def test_a_rank_killed_mid_epoch(tmp_path: Path, classifier_file: Path) -> None:
     then finishes the run. Not rank 0's traceback, nor torchrun's report."""
     out = tmp_path / "run"
     # 64 examples in batches of 16: 4 steps an epoch, 3 epochs.
-    argv = ["train-purifier", "--gpus", "2", "--device", "cpu", "--preset", "smoke", "--classifier", str(classifier_file),
-            "--out", str(out), *sets(["data.synthetic_train_size=64", "training.batch_size=16", "training.epochs=3",
-                                      "training.lookahead_k=2", "attacks.pgd_steps=1"])]
+    argv = [
+        "train-purifier",
+        "--gpus",
+        "2",
+        "--device",
+        "cpu",
+        "--preset",
+        "smoke",
+        "--classifier",
+        str(classifier_file),
+        "--out",
+        str(out),
+        *sets(
+            [
+                "data.synthetic_train_size=64",
+                "training.batch_size=16",
+                "training.epochs=3",
+                "training.lookahead_k=2",
+                "attacks.pgd_steps=1",
+            ]
+        ),
+    ]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    job = subprocess.Popen([sys.executable, "-m", "carso_cli", *argv], env=env, cwd=tmp_path, text=True,
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    job = subprocess.Popen(
+        [sys.executable, "-m", "carso_cli", *argv],
+        env=env,
+        cwd=tmp_path,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     try:
         deadline = time.monotonic() + 240
         while not (out / tp.CHECKPOINT).exists():  # epoch 0 is done: rank 1 is into epoch 1
@@ -334,9 +484,12 @@ def test_a_rank_killed_mid_epoch(tmp_path: Path, classifier_file: Path) -> None:
     assert job.returncode == 1, stdout[-2000:] + stderr[-2000:]
     lines = [line for line in stderr.splitlines() if line.strip()]
     assert len(lines) == 1, stderr
-    said = re.fullmatch(rf"error: rank 1 \(pid {pid}\) was killed by SIGKILL, without an error of its own; the other "
-                        r"ranks were stopped; the last checkpoint, epoch (\d+), is intact \((.+)\); continue with: "
-                        r"(carso train-purifier .* --resume)", lines[0])
+    said = re.fullmatch(
+        rf"error: rank 1 \(pid {pid}\) was killed by SIGKILL, without an error of its own; the other "
+        r"ranks were stopped; the last checkpoint, epoch (\d+), is intact \((.+)\); continue with: "
+        r"(carso train-purifier .* --resume)",
+        lines[0],
+    )
     assert said is not None, lines[0]
     assert said.group(2) == str(out / tp.CHECKPOINT)
     epoch = int(said.group(1))
@@ -345,8 +498,15 @@ def test_a_rank_killed_mid_epoch(tmp_path: Path, classifier_file: Path) -> None:
     check_loads(out)
 
     again = shlex.split(said.group(3))
-    resumed = subprocess.run([sys.executable, "-m", "carso_cli", *again[1:]], env=env, cwd=tmp_path, text=True,
-                             capture_output=True, timeout=300, check=False)
+    resumed = subprocess.run(
+        [sys.executable, "-m", "carso_cli", *again[1:]],
+        env=env,
+        cwd=tmp_path,
+        text=True,
+        capture_output=True,
+        timeout=300,
+        check=False,
+    )
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
     assert f"resumed from epoch {epoch}, batch 0" in resumed.stdout
     assert [r["epoch"] for r in tr.read_metrics(out / ckpt.METRICS_FILE)] == [0, 1, 2]

@@ -14,9 +14,9 @@ from carso_cli.config import Config, load_config
 from carso_cli.data import (
     SyntheticDataset,
     build_dataset,
-    train_augmentation,
     dataset_class_names,
     make_loader,
+    train_augmentation,
 )
 from carso_cli.errors import DataError
 
@@ -68,7 +68,7 @@ def test_synthetic_is_learnable_but_noisy(one_thread) -> None:
     torch.manual_seed(0)
     model = torch.nn.Linear(x.shape[1], 10)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    for step in range(150):
+    for _step in range(150):
         idx = torch.randint(0, len(x), (128,))
         loss = F.cross_entropy(model(x[idx] - 0.5), y[idx])
         opt.zero_grad()

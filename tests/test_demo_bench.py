@@ -10,30 +10,51 @@ import pytest
 from rich.console import Console
 from typer.testing import CliRunner
 
+from carso_cli import zoo
 from carso_cli.cli import app
 from carso_cli.commands import demo
 from carso_cli.commands._common import load_preset
 from carso_cli.commands.demo import DemoSizes
-from carso_cli import zoo
 from carso_cli.config import list_presets
 
 runner = CliRunner()
 
 # The smoke preset shrunk further so the whole chain takes seconds: the point is the wiring.
 TINY = [
-    "--set", "data.synthetic_train_size=256", "--set", "data.synthetic_test_size=64",
-    "--set", "training.epochs=1", "--set", "training.warmup_epochs=0", "--set", "training.plateau_epochs=1",
-    "--set", "training.annealing_epochs=0", "--set", "training.batch_size=64",
-    "--set", "classifier_training.epochs=1", "--set", "classifier_training.batch_size=64",
-    "--set", "attacks.pgd_steps=1", "--set", "classifier_training.pgd_steps=1",
-    "--set", "attacks.randaa_eot_iterations=1", "--set", "inference.samples=2",
+    "--set",
+    "data.synthetic_train_size=256",
+    "--set",
+    "data.synthetic_test_size=64",
+    "--set",
+    "training.epochs=1",
+    "--set",
+    "training.warmup_epochs=0",
+    "--set",
+    "training.plateau_epochs=1",
+    "--set",
+    "training.annealing_epochs=0",
+    "--set",
+    "training.batch_size=64",
+    "--set",
+    "classifier_training.epochs=1",
+    "--set",
+    "classifier_training.batch_size=64",
+    "--set",
+    "attacks.pgd_steps=1",
+    "--set",
+    "classifier_training.pgd_steps=1",
+    "--set",
+    "attacks.randaa_eot_iterations=1",
+    "--set",
+    "inference.samples=2",
 ]
 
 
 def test_demo_sizes_fit_the_five_minute_budget() -> None:
     """The sizes measured for BENCHMARKS.md's demo row; a change must be re-measured (≤ 5 min on 2 cores)."""
-    assert DemoSizes() == DemoSizes(n_examples=32, batch_size=32, steps=10, eot=2, repeats=2, queries=100,
-                                    indicator_examples=8)
+    assert DemoSizes() == DemoSizes(
+        n_examples=32, batch_size=32, steps=10, eot=2, repeats=2, queries=100, indicator_examples=8
+    )
     text = DemoSizes().describe(load_preset("smoke", None))
     assert "32 examples, 10 steps, EoT 2, 2 repeats, Square 100 queries, indicators on 8 examples" in text
     assert "classifier 4 epochs, purifier 6 epochs on 2000 synthetic images" in text
@@ -56,11 +77,16 @@ def test_demo_runs_the_whole_pipeline(tmp_path: Path) -> None:
     console = Console(file=buffer, width=300)  # one line per printed sentence
     sizes = DemoSizes(n_examples=4, batch_size=4, steps=1, eot=1, repeats=1, queries=5, indicator_examples=2)
     cfg = load_preset("smoke", [s for s in TINY if s != "--set"])
-    result = demo.run(cfg, out, sizes=sizes, device="cpu", console=console)
+    demo.run(cfg, out, sizes=sizes, device="cpu", console=console)
     console.print(demo.closing_panel())
     text = buffer.getvalue()
-    for name in ("config.toml", "classifier.safetensors", "purifier.safetensors", "metrics.jsonl",
-                 "adversarial-classifier.safetensors"):
+    for name in (
+        "config.toml",
+        "classifier.safetensors",
+        "purifier.safetensors",
+        "metrics.jsonl",
+        "adversarial-classifier.safetensors",
+    ):
         assert (out / name).is_file(), name
     assert "4 examples, 1 steps, EoT 1, 1 repeats, Square 5 queries, indicators on 2 examples" in text
     header = next(line for line in text.splitlines() if "AT/Cl" in line)
@@ -80,8 +106,10 @@ def test_demo_runs_the_whole_pipeline(tmp_path: Path) -> None:
 
 
 def test_bench_attack_reports_throughput() -> None:
-    result = runner.invoke(app, ["bench", "attack", "--preset", "smoke", "--batch-size", "4", "--batches", "1",
-                                 "--device", "cpu", "--json"])
+    result = runner.invoke(
+        app,
+        ["bench", "attack", "--preset", "smoke", "--batch-size", "4", "--batches", "1", "--device", "cpu", "--json"],
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["what"] == "attack" and report["example_gradients_per_s"] > 0
@@ -92,8 +120,26 @@ def test_bench_attack_reports_throughput() -> None:
 
 @pytest.mark.slow
 def test_bench_train_reports_throughput() -> None:
-    result = runner.invoke(app, ["bench", "train", "--preset", "smoke", "--batch-size", "16", "--batches", "1",
-                                 "--device", "cpu", "--json", "--set", "attacks.pgd_steps=1", "--micro-batch", "8"])
+    result = runner.invoke(
+        app,
+        [
+            "bench",
+            "train",
+            "--preset",
+            "smoke",
+            "--batch-size",
+            "16",
+            "--batches",
+            "1",
+            "--device",
+            "cpu",
+            "--json",
+            "--set",
+            "attacks.pgd_steps=1",
+            "--micro-batch",
+            "8",
+        ],
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["what"] == "train" and report["images_per_s"] > 0 and report["batch_size"] == 16

@@ -43,7 +43,10 @@ def test_eval_autoattack_table_and_results_file(trained_copy: Path) -> None:
         assert column in out
     # The library's own log goes to a file in the eval directory, summarised in one line on screen.
     assert "auto-attack: using rand version" not in out and "AutoAttack's log:" in out
-    assert "using rand version including apgd-ce, apgd-dlr" in (tiny_run / "eval" / "autoattack" / "autoattack.log").read_text()
+    assert (
+        "using rand version including apgd-ce, apgd-dlr"
+        in (tiny_run / "eval" / "autoattack" / "autoattack.log").read_text()
+    )
     assert "using standard version" in (tiny_run / "eval" / "autoattack" / "autoattack.log").read_text()
     r = _results(tiny_run, "autoattack")
     assert r["format"] == "carso-eval/1" and r["n_examples"] == 12 and r["batches"] == 2
@@ -73,12 +76,31 @@ def test_eval_adaptive_is_the_default_for_carso_and_resumes(trained_copy: Path) 
     # A margin, not the default 0.1 (one example of 8 would cross it): a normal model has about none of its
     # examples saturated on dexp (0/8 measured), the ×20 model of test_adaptive most; 0.3 needs 3 of 8, so a
     # reseeded smoke model does not flip the no-false-alarm assertions below (issue 23).
-    args = ["--target", "carso", "--n-examples", "8", "--batch-size", "4", "--samples", "4",
-            "--saturation-threshold", "0.3"]
+    args = [
+        "--target",
+        "carso",
+        "--n-examples",
+        "8",
+        "--batch-size",
+        "4",
+        "--samples",
+        "4",
+        "--saturation-threshold",
+        "0.3",
+    ]
     code, out = _eval(run, *args)
     assert code == 0, out
-    for column in ("C/Cl", "C/randAA", "C/adaptive", "saturated", "adaptive evaluation", "broke first",
-                   "randAA on dexp-logsum", "PGD+EoT on dexp-logsum", "transfer:"):
+    for column in (
+        "C/Cl",
+        "C/randAA",
+        "C/adaptive",
+        "saturated",
+        "adaptive evaluation",
+        "broke first",
+        "randAA on dexp-logsum",
+        "PGD+EoT on dexp-logsum",
+        "transfer:",
+    ):
         assert column in out, column
     assert "warning: the cross-entropy gradient" not in out  # the tool does not cry wolf
     r = _results(run, "adaptive")
@@ -87,12 +109,19 @@ def test_eval_adaptive_is_the_default_for_carso_and_resumes(trained_copy: Path) 
     sat = r["saturation"]
     assert set(sat["surfaces"]) == {"dexp", "dexp-logsum", "dexp-authors"}
     assert not {"dexp", "dexp-logsum"} & set(sat["flagged"])  # the authors' surface may be: a finding
-    assert [a["attack"] for a in block["attacks"]] == ["randaa", "randaa-logsum", "pgd-eot-logsum",
-                                                      "transfer-classifier", "transfer-logit"]
+    assert [a["attack"] for a in block["attacks"]] == [
+        "randaa",
+        "randaa-logsum",
+        "pgd-eot-logsum",
+        "transfer-classifier",
+        "transfer-logit",
+    ]
     # Every example right on the clean draw is either broken first by exactly one attack or robust.
     clean = sum(flags["carso_clean"])
     assert sum(a["broken_first"] for a in block["attacks"]) + block["worst_case"]["correct"] == clean
-    assert block["attacks"][-1]["robust_after"] == block["worst_case"]["correct"] == r["metrics"]["C/adaptive"]["correct"]
+    assert (
+        block["attacks"][-1]["robust_after"] == block["worst_case"]["correct"] == r["metrics"]["C/adaptive"]["correct"]
+    )
     assert all(a <= b for a, b in zip(flags["carso_adaptive"], flags["carso_randaa"]))
     # C/randAA is the paper's protocol, unchanged.
     code, out = _eval(run, *args, "--attack", "autoattack")

@@ -57,7 +57,7 @@ def test_draws_do_not_depend_on_batching(models) -> None:
         for idx in parts:
             sampler = ev.ExampleSeededSampler(7, ev.STREAM_CLEAN).bind(idx)
             with ev.seeded_latents(carso, sampler), torch.no_grad():
-                out.append(carso(x[idx.start:idx.stop]))
+                out.append(carso(x[idx.start : idx.stop]))
         return torch.cat(out)
 
     whole, split = scores([range(6)]), scores([range(2), range(2, 5), range(5, 6)])
@@ -70,16 +70,19 @@ def test_autoattack_wrapper_eps_ball_and_extremes(models) -> None:
     x = torch.rand(6, 3, 32, 32)
     y = classifier(x).argmax(1)  # every example starts correct
     cpu = torch.device("cpu")
-    none = ev.autoattack_flags(classifier, x, y, eps=0.0, version="custom", attacks=["apgd-ce"], seed=0,
-                               device=cpu, steps=3)
+    none = ev.autoattack_flags(
+        classifier, x, y, eps=0.0, version="custom", attacks=["apgd-ce"], seed=0, device=cpu, steps=3
+    )
     assert none.flags.all()
     # The standard version (APGD-CE, APGD-T, FAB-T, Square): at ε = 1 every input can become any image,
     # so APGD-CE breaks everything and the library skips the rest.
-    full = ev.autoattack_flags(classifier, x, y, eps=1.0, version="standard", seed=0, device=cpu, steps=3,
-                               square_queries=5)
+    full = ev.autoattack_flags(
+        classifier, x, y, eps=1.0, version="standard", seed=0, device=cpu, steps=3, square_queries=5
+    )
     assert not full.flags.any()
-    some = ev.autoattack_flags(classifier, x, y, eps=4 / 255, version="custom", attacks=["apgd-ce"], seed=0,
-                               device=cpu, steps=3)
+    some = ev.autoattack_flags(
+        classifier, x, y, eps=4 / 255, version="custom", attacks=["apgd-ce"], seed=0, device=cpu, steps=3
+    )
     assert (some.x_adv - x).abs().max() <= 4 / 255 + 1e-6
     assert torch.equal(some.flags, classifier(some.x_adv).argmax(1) == y)
 
@@ -100,7 +103,9 @@ def test_randaa_keeps_candidates_and_eot(models) -> None:
     broken = ~res.flags
     same = (res.candidates == res.x_adv[None]).flatten(2).all(dim=2)  # (K, B)
     assert same[:, broken].any(dim=0).all()
-    assert torch.equal(res.point[broken], res.x_adv[broken]) and torch.equal(res.point[~broken], res.candidates[0, ~broken])
+    assert torch.equal(res.point[broken], res.x_adv[broken]) and torch.equal(
+        res.point[~broken], res.candidates[0, ~broken]
+    )
 
 
 def test_apgd_iterations_match_the_library() -> None:

@@ -22,20 +22,43 @@ LAYERS = ["layer.0.block.0.conv_0", "layer.2.block.0.conv_1"]
 
 def test_extract_attacked_file_and_table(tiny_run: Path, tmp_path: Path) -> None:
     out = tmp_path / "rep.safetensors"
-    result = runner.invoke(app, [
-        "extract", "--run", str(tiny_run), "--n-examples", "6", "--batch-size", "4", "--attack", "fgsm",
-        "--eps", "8/255", "--layers", ",".join(reversed(LAYERS)), "--out", str(out), "--dtype", "float16",
-        "--device", "cpu",
-    ])
+    result = runner.invoke(
+        app,
+        [
+            "extract",
+            "--run",
+            str(tiny_run),
+            "--n-examples",
+            "6",
+            "--batch-size",
+            "4",
+            "--attack",
+            "fgsm",
+            "--eps",
+            "8/255",
+            "--layers",
+            ",".join(reversed(LAYERS)),
+            "--out",
+            str(out),
+            "--dtype",
+            "float16",
+            "--device",
+            "cpu",
+        ],
+    )
     assert result.exit_code == 0, result.output
     for text in (*LAYERS, "6×16×32×32", "6×64×8×8", "mean relative L2 change", "fgsm"):
         assert text in result.output
     tensors, meta = ckpt.load_tensors(out)
     assert json.loads(meta["layers"]) == LAYERS  # execution order, whatever order they were given in
     assert meta["attack"] == "fgsm" and float(meta["eps"]) == 8 / 255 and meta["dtype"] == "float16"
-    assert set(tensors) == {"inputs", "labels", "adversarial_inputs",
-                            *(f"representation/{n}" for n in LAYERS),
-                            *(f"adversarial_representation/{n}" for n in LAYERS)}
+    assert set(tensors) == {
+        "inputs",
+        "labels",
+        "adversarial_inputs",
+        *(f"representation/{n}" for n in LAYERS),
+        *(f"adversarial_representation/{n}" for n in LAYERS),
+    }
     x, y, x_adv = tensors["inputs"], tensors["labels"], tensors["adversarial_inputs"]
     cfg = load_config("smoke")
     ds = build_dataset(cfg, "test")
@@ -58,10 +81,22 @@ def test_extract_attacked_file_and_table(tiny_run: Path, tmp_path: Path) -> None
 
 def test_extract_clean_with_preset_and_classifier(tiny_run: Path, tmp_path: Path) -> None:
     out = tmp_path / "clean.safetensors"
-    result = runner.invoke(app, [
-        "extract", "--preset", "smoke", "--classifier", str(tiny_run / ckpt.CLASSIFIER_FILE),
-        "--n-examples", "3", "--out", str(out), "--device", "cpu",
-    ])
+    result = runner.invoke(
+        app,
+        [
+            "extract",
+            "--preset",
+            "smoke",
+            "--classifier",
+            str(tiny_run / ckpt.CLASSIFIER_FILE),
+            "--n-examples",
+            "3",
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+        ],
+    )
     assert result.exit_code == 0, result.output
     tensors, meta = ckpt.load_tensors(out)
     layers = json.loads(meta["layers"])

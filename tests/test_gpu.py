@@ -23,14 +23,36 @@ from carso_cli.models import build_classifier, load_run
 
 pytestmark = pytest.mark.gpu
 runner = CliRunner()
-TINY = ["--set", "data.synthetic_train_size=64", "--set", "training.batch_size=32", "--set", "training.epochs=1",
-        "--set", "attacks.pgd_steps=2"]
+TINY = [
+    "--set",
+    "data.synthetic_train_size=64",
+    "--set",
+    "training.batch_size=32",
+    "--set",
+    "training.epochs=1",
+    "--set",
+    "attacks.pgd_steps=2",
+]
 
 
 def _train(tmp_path: Path, classifier_file: Path, name: str, *extra: str) -> Path:
     out = tmp_path / name
-    result = runner.invoke(app, ["train-purifier", "--preset", "smoke", "--classifier", str(classifier_file),
-                                 "--out", str(out), "--device", "cuda", *TINY, *extra])
+    result = runner.invoke(
+        app,
+        [
+            "train-purifier",
+            "--preset",
+            "smoke",
+            "--classifier",
+            str(classifier_file),
+            "--out",
+            str(out),
+            "--device",
+            "cuda",
+            *TINY,
+            *extra,
+        ],
+    )
     assert result.exit_code == 0, result.output
     return out
 
@@ -57,8 +79,24 @@ def test_inductor_compiled_training_runs_and_stays_close(tmp_path: Path, classif
     """``--compile inductor`` on CUDA: compiles (no fallback line), and the purifier is the eager one up to
     the rounding of fused kernels (float32, one epoch)."""
     out = tmp_path / "compiled"
-    result = runner.invoke(app, ["train-purifier", "--preset", "smoke", "--classifier", str(classifier_file),
-                                 "--out", str(out), "--device", "cuda", *TINY, "--no-bf16", "--compile", "inductor"])
+    result = runner.invoke(
+        app,
+        [
+            "train-purifier",
+            "--preset",
+            "smoke",
+            "--classifier",
+            str(classifier_file),
+            "--out",
+            str(out),
+            "--device",
+            "cuda",
+            *TINY,
+            "--no-bf16",
+            "--compile",
+            "inductor",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "continuing without it" not in result.output
     eager = _train(tmp_path, classifier_file, "eager", "--no-bf16")
@@ -86,16 +124,48 @@ def test_auto_attack_chunk_fits_and_trains(tmp_path: Path, classifier_file: Path
 def test_nccl_one_gpu_and_syncbatchnorm(tmp_path: Path, classifier_file: Path) -> None:
     """``--gpus 1`` under torchrun uses NCCL and converts BatchNorm to SyncBatchNorm on one process."""
     out = tmp_path / "nccl"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "-m", "carso_cli", "train-purifier",
-           "--preset", "smoke", "--classifier", str(classifier_file), "--out", str(out), "--device", "cuda", *TINY]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "1",
+        "-m",
+        "carso_cli",
+        "train-purifier",
+        "--preset",
+        "smoke",
+        "--classifier",
+        str(classifier_file),
+        "--out",
+        str(out),
+        "--device",
+        "cuda",
+        *TINY,
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (out / ckpt.PURIFIER_FILE).is_file()
 
 
 def test_bench_reports_peak_memory_on_cuda() -> None:
-    result = runner.invoke(app, ["bench", "attack", "--preset", "smoke", "--batch-size", "8", "--batches", "2",
-                                 "--device", "cuda", "--json", "--bf16"])
+    result = runner.invoke(
+        app,
+        [
+            "bench",
+            "attack",
+            "--preset",
+            "smoke",
+            "--batch-size",
+            "8",
+            "--batches",
+            "2",
+            "--device",
+            "cuda",
+            "--json",
+            "--bf16",
+        ],
+    )
     assert result.exit_code == 0, result.output
     record = json.loads(result.output.strip().splitlines()[-1])
     assert record["peak_memory_bytes"] > 0

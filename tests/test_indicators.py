@@ -96,7 +96,7 @@ def corner(model: Linear, x: torch.Tensor, y: torch.Tensor, eps: float) -> torch
     """The exact worst case of the linear model in the ℓ∞ ball: x + ε sign(w_j − w_y) for the nearest class j."""
     w, b = model.fc.weight.detach(), model.fc.bias.detach()
     logits = x.flatten(1) @ w.T + b
-    direction = (w[None, :, :] - w[y][:, None, :])  # (B, C, P)
+    direction = w[None, :, :] - w[y][:, None, :]  # (B, C, P)
     reach = logits - logits.gather(1, y[:, None]) + eps * direction.abs().sum(dim=2)
     reach[torch.arange(len(y)), y] = -float("inf")
     j = reach.argmax(dim=1)
@@ -108,6 +108,7 @@ def corner(model: Linear, x: torch.Tensor, y: torch.Tensor, eps: float) -> torch
 # judge reproduction
 # --------------------------------------------------------------------------------------------------
 
+
 def test_reproduction_trips_when_the_judge_is_not_the_attacked_model(data) -> None:
     model, x, y, idx = data
     points = corner(model, x, y, 0.1)  # 0.1 < 1/8: below the quantisation step
@@ -118,7 +119,9 @@ def test_reproduction_trips_when_the_judge_is_not_the_attacked_model(data) -> No
     assert wrong_judge.failed and wrong_judge.not_reproduced == [i for i in idx if broken[i]]
     assert wrong_judge.breaks == int(broken.sum())
     right_judge = ind.judge_reproduction(model, points, y, idx, broken, seed=0, repeats=2)
-    assert right_judge.status == "pass" and right_judge.not_reproduced == [] and right_judge.breaks == wrong_judge.breaks
+    assert (
+        right_judge.status == "pass" and right_judge.not_reproduced == [] and right_judge.breaks == wrong_judge.breaks
+    )
 
 
 def test_reproduction_lists_library_draw_breaks_apart(data) -> None:
@@ -135,16 +138,19 @@ def test_reproduction_lists_library_draw_breaks_apart(data) -> None:
 # unbounded attack
 # --------------------------------------------------------------------------------------------------
 
+
 def test_unbounded_attack_trips_on_a_zero_gradient_model(data) -> None:
     model, x, y, idx = data
     s = ind.unbounded_settings(ev.EvalSettings(pgd_steps=4, pgd_eot=1))
     assert s.eps == 0.5 and s.pgd_step_size == pytest.approx(2.5 * 0.5 / 4)
     masked = ZeroGradient(model)
-    blind = ind.unbounded_attack(masked, ind.attack_fn("pgd-eot-logsum", masked, masked, s, torch.device("cpu")),
-                                 x, y, idx, seed=0, repeats=1)
+    blind = ind.unbounded_attack(
+        masked, ind.attack_fn("pgd-eot-logsum", masked, masked, s, torch.device("cpu")), x, y, idx, seed=0, repeats=1
+    )
     assert blind.failed and blind.survived == blind.attacked == 12
-    healthy = ind.unbounded_attack(model, ind.attack_fn("pgd-eot-logsum", model, model, s, torch.device("cpu")),
-                                   x, y, idx, seed=0, repeats=1)
+    healthy = ind.unbounded_attack(
+        model, ind.attack_fn("pgd-eot-logsum", model, model, s, torch.device("cpu")), x, y, idx, seed=0, repeats=1
+    )
     assert healthy.status == "pass" and healthy.survived <= 1
     assert ind.Unbounded().status == "n/a"
 
@@ -152,6 +158,7 @@ def test_unbounded_attack_trips_on_a_zero_gradient_model(data) -> None:
 # --------------------------------------------------------------------------------------------------
 # non-convergence
 # --------------------------------------------------------------------------------------------------
+
 
 def early_stopping(model: Linear, eps: float, fraction: float):
     """A fake attack that stops early: it goes only ``fraction`` of the way to the worst case."""
@@ -164,8 +171,9 @@ def test_non_convergence_trips_on_an_attack_that_stops_early(data) -> None:
     points = early_stopping(model, eps, 0.5)(x, y, idx)  # budget 1×: half of the way
     with torch.no_grad():
         survived = model(points).argmax(dim=1) == y
-    result = ind.non_convergence(model, early_stopping(model, eps, 1.0), x, points, y, idx, survived, seed=0,
-                                 repeats=2)  # budget 2×: all of the way
+    result = ind.non_convergence(
+        model, early_stopping(model, eps, 1.0), x, points, y, idx, survived, seed=0, repeats=2
+    )  # budget 2×: all of the way
     assert result.failed and result.broken >= 1 and result.noise == 0.0  # deterministic: no draw noise
     assert result.drop == pytest.approx(result.broken / 12) and result.loss_rise > 0
 
@@ -177,8 +185,7 @@ def test_non_convergence_stays_quiet_on_a_converged_attack(data) -> None:
     with torch.no_grad():
         survived = model(points).argmax(dim=1) == y
     assert 3 <= survived.sum() <= 9
-    result = ind.non_convergence(model, early_stopping(model, eps, 1.0), x, points, y, idx, survived, seed=0,
-                                 repeats=2)
+    result = ind.non_convergence(model, early_stopping(model, eps, 1.0), x, points, y, idx, survived, seed=0, repeats=2)
     assert result.status == "pass" and result.broken == 0 and result.loss_rise == pytest.approx(0.0, abs=1e-9)
 
 
@@ -193,13 +200,25 @@ def test_convergence_noise_comes_from_the_repeats() -> None:
 # transfer beats white-box
 # --------------------------------------------------------------------------------------------------
 
+
 def test_transfer_beats_whitebox_on_a_zero_gradient_model(data) -> None:
     """The adaptive evaluation on a gradient-masked model: the white-box attacks are blind, the transfer from
     the smooth classifier with the same decisions breaks what they left."""
     model, x, y, idx = data
     eps = float(needed_eps(model, x, y).median())
-    s = ev.EvalSettings(attack="adaptive", targets=["carso"], eps=eps, n_examples=12, batch_size=12, repeats=1,
-                        aa_steps=5, aa_eot=1, pgd_steps=5, pgd_step_size=eps / 2, pgd_eot=1)
+    s = ev.EvalSettings(
+        attack="adaptive",
+        targets=["carso"],
+        eps=eps,
+        n_examples=12,
+        batch_size=12,
+        repeats=1,
+        aa_steps=5,
+        aa_eot=1,
+        pgd_steps=5,
+        pgd_step_size=eps / 2,
+        pgd_eot=1,
+    )
     clean = torch.ones(12, dtype=torch.bool)
     cpu = torch.device("cpu")
 
@@ -215,8 +234,13 @@ def test_transfer_beats_whitebox_on_a_zero_gradient_model(data) -> None:
 
 def test_transfer_counts_only_what_every_white_box_attack_left() -> None:
     # #1 was broken by a white-box attack (pgd-eot-logsum), so a transfer break there does not count.
-    flags = {"randaa": [1, 1, 0, -1], "randaa-logsum": [1, 1, -1, -1], "pgd-eot-logsum": [1, 0, -1, -1],
-             "transfer-classifier": [0, 0, -1, -1], "square": [1, -1, -1, -1]}
+    flags = {
+        "randaa": [1, 1, 0, -1],
+        "randaa-logsum": [1, 1, -1, -1],
+        "pgd-eot-logsum": [1, 0, -1, -1],
+        "transfer-classifier": [0, 0, -1, -1],
+        "square": [1, -1, -1, -1],
+    }
     t = ind.transfer_beats_whitebox(flags)
     assert (t["transfer-classifier"].broken, t["transfer-classifier"].examples) == (1, 4)
     assert t["square"].broken == 0 and t["square"].status == "pass" and t["transfer-classifier"].failed
@@ -225,6 +249,7 @@ def test_transfer_counts_only_what_every_white_box_attack_left() -> None:
 # --------------------------------------------------------------------------------------------------
 # EoT noise
 # --------------------------------------------------------------------------------------------------
+
 
 def test_implied_eot_reaches_the_target_agreement() -> None:
     for rho in (0.05, 0.3, 0.5, 0.9):
@@ -257,10 +282,17 @@ def test_eot_noise_counts_zero_gradients_as_undefined(data) -> None:
 # Summary, the smoke evaluation through the CLI, and carso sanity
 # --------------------------------------------------------------------------------------------------
 
+
 def test_summary_merges_batches_and_lists_the_failed() -> None:
-    part = {"attacks": {"randaa": {"reproduction": {"breaks": 2, "not_reproduced": [], "library_draw_only": []},
-                                   "unbounded": {"attacked": 2, "survived": 1, "eps": 0.5, "tolerance": 0.1}}},
-            "wall_s": 1.0}
+    part = {
+        "attacks": {
+            "randaa": {
+                "reproduction": {"breaks": 2, "not_reproduced": [], "library_draw_only": []},
+                "unbounded": {"attacked": 2, "survived": 1, "eps": 0.5, "tolerance": 0.1},
+            }
+        },
+        "wall_s": 1.0,
+    }
     flags = {"randaa": [1, 0, 1, 1], "transfer-classifier": [-1, -1, 1, 0]}
     s = ind.indicators_summary([part, None, part], flags, adaptive_wall_s=4.0, examples=8)
     row = s["attacks"]["randaa"]
@@ -271,15 +303,36 @@ def test_summary_merges_batches_and_lists_the_failed() -> None:
     assert ind.indicators_summary([None], flags, 1.0, 8) is None
 
 
-SMOKE = ["--target", "carso", "--n-examples", "6", "--batch-size", "6", "--samples", "2", "--steps", "2",
-         "--eot", "1", "--repeats", "2", "--indicator-examples", "2", "--device", "cpu"]
+SMOKE = [
+    "--target",
+    "carso",
+    "--n-examples",
+    "6",
+    "--batch-size",
+    "6",
+    "--samples",
+    "2",
+    "--steps",
+    "2",
+    "--eot",
+    "1",
+    "--repeats",
+    "2",
+    "--indicator-examples",
+    "2",
+    "--device",
+    "cpu",
+]
 
 
 @pytest.fixture(scope="module")
 def smoke_run(trained_smoke_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A copy of the trained smoke run (its evaluations are written here, not beside the shared fixture)."""
-    return Path(shutil.copytree(trained_smoke_run, tmp_path_factory.mktemp("indicators") / "run",
-                                ignore=shutil.ignore_patterns("eval")))
+    return Path(
+        shutil.copytree(
+            trained_smoke_run, tmp_path_factory.mktemp("indicators") / "run", ignore=shutil.ignore_patterns("eval")
+        )
+    )
 
 
 def test_indicators_print_on_a_smoke_evaluation_and_sanity_fails_on_them(smoke_run: Path, tmp_path: Path) -> None:
@@ -299,8 +352,21 @@ def test_indicators_print_on_a_smoke_evaluation_and_sanity_fails_on_them(smoke_r
     assert block["wall_s"] > 0 and block["relative_cost"] > 0
     for failed in block["failed"]:  # each failed indicator is named in yellow under the table
         assert failed.split(": ")[0] in result.output
-    sanity = ["sanity", "--run", str(smoke_run), "--checks", "indicators", "--eval", "indicators",
-              "--n-examples", "2", "--device", "cpu", "--out", str(tmp_path / "s.json")]
+    sanity = [
+        "sanity",
+        "--run",
+        str(smoke_run),
+        "--checks",
+        "indicators",
+        "--eval",
+        "indicators",
+        "--n-examples",
+        "2",
+        "--device",
+        "cpu",
+        "--out",
+        str(tmp_path / "s.json"),
+    ]
     result = runner.invoke(app, sanity)
     assert result.exit_code == (1 if block["failed"] else 0), result.output
     (check,) = json.loads((tmp_path / "s.json").read_text())["checks"]
@@ -318,8 +384,9 @@ def test_indicators_print_on_a_smoke_evaluation_and_sanity_fails_on_them(smoke_r
 
 
 def test_no_indicators_skips_them(smoke_run: Path) -> None:
-    result = runner.invoke(app, ["eval", "--run", str(smoke_run), *SMOKE, "--name", "plain", "--no-indicators",
-                                 "--n-examples", "2"])
+    result = runner.invoke(
+        app, ["eval", "--run", str(smoke_run), *SMOKE, "--name", "plain", "--no-indicators", "--n-examples", "2"]
+    )
     assert result.exit_code == 0, result.output
     r = json.loads((smoke_run / "eval" / "plain" / "results.json").read_text())
     assert r["indicators"] is None and r["settings"]["indicators"] is False

@@ -75,8 +75,9 @@ def test_load_predictions_equal_carso_predict(tiny_run: Path, tmp_path: Path) ->
     for i, img in enumerate(_images(3)):
         paths.append(tmp_path / f"{i}.png")
         Image.fromarray((img.permute(1, 2, 0) * 255).round().byte().numpy()).save(paths[-1])
-    out = CliRunner().invoke(app, ["predict", *map(str, paths), "--run", str(tiny_run), "--seed", "7", "--json",
-                                   "--device", "cpu"])
+    out = CliRunner().invoke(
+        app, ["predict", *map(str, paths), "--run", str(tiny_run), "--seed", "7", "--json", "--device", "cpu"]
+    )
     assert out.exit_code == 0, out.output
     cli_probs = torch.tensor([p["probabilities"] for p in json.loads(out.stdout)], dtype=torch.float64)
     model = carso_cli.load(tiny_run, seed=7)

@@ -31,9 +31,19 @@ TINY = ["data.synthetic_train_size=32", "training.batch_size=16", "training.epoc
 
 
 def spawn(*args: str) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(torch.get_num_threads())}  # bitwise equal to in-process runs
-    return subprocess.Popen([sys.executable, str(DRIVER), *args], env=env, cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "OMP_NUM_THREADS": str(torch.get_num_threads()),
+    }  # bitwise equal to in-process runs
+    return subprocess.Popen(
+        [sys.executable, str(DRIVER), *args],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
@@ -52,10 +62,16 @@ def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
 
 
 def test_lock_names_holder_and_dies_with_it(tmp_path: Path) -> None:
-    code = ("import sys, time; from carso_cli import locking\n"
-            "with locking.hold(sys.argv[1]):\n    print('held', flush=True); time.sleep(600)\n")
-    holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True,
-                              env={**os.environ, "PYTHONPATH": str(REPO)})
+    code = (
+        "import sys, time; from carso_cli import locking\n"
+        "with locking.hold(sys.argv[1]):\n    print('held', flush=True); time.sleep(600)\n"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", code, str(tmp_path)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     try:
         assert holder.stdout.readline().strip() == "held"  # type: ignore[union-attr]
         with pytest.raises(locking.LockedError) as refused, locking.hold(tmp_path):
@@ -76,8 +92,21 @@ def test_two_trainings_into_one_out(tmp_path: Path) -> None:
     classifier = tmp_path / "c.safetensors"
     torch.manual_seed(0)
     ckpt.save_tensors(classifier, build_classifier(load_config("smoke")).state_dict())
-    argv = lambda out: ["train-purifier", "--preset", "smoke", "--classifier", str(classifier), "--out", str(out),
-                        "--device", "cpu", *[a for s in TINY for a in ("--set", s)]]
+
+    def argv(out):
+        return [
+            "train-purifier",
+            "--preset",
+            "smoke",
+            "--classifier",
+            str(classifier),
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+            *[a for s in TINY for a in ("--set", s)],
+        ]
+
     out, pause = tmp_path / "run", tmp_path / "pause"
     pause.mkdir()
     first = spawn(f"pause-in-write:last.safetensors:1:{pause}", *argv(out))  # caught writing its first checkpoint
@@ -119,8 +148,27 @@ def test_two_trainings_into_one_out(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_two_evaluations_with_one_name(tiny_run: Path) -> None:
-    args = ["eval", "--run", str(tiny_run), "--attack", "pgd-eot", "--n-examples", "4", "--batch-size", "2",
-            "--samples", "2", "--steps", "2", "--eot", "1", "--repeats", "2", "--device", "cpu"]
+    args = [
+        "eval",
+        "--run",
+        str(tiny_run),
+        "--attack",
+        "pgd-eot",
+        "--n-examples",
+        "4",
+        "--batch-size",
+        "2",
+        "--samples",
+        "2",
+        "--steps",
+        "2",
+        "--eot",
+        "1",
+        "--repeats",
+        "2",
+        "--device",
+        "cpu",
+    ]
     pause = tiny_run.parent / "pause"
     pause.mkdir()
     first = spawn(f"pause-in-write:batch-*.json:1:{pause}", *args, "--name", "n")

@@ -39,24 +39,38 @@ def test_missing_image_with_brackets(tiny_run: Path, tmp_path: Path, name: str) 
 
 
 @pytest.mark.parametrize("name", BRACKETED)
-def test_image_with_brackets_is_named_whole(tiny_run: Path, tmp_path: Path, name: str,
-                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_image_with_brackets_is_named_whole(
+    tiny_run: Path, tmp_path: Path, name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(tmp_path)  # short relative names: the table's image column is not cut
     image = Path(name)  # "shot[/a].png" is the file "a].png" in the folder "shot["
     image.parent.mkdir(exist_ok=True)
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(image, format="PNG")
     grid = Path("grids") / name
     grid.parent.mkdir(parents=True, exist_ok=True)
-    result = runner.invoke(app, ["predict", str(image), "--run", str(tiny_run), "--samples", "2",
-                                 "--save-reconstructions", str(grid)])
+    result = runner.invoke(
+        app, ["predict", str(image), "--run", str(tiny_run), "--samples", "2", "--save-reconstructions", str(grid)]
+    )
     assert_clean(result, 0)
     assert name in result.output and f"wrote {grid}" in flat(result.output)
 
 
 def test_missing_classifier_with_brackets(tmp_path: Path) -> None:
     weights = tmp_path / "w[/x].safetensors"
-    result = runner.invoke(app, ["train-purifier", "--preset", "smoke", "--classifier", str(weights),
-                                 "--out", str(tmp_path / "run"), "--device", "cpu"])
+    result = runner.invoke(
+        app,
+        [
+            "train-purifier",
+            "--preset",
+            "smoke",
+            "--classifier",
+            str(weights),
+            "--out",
+            str(tmp_path / "run"),
+            "--device",
+            "cpu",
+        ],
+    )
     assert_clean(result, 1)
     assert f"--classifier: file not found: {weights}" in flat(result.output)
 
@@ -79,8 +93,16 @@ def test_training_output_with_brackets(tmp_path: Path, classifier_file: Path) ->
     preset = tmp_path / "p.toml"
     preset.write_text('extends = "smoke"\nname = "sm[/oke]"\n')
     out = tmp_path / "run[red]"
-    args = ["train-purifier", "--classifier", str(classifier_file), "--out", str(out), "--device", "cpu",
-            *[a for s in TINY for a in ("--set", s)]]
+    args = [
+        "train-purifier",
+        "--classifier",
+        str(classifier_file),
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+        *[a for s in TINY for a in ("--set", s)],
+    ]
     result = runner.invoke(app, [*args, "--preset", str(preset)])
     assert_clean(result, 0)
     assert f"purifier trained: {out / 'purifier.safetensors'}" in flat(result.output)

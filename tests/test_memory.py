@@ -20,8 +20,9 @@ from carso_cli.errors import CarsoError
 
 def _cnn() -> nn.Module:
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
-                          nn.Linear(8 * 8 * 8, 10))
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 8 * 8, 10)
+    )
     return model.eval()
 
 
@@ -36,7 +37,9 @@ def test_chunked_attacks_equal_unchunked(chunk: int) -> None:
     parts = atk.in_chunks(atk.pgd, chunk, model, x, y, eps, 5, 0.01, start_noise=noise)
     # Per-example attacks: only float rounding of batched convolutions may differ.
     assert torch.allclose(whole, parts, atol=1e-6, rtol=0)
-    assert torch.allclose(atk.fgsm(model, x, y, eps), atk.in_chunks(atk.fgsm, chunk, model, x, y, eps), atol=1e-6, rtol=0)
+    assert torch.allclose(
+        atk.fgsm(model, x, y, eps), atk.in_chunks(atk.fgsm, chunk, model, x, y, eps), atol=1e-6, rtol=0
+    )
 
 
 def test_in_chunks_calls_once_when_the_chunk_holds_the_batch() -> None:
@@ -53,8 +56,16 @@ def test_in_chunks_calls_once_when_the_chunk_holds_the_batch() -> None:
     assert calls == [5, 5, 2, 2, 1]
 
 
-@pytest.mark.parametrize("text,expected", [("80GB", 80 * 10**9), ("80GiB", 80 * 2**30), ("512MB", 512 * 10**6),
-                                           ("1.5 GiB", int(1.5 * 2**30)), ("1000", 1000)])
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("80GB", 80 * 10**9),
+        ("80GiB", 80 * 2**30),
+        ("512MB", 512 * 10**6),
+        ("1.5 GiB", int(1.5 * 2**30)),
+        ("1000", 1000),
+    ],
+)
 def test_parse_size(text: str, expected: int) -> None:
     assert memory.parse_size(text) == expected
 
@@ -149,8 +160,18 @@ def test_accumulation_over_micro_batches_equals_one_batch(smoke_cfg) -> None:
         assert torch.allclose(total, sums[0], rtol=1e-5)
 
 
-TINY = ["--set", "data.synthetic_train_size=32", "--set", "training.batch_size=16", "--set", "training.epochs=1",
-        "--set", "attacks.pgd_steps=2", "--device", "cpu"]
+TINY = [
+    "--set",
+    "data.synthetic_train_size=32",
+    "--set",
+    "training.batch_size=16",
+    "--set",
+    "training.epochs=1",
+    "--set",
+    "attacks.pgd_steps=2",
+    "--device",
+    "cpu",
+]
 
 
 def _train(out, classifier_file, *extra: str):
@@ -159,8 +180,10 @@ def _train(out, classifier_file, *extra: str):
     from carso_cli import checkpoint as ckpt
     from carso_cli.cli import app
 
-    result = CliRunner().invoke(app, ["train-purifier", "--preset", "smoke", "--classifier", str(classifier_file),
-                                      "--out", str(out), *TINY, *extra])
+    result = CliRunner().invoke(
+        app,
+        ["train-purifier", "--preset", "smoke", "--classifier", str(classifier_file), "--out", str(out), *TINY, *extra],
+    )
     assert result.exit_code == 0, result.output
     return ckpt.load_tensors(out / ckpt.PURIFIER_FILE)[0]
 
@@ -189,8 +212,21 @@ def test_out_of_memory_in_training_is_one_line(tmp_path, classifier_file, monkey
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
     monkeypatch.setattr(atk, "pgd", boom)
-    result = CliRunner().invoke(app, ["train-purifier", "--preset", "smoke", "--classifier", str(classifier_file),
-                                      "--out", str(tmp_path / "oom"), *TINY, "--attack-chunk", "4"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "train-purifier",
+            "--preset",
+            "smoke",
+            "--classifier",
+            str(classifier_file),
+            "--out",
+            str(tmp_path / "oom"),
+            *TINY,
+            "--attack-chunk",
+            "4",
+        ],
+    )
     assert result.exit_code != 0 and "Traceback" not in result.output
     assert "out of GPU memory" in result.output and "--attack-chunk 4" in result.output
     assert "per-process batch 16" in result.output
@@ -213,8 +249,21 @@ def test_auto_bounds_halve_once_in_purifier_training(tmp_path, classifier_file, 
         return real(model, x, *args, **kwargs)
 
     monkeypatch.setattr(atk, "pgd", pgd)
-    result = CliRunner().invoke(app, ["train-purifier", "--preset", "smoke", "--classifier", str(classifier_file),
-                                      "--out", str(tmp_path / "auto"), *TINY, "--attack-chunk", "auto"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "train-purifier",
+            "--preset",
+            "smoke",
+            "--classifier",
+            str(classifier_file),
+            "--out",
+            str(tmp_path / "auto"),
+            *TINY,
+            "--attack-chunk",
+            "auto",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "'auto' halved to --attack-chunk 2 --micro-batch 8" in " ".join(result.output.split())
     assert calls[0] == 4 and set(calls[1:]) == {2}
@@ -225,8 +274,21 @@ def test_bad_bound_values_are_refused(tmp_path, classifier_file) -> None:
 
     from carso_cli.cli import app
 
-    result = CliRunner().invoke(app, ["train-purifier", "--preset", "smoke", "--classifier", str(classifier_file),
-                                      "--out", str(tmp_path / "x"), *TINY, "--micro-batch", "lots"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "train-purifier",
+            "--preset",
+            "smoke",
+            "--classifier",
+            str(classifier_file),
+            "--out",
+            str(tmp_path / "x"),
+            *TINY,
+            "--micro-batch",
+            "lots",
+        ],
+    )
     assert result.exit_code != 0 and "--micro-batch" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "x").exists()
 
@@ -239,8 +301,9 @@ def test_info_prints_the_memory_estimate_and_what_fits() -> None:
     result = CliRunner().invoke(app, ["info", "--preset", "smoke", "--gpu-memory", "200MB"])
     assert result.exit_code == 0, result.output
     assert "training step peak" in result.output and "largest --micro-batch within 200MB" in result.output
-    auto = CliRunner().invoke(app, ["info", "--preset", "smoke", "--set", "training.attack_chunk=auto",
-                                    "--set", "training.micro_batch=16"])
+    auto = CliRunner().invoke(
+        app, ["info", "--preset", "smoke", "--set", "training.attack_chunk=auto", "--set", "training.micro_batch=16"]
+    )
     assert auto.exit_code == 0, auto.output  # "auto" is chosen at run time: the unbounded attack is estimated
     assert "attacks (8 at once)" in auto.output and "purifier (16 at once)" in auto.output
     bad = CliRunner().invoke(app, ["info", "--preset", "smoke", "--gpu-memory", "lots"])
@@ -258,9 +321,14 @@ def test_per_example_estimates_match_the_cpu_peak_rss(smoke_cfg) -> None:
     fp = memory.measure(smoke_cfg)
     per = {"attack": fp.per_example.attack, "purifier": fp.per_example.representation + fp.per_example.purifier}
     n = 512
-    done = subprocess.run([sys.executable, str(Path(__file__).with_name("memory_probe.py")), str(n)],
-                          capture_output=True, text=True, timeout=300, check=False,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    done = subprocess.run(
+        [sys.executable, str(Path(__file__).with_name("memory_probe.py")), str(n)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     growth = json.loads(done.stdout.strip().splitlines()[-1])
     if "skip" in growth:

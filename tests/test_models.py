@@ -58,8 +58,9 @@ class _RefDMWideResNet(nn.Module):
         n = (depth - 4) // 6
         c = [16, 16 * width, 32 * width, 64 * width]
         self.init_conv = nn.Conv2d(3, c[0], 3, 1, 1, bias=False)
-        self.layer = nn.Sequential(_RefGroup(n, c[0], c[1], 1, act), _RefGroup(n, c[1], c[2], 2, act),
-                                   _RefGroup(n, c[2], c[3], 2, act))
+        self.layer = nn.Sequential(
+            _RefGroup(n, c[0], c[1], 1, act), _RefGroup(n, c[1], c[2], 2, act), _RefGroup(n, c[2], c[3], 2, act)
+        )
         self.batchnorm = nn.BatchNorm2d(c[3], momentum=0.01)
         self.relu = act()
         self.logits = nn.Linear(c[3], classes)
@@ -122,7 +123,9 @@ def test_capture_in_execution_order_and_hooks_removed() -> None:
 
 def test_unknown_layer_lists_nearest_names() -> None:
     model = WideResNet(10, 10, 1)
-    with pytest.raises(ConfigError, match=r"no layer 'layer\.0\.block\.0\.conv_2'.*nearest: .*layer\.0\.block\.0\.conv_"):
+    with pytest.raises(
+        ConfigError, match=r"no layer 'layer\.0\.block\.0\.conv_2'.*nearest: .*layer\.0\.block\.0\.conv_"
+    ):
         resolve_layers(model, ["layer.0.block.0.conv_2"])
     with pytest.raises(ConfigError, match="unknown layer rule"):
         resolve_layers(model, "rule:everything")
@@ -179,8 +182,11 @@ def test_paper_purifier_sizes(preset, size, depth) -> None:
 
 @pytest.mark.parametrize("size", [32, 64])
 def test_purifier_shapes_and_ranges(size) -> None:
-    overrides = {"data.image_size": size, "purifier.decoder": f"{size}x{size}",
-                 "purifier.layerwise_depth": 3 if size == 32 else 4}
+    overrides = {
+        "data.image_size": size,
+        "purifier.decoder": f"{size}x{size}",
+        "purifier.layerwise_depth": 3 if size == 32 else 4,
+    }
     cfg = load_config("smoke", overrides)
     torch.manual_seed(0)
     classifier = build_classifier(cfg).eval()

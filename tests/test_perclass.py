@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import make_random_run
 from PIL import Image
 from test_classnames import FOLDERS, imagefolder_cfg, make_imagefolder
 from typer.testing import CliRunner
@@ -14,7 +15,6 @@ from carso_cli.cli import app
 from carso_cli.commands.plot import read_per_class
 from carso_cli.errors import CarsoError
 from carso_cli.evaluation.perclass import labels_of, per_class
-from conftest import make_random_run
 
 runner = CliRunner()
 
@@ -46,8 +46,9 @@ def test_labels_come_in_example_order_and_only_when_every_batch_kept_them() -> N
 def test_eval_writes_per_class_accuracy_with_the_folder_names_and_plot_draws_it(tmp_path: Path) -> None:
     data = make_imagefolder(tmp_path / "pets")
     run = make_random_run(tmp_path / "run", imagefolder_cfg(data, {"inference.samples": 2}))
-    result = runner.invoke(app, ["eval", "--run", str(run), "--attack", "none", "--batch-size", "3", "--device", "cpu",
-                                 "--name", "clean"])
+    result = runner.invoke(
+        app, ["eval", "--run", str(run), "--attack", "none", "--batch-size", "3", "--device", "cpu", "--name", "clean"]
+    )
     assert result.exit_code == 0, result.output
     results = json.loads((run / "eval" / "clean" / "results.json").read_text())
     table = results["per_class"]
@@ -87,8 +88,24 @@ def test_plot_per_class_bars_and_heat_map(tmp_path: Path, classes: int) -> None:
 
 def test_per_class_survives_resume_and_does_not_depend_on_batch_size(tiny_run: Path) -> None:
     def evaluate(name: str, batch: str, *extra: str) -> dict:
-        args = ["eval", "--run", str(tiny_run), "--attack", "none", "--n-examples", "10", "--samples", "2",
-                "--batch-size", batch, "--device", "cpu", "--name", name, *extra]
+        args = [
+            "eval",
+            "--run",
+            str(tiny_run),
+            "--attack",
+            "none",
+            "--n-examples",
+            "10",
+            "--samples",
+            "2",
+            "--batch-size",
+            batch,
+            "--device",
+            "cpu",
+            "--name",
+            name,
+            *extra,
+        ]
         result = runner.invoke(app, args)
         assert result.exit_code == 0, result.output
         return json.loads((tiny_run / "eval" / name / "results.json").read_text())

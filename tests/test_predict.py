@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import make_random_run
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -18,7 +19,6 @@ from carso_cli.commands.predict import example_latents
 from carso_cli.config import load_config
 from carso_cli.images import collect_images, load_image
 from carso_cli.models import load_run
-from conftest import make_random_run
 
 runner = CliRunner()
 
@@ -95,8 +95,9 @@ def test_classifier_only_is_the_classifiers_softmax(tiny_run: Path, images: Path
 
 def test_table_shows_top_k_with_class_names(tmp_path: Path, images: Path) -> None:
     run = make_random_run(tmp_path / "runs" / "cifar-like", load_config("smoke", {"data.dataset": "cifar10"}))
-    result = _predict(str(images / "a.png"), "--run", str(run), "--top-k", "4", "--samples", "0",
-                      "--aggregation", "logit")
+    result = _predict(
+        str(images / "a.png"), "--run", str(run), "--top-k", "4", "--samples", "0", "--aggregation", "logit"
+    )
     assert result.exit_code == 0, result.output
     rows = [line for line in result.stdout.splitlines() if "│" in line]
     assert len(rows) == 4 and sum(name in result.stdout for name in CIFAR10_CLASSES) >= 4
@@ -156,7 +157,9 @@ def test_folder_input_finds_images_only(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("samples", "columns"), [(3, 4), (0, 2)])
 def test_reconstruction_grid(tiny_run: Path, images: Path, tmp_path: Path, samples: int, columns: int) -> None:
     grid = tmp_path / "out" / "grid.png"
-    result = _predict(str(images), "--run", str(tiny_run), "--samples", str(samples), "--save-reconstructions", str(grid))
+    result = _predict(
+        str(images), "--run", str(tiny_run), "--samples", str(samples), "--save-reconstructions", str(grid)
+    )
     assert result.exit_code == 0, result.output
     assert [p.name for p in grid.parent.iterdir()] == ["grid.png"]  # no temporary file left
     drawn = predict.run([images], tiny_run, samples=samples, save_reconstructions=grid).grid
@@ -168,7 +171,7 @@ def test_reconstruction_grid(tiny_run: Path, images: Path, tmp_path: Path, sampl
     for b, path in enumerate(sorted(images.iterdir())):  # the input, nearest-upscaled, where the grid says
         left, top = drawn.boxes[b][0]
         expected = np.kron(load_image(path, 32).pixels.permute(1, 2, 0).numpy(), np.ones((4, 4, 1), dtype=np.uint8))
-        assert np.array_equal(pixels[top:top + 128, left:left + 128], expected)
+        assert np.array_equal(pixels[top : top + 128, left : left + 128], expected)
 
 
 def test_grid_captions_name_the_true_class_carso_and_each_reconstruction(tmp_path: Path) -> None:
@@ -246,8 +249,10 @@ def test_errors(tiny_run: Path, images: Path, tmp_path: Path, monkeypatch: pytes
     _fails(_predict(str(images), "--run", str(tmp_path / "nowhere")), "run directory not found")
     monkeypatch.chdir(tmp_path / "empty")
     _fails(_predict(str(images)), "no run directory")
-    _fails(_predict(str(images), *run, "--classifier-only", "--save-reconstructions", "g.png"),
-           "--save-reconstructions needs the purifier")
+    _fails(
+        _predict(str(images), *run, "--classifier-only", "--save-reconstructions", "g.png"),
+        "--save-reconstructions needs the purifier",
+    )
     _fails(_predict(str(images), *run, "--save-reconstructions", "g.unknownformat"), "cannot tell the image format")
 
 

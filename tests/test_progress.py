@@ -66,8 +66,20 @@ def test_the_cost_estimate_counts_the_indicators() -> None:
     from carso_cli.evaluation.cost import indicator_passes, passes_per_example
     from carso_cli.evaluation.settings import EvalSettings
 
-    s = EvalSettings(attack="adaptive", targets=["classifier", "carso"], eps=8 / 255, n_examples=32, batch_size=32,
-                     samples=8, aggregation="dexp", seed=0, repeats=2, aa_steps=10, aa_eot=2, indicator_examples=8)
+    s = EvalSettings(
+        attack="adaptive",
+        targets=["classifier", "carso"],
+        eps=8 / 255,
+        n_examples=32,
+        batch_size=32,
+        samples=8,
+        aggregation="dexp",
+        seed=0,
+        repeats=2,
+        aa_steps=10,
+        aa_eot=2,
+        indicator_examples=8,
+    )
     carso, _ = passes_per_example(s, 10)
     assert indicator_passes(s, carso) > carso  # each attack again at ε = 0.5 and with 2× steps and EoT
     assert indicator_passes(replace(s, indicators=False), carso) == 0.0

@@ -104,7 +104,7 @@ def _write_zoo(path: Path, files: dict[str, Path], root: Path, sha256: dict[str,
 [models.smoke-ref]
 preset = "smoke"
 title = "smoke files in the authors' format"
-classifier = "{rel['classifier']}"
+classifier = "{rel["classifier"]}"
 {purifier}
 {sha}
 reported_in = "nowhere"
@@ -113,7 +113,7 @@ reported = {{ "C/Cl" = 0.5 }}
 [models.smoke-cls]
 preset = "smoke"
 title = "a classifier only"
-classifier = "{rel['classifier']}"
+classifier = "{rel["classifier"]}"
 
 [models.not-on-server]
 preset = "smoke"
@@ -123,7 +123,7 @@ classifier = "{FOLDER}/nope.safetensors"
 [models.wrong-preset]
 preset = "cifar10"
 title = "smoke files under the wrong preset"
-classifier = "{rel['classifier']}"
+classifier = "{rel["classifier"]}"
 {purifier}
 """)
     return path
@@ -314,15 +314,32 @@ def test_list_shows_the_zoo(env: Path) -> None:
 def test_classifier_option_takes_a_zoo_name(env: Path, published) -> None:
     _, files = published
     out = env / "rep.safetensors"
-    result = runner.invoke(app, ["extract", "--preset", "smoke", "--classifier", "smoke-cls", "--out", str(out),
-                                 "--n-examples", "2", "--device", "cpu"])
+    result = runner.invoke(
+        app,
+        [
+            "extract",
+            "--preset",
+            "smoke",
+            "--classifier",
+            "smoke-cls",
+            "--out",
+            str(out),
+            "--n-examples",
+            "2",
+            "--device",
+            "cpu",
+        ],
+    )
     assert result.exit_code == 0, result.output
     cached = env / "cache" / FOLDER / files["classifier"].name
     assert zoo.resolve_weights("smoke-cls") == cached and cached.read_bytes() == files["classifier"].read_bytes()
     assert zoo.resolve_weights(str(files["decoder"])) == files["decoder"]  # a path stays a path
 
     for argv, expect in [
-        (["--classifier", "smoke-clss"], "'smoke-clss' is neither a file nor a published model; did you mean smoke-cls"),
+        (
+            ["--classifier", "smoke-clss"],
+            "'smoke-clss' is neither a file nor a published model; did you mean smoke-cls",
+        ),
         (["--classifier", "missing.safetensors"], "--classifier: file not found: missing.safetensors"),
     ]:
         bad = runner.invoke(app, ["train-purifier", "--preset", "smoke", *argv, "--out", str(env / "p")])
@@ -348,9 +365,16 @@ def test_the_published_zoo_names_the_authors_files() -> None:
         **{r: f"cifar_10_cuiwrn2810/models/wrn_28_10_cifar_10_cui_2023_{r}.safetensors" for r in ROLES[1:]},
     }
     assert models["cifar100-cui2023"].preset == "cifar100" and models["tinyimagenet-wang2023"].preset == "tinyimagenet"
-    assert models["tinyimagenet-wang2023"].files["decoder"].endswith("wrn_28_10_tinyimagenet_200_wang_2023_decoder.safetensors")
+    assert (
+        models["tinyimagenet-wang2023"]
+        .files["decoder"]
+        .endswith("wrn_28_10_tinyimagenet_200_wang_2023_decoder.safetensors")
+    )
     assert {n for n, e in models.items() if not e.has_purifier} == {
-        "cifar10-gowal2020", "cifar10-rebuffi2021", "cifar100-rebuffi2021"}
+        "cifar10-gowal2020",
+        "cifar10-rebuffi2021",
+        "cifar100-rebuffi2021",
+    }
     # Table 2's figures (later version of the paper) travel with the entries.
     assert models["cifar10-cui2023"].reported["C/randAA"] == 0.7613
     assert models["tinyimagenet-wang2023"].reported["C/Cl"] == 0.5632

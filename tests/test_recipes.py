@@ -118,7 +118,10 @@ def test_table16_final_lr() -> None:
     assert tr.lr_at_epoch(load_config("tinyimagenet").training, 249) == pytest.approx(1.378e-4, rel=1e-12)
     # β: the same in both recipes (make_beta_scheduler: lag ceil(0.125·E), warm-up ceil(0.125·E/3)).
     for name in SCENARIOS:
-        assert info.derived(load_config(name))["beta_per_epoch"] == info.derived(load_config(f"{name}-code"))["beta_per_epoch"]
+        assert (
+            info.derived(load_config(name))["beta_per_epoch"]
+            == info.derived(load_config(f"{name}-code"))["beta_per_epoch"]
+        )
 
 
 # -- adversarial examples per batch ---------------------------------------------------------------
@@ -164,12 +167,25 @@ def test_info_diff_and_fidelity_agree() -> None:
 # -- both recipes train through the CLI ------------------------------------------------------------
 
 SMALL = [  # the cifar10 presets at smoke sizes: 40 synthetic examples, batches of 16 (2 full + 8 left over)
-    "data.dataset=synthetic", "data.synthetic_train_size=40", "data.num_workers=0", "classifier.depth=10",
-    "classifier.width=1", "purifier.layers=rule:block-convs", "purifier.fcrepr=64", "purifier.fjoint=16",
-    "purifier.decoder_channels=[32, 32, 16, 16, 8]", "training.batch_size=16", "training.epochs=1",
-    "training.warmup_epochs=1", "training.plateau_epochs=1", "training.annealing_epochs=1",
-    "training.beta_start_epoch=0", "training.beta_end_epoch=1", "training.initial_lr=1e-4",
-    "attacks.pgd_steps=1", "training.lookahead_k=2",
+    "data.dataset=synthetic",
+    "data.synthetic_train_size=40",
+    "data.num_workers=0",
+    "classifier.depth=10",
+    "classifier.width=1",
+    "purifier.layers=rule:block-convs",
+    "purifier.fcrepr=64",
+    "purifier.fjoint=16",
+    "purifier.decoder_channels=[32, 32, 16, 16, 8]",
+    "training.batch_size=16",
+    "training.epochs=1",
+    "training.warmup_epochs=1",
+    "training.plateau_epochs=1",
+    "training.annealing_epochs=1",
+    "training.beta_start_epoch=0",
+    "training.beta_end_epoch=1",
+    "training.initial_lr=1e-4",
+    "attacks.pgd_steps=1",
+    "training.lookahead_k=2",
 ]
 
 
@@ -182,8 +198,22 @@ def test_both_recipes_train(tmp_path: Path) -> None:
     runs = {}
     for preset, extra in (("cifar10", []), ("cifar10-code", ["--set", "training.reference_world_size=2"])):
         out = tmp_path / preset
-        result = runner.invoke(app, ["train-purifier", "--preset", preset, "--classifier", str(cls), "--out",
-                                     str(out), "--device", "cpu", *sets, *extra])
+        result = runner.invoke(
+            app,
+            [
+                "train-purifier",
+                "--preset",
+                preset,
+                "--classifier",
+                str(cls),
+                "--out",
+                str(out),
+                "--device",
+                "cpu",
+                *sets,
+                *extra,
+            ],
+        )
         assert result.exit_code == 0, result.output
         runs[preset] = (load_config(out / ckpt.CONFIG_FILE), tr.read_metrics(out / ckpt.METRICS_FILE))
     (paper, paper_metrics), (code, code_metrics) = runs["cifar10"], runs["cifar10-code"]
@@ -201,8 +231,17 @@ def test_both_recipes_train(tmp_path: Path) -> None:
 
 
 def test_overrides_reach_the_recipe_keys() -> None:
-    cfg = load_config("smoke", dict(parse_override(s) for s in (
-        "training.schedule=code", "attacks.train_eps_space=normalised", "training.adversarial_count=per-process")))
+    cfg = load_config(
+        "smoke",
+        dict(
+            parse_override(s)
+            for s in (
+                "training.schedule=code",
+                "attacks.train_eps_space=normalised",
+                "training.adversarial_count=per-process",
+            )
+        ),
+    )
     assert info.derived(cfg)["train_attacks"][3]["eps_pixel"] == pytest.approx(8 / 255 * 3 / 0.75)
     for bad in ("training.schedule=cosine", "attacks.train_eps_space=latent", "training.adversarial_count=some"):
         with pytest.raises(ConfigError, match=bad.split("=")[0]):

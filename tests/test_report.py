@@ -30,11 +30,17 @@ def _fake_run(root: Path, name: str, metrics: dict, adaptive: object = None, n: 
 
 
 def _runs(tmp_path: Path) -> list[Path]:
-    a = _fake_run(tmp_path, "wrn_28%a", {"AT/Cl": _metric(180), "C/Cl": _metric(175), "AT/AA": _metric(120),
-                                          "C/randAA": _metric(150)})
-    b = _fake_run(tmp_path, "run_b", {"AT/Cl": _metric(170), "C/Cl": _metric(169), "AT/AA": _metric(110),
-                                      "C/randAA": _metric(140)},
-                  adaptive={"metrics": {"worst": _metric(101)}, "attacks": ["apgd-ce"], "weird": 3})
+    a = _fake_run(
+        tmp_path,
+        "wrn_28%a",
+        {"AT/Cl": _metric(180), "C/Cl": _metric(175), "AT/AA": _metric(120), "C/randAA": _metric(150)},
+    )
+    b = _fake_run(
+        tmp_path,
+        "run_b",
+        {"AT/Cl": _metric(170), "C/Cl": _metric(169), "AT/AA": _metric(110), "C/randAA": _metric(140)},
+        adaptive={"metrics": {"worst": _metric(101)}, "attacks": ["apgd-ce"], "weird": 3},
+    )
     return [a, b]
 
 
@@ -79,13 +85,29 @@ def test_robustbench_entry_names_the_fields_left_to_fill(tmp_path: Path) -> None
     result = runner.invoke(app, ["report", str(a), "--format", "robustbench", "--output", str(out)])
     assert result.exit_code == 0, result.output
     entry = json.loads(out.read_text())
-    assert list(entry) == ["name", "link", "authors", "additional_data", "number_forward_passes", "dataset", "venue",
-                           "architecture", "eps", "clean_acc", "reported", "autoattack_acc", "unreliable", "footnote"]
+    assert list(entry) == [
+        "name",
+        "link",
+        "authors",
+        "additional_data",
+        "number_forward_passes",
+        "dataset",
+        "venue",
+        "architecture",
+        "eps",
+        "clean_acc",
+        "reported",
+        "autoattack_acc",
+        "unreliable",
+        "footnote",
+    ]
     assert entry["clean_acc"] == "87.50" and entry["autoattack_acc"] == "75.00" and entry["eps"] == "8/255"
     assert entry["dataset"] == "cifar10" and entry["architecture"].startswith("WideResNet-28-10")
     assert entry["name"] == "" and entry["venue"] == ""
-    assert "fill in name, link, authors, additional_data, number_forward_passes, venue, reported, unreliable" in " ".join(
-        result.output.split())
+    assert (
+        "fill in name, link, authors, additional_data, number_forward_passes, venue, reported, unreliable"
+        in " ".join(result.output.split())
+    )
 
 
 def test_run_without_results_is_one_clear_error(tmp_path: Path) -> None:

@@ -20,12 +20,23 @@ from carso_cli.cli import app
 from carso_cli.commands import train_classifier as tc
 
 runner = CliRunner()
-sets = lambda overrides: [a for s in overrides for a in ("--set", s)]
+
+
+def sets(overrides):
+    return [a for s in overrides for a in ("--set", s)]
+
+
 # 32 examples in batches of 16: 2 steps, 1 epoch.
-PURIFIER = sets(["data.synthetic_train_size=32", "training.batch_size=16", "training.epochs=1",
-                 "attacks.pgd_steps=1"])
-CLASSIFIER = sets(["data.synthetic_train_size=32", "data.synthetic_test_size=20", "classifier_training.batch_size=16",
-                   "classifier_training.epochs=1", "classifier_training.adversarial=none"])
+PURIFIER = sets(["data.synthetic_train_size=32", "training.batch_size=16", "training.epochs=1", "attacks.pgd_steps=1"])
+CLASSIFIER = sets(
+    [
+        "data.synthetic_train_size=32",
+        "data.synthetic_test_size=20",
+        "classifier_training.batch_size=16",
+        "classifier_training.epochs=1",
+        "classifier_training.adversarial=none",
+    ]
+)
 EVAL = ["--attack", "none", "--target", "classifier", "--n-examples", "2", "--batch-size", "2", "--device", "cpu"]
 
 
@@ -48,17 +59,40 @@ def carso(*args: str, mask: int = 0o022) -> str:
 
 def files(folder: Path) -> dict[Path, tuple[int, int, bytes]]:
     """Every file under ``folder`` (locks included): (mode, mtime, bytes)."""
-    return {p: (stat.S_IMODE(p.stat().st_mode), p.stat().st_mtime_ns, p.read_bytes())
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        p: (stat.S_IMODE(p.stat().st_mode), p.stat().st_mtime_ns, p.read_bytes())
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def finish(mask: int, classifier_file: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[int, Path]:
     """A finished purifier run, classifier training and evaluation, all made under one umask."""
     root = tmp_path_factory.mktemp(f"umask{mask:03o}")
-    carso("train-purifier", "--preset", "smoke", "--classifier", str(classifier_file), "--out", str(root / "run"),
-          "--device", "cpu", *PURIFIER, mask=mask)
-    carso("train-classifier", "--preset", "smoke", "--out", str(root / "cls" / "w.safetensors"), "--device", "cpu",
-          *CLASSIFIER, mask=mask)
+    carso(
+        "train-purifier",
+        "--preset",
+        "smoke",
+        "--classifier",
+        str(classifier_file),
+        "--out",
+        str(root / "run"),
+        "--device",
+        "cpu",
+        *PURIFIER,
+        mask=mask,
+    )
+    carso(
+        "train-classifier",
+        "--preset",
+        "smoke",
+        "--out",
+        str(root / "cls" / "w.safetensors"),
+        "--device",
+        "cpu",
+        *CLASSIFIER,
+        mask=mask,
+    )
     carso("eval", "--run", str(root / "run"), *EVAL, mask=mask)
     return mask, root
 
@@ -78,10 +112,21 @@ def test_files_have_the_permissions_open_gives(made: str, request: pytest.Fixtur
     umask, root = request.getfixturevalue(made)
     written = files(root)
     names = {p.relative_to(root).as_posix() for p in written}
-    assert {"run/config.toml", "run/classifier.safetensors", "run/classifier.json", "run/metrics.jsonl",
-            "run/checkpoints/last.safetensors", "run/purifier.safetensors", "run/curves.png",
-            "run/eval/none/results.json", "run/eval/none/settings.json", "cls/w.safetensors",
-            "cls/w.state.safetensors", "cls/w.config.toml", "cls/w.metrics.jsonl"} <= names, names
+    assert {
+        "run/config.toml",
+        "run/classifier.safetensors",
+        "run/classifier.json",
+        "run/metrics.jsonl",
+        "run/checkpoints/last.safetensors",
+        "run/purifier.safetensors",
+        "run/curves.png",
+        "run/eval/none/results.json",
+        "run/eval/none/settings.json",
+        "cls/w.safetensors",
+        "cls/w.state.safetensors",
+        "cls/w.config.toml",
+        "cls/w.metrics.jsonl",
+    } <= names, names
     modes = {p.relative_to(root).as_posix(): oct(mode) for p, (mode, _, _) in written.items()}
     assert set(modes.values()) == {oct(0o666 & ~umask)}, modes
 
@@ -110,13 +155,25 @@ def one_line(text: str) -> str:
     return lines[0]
 
 
-def test_resume_of_a_finished_purifier_run_does_nothing(finished: tuple[int, Path], classifier_file: Path,
-                                                        tmp_path: Path) -> None:
+def test_resume_of_a_finished_purifier_run_does_nothing(
+    finished: tuple[int, Path], classifier_file: Path, tmp_path: Path
+) -> None:
     run = tmp_path / "run"
     shutil.copytree(finished[1] / "run", run)  # copy2: the files keep their times
     before = files(run)
-    argv = ["train-purifier", "--preset", "smoke", "--classifier", str(classifier_file), "--out", str(run),
-            "--device", "cpu", *PURIFIER, "--resume"]
+    argv = [
+        "train-purifier",
+        "--preset",
+        "smoke",
+        "--classifier",
+        str(classifier_file),
+        "--out",
+        str(run),
+        "--device",
+        "cpu",
+        *PURIFIER,
+        "--resume",
+    ]
     line = one_line(carso(*argv))
     assert f"{run} is complete: 1 of 1 epochs trained" in line and "--epochs" in line
     assert files(run) == before
@@ -138,8 +195,11 @@ def test_resume_of_a_finished_classifier_training_does_nothing(finished: tuple[i
     shutil.copytree(finished[1] / "cls", tmp_path / "cls")
     weights = tmp_path / "cls" / "w.safetensors"
     before = files(tmp_path / "cls")
-    line = one_line(carso("train-classifier", "--preset", "smoke", "--out", str(weights), "--device", "cpu",
-                          *CLASSIFIER, "--resume"))
+    line = one_line(
+        carso(
+            "train-classifier", "--preset", "smoke", "--out", str(weights), "--device", "cpu", *CLASSIFIER, "--resume"
+        )
+    )
     assert f"{weights} is complete: 1 of 1 epochs trained" in line
     assert files(tmp_path / "cls") == before
     assert tc.companion(weights, "state.safetensors").is_file()

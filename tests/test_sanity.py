@@ -15,8 +15,26 @@ from carso_cli.errors import CarsoError
 runner = CliRunner()
 
 # Short attacks on a few examples (the defaults are sized for a GPU).
-FAST = ["--n-examples", "16", "--batch-size", "16", "--steps", "3", "--eot", "2", "--aa-steps", "5",
-        "--aa-eot", "2", "--draws", "2", "--queries", "30", "--device", "cpu"]
+FAST = [
+    "--n-examples",
+    "16",
+    "--batch-size",
+    "16",
+    "--steps",
+    "3",
+    "--eot",
+    "2",
+    "--aa-steps",
+    "5",
+    "--aa-eot",
+    "2",
+    "--draws",
+    "2",
+    "--queries",
+    "30",
+    "--device",
+    "cpu",
+]
 
 
 @pytest.mark.slow
@@ -25,8 +43,9 @@ def test_sanity_passes_on_a_trained_smoke_run(trained_smoke_run: Path, tmp_path:
     # The saturation check with a margin (issue 23): 0.1 of 16 examples is 2, which a reseeded smoke model
     # may reach; 0.3 (5 of 16) is far from a normal model (about none saturated on dexp) and far below the
     # ×20 model of test_adaptive, which fails at the default.
-    result = runner.invoke(app, ["sanity", "--run", str(trained_smoke_run), *FAST, "--out", str(out),
-                                 "--saturation-threshold", "0.3"])
+    result = runner.invoke(
+        app, ["sanity", "--run", str(trained_smoke_run), *FAST, "--out", str(out), "--saturation-threshold", "0.3"]
+    )
     assert result.exit_code == 0, result.output
     assert "all checks passed" in result.output
     for title in ("chance", "gradient health", "ε-monotonicity", "EoT stability", "black-box"):
@@ -45,8 +64,21 @@ def test_sanity_passes_on_a_trained_smoke_run(trained_smoke_run: Path, tmp_path:
 
 def test_sanity_vote_fails_the_gradient_check(trained_smoke_run: Path, tmp_path: Path) -> None:
     out = tmp_path / "vote.json"
-    result = runner.invoke(app, ["sanity", "--run", str(trained_smoke_run), *FAST, "--aggregation", "vote",
-                                 "--checks", "gradients", "--out", str(out)])
+    result = runner.invoke(
+        app,
+        [
+            "sanity",
+            "--run",
+            str(trained_smoke_run),
+            *FAST,
+            "--aggregation",
+            "vote",
+            "--checks",
+            "gradients",
+            "--out",
+            str(out),
+        ],
+    )
     assert result.exit_code == 1, result.output
     assert "FAIL" in result.output and "some checks failed" in result.output
     (check,) = json.loads(out.read_text())["checks"]
@@ -57,8 +89,21 @@ def test_sanity_vote_fails_the_gradient_check(trained_smoke_run: Path, tmp_path:
 
 def test_sanity_dexp_passes_the_gradient_check(trained_smoke_run: Path, tmp_path: Path) -> None:
     out = tmp_path / "dexp.json"
-    result = runner.invoke(app, ["sanity", "--run", str(trained_smoke_run), *FAST, "--aggregation", "dexp",
-                                 "--checks", "gradients", "--out", str(out)])
+    result = runner.invoke(
+        app,
+        [
+            "sanity",
+            "--run",
+            str(trained_smoke_run),
+            *FAST,
+            "--aggregation",
+            "dexp",
+            "--checks",
+            "gradients",
+            "--out",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     (check,) = json.loads(out.read_text())["checks"]
     assert check["status"] == "pass"
@@ -71,8 +116,21 @@ def test_sanity_dexp_passes_the_gradient_check(trained_smoke_run: Path, tmp_path
 def test_sanity_thresholds_are_applied(tiny_run: Path, tmp_path: Path) -> None:
     # An impossible threshold turns a passing check into a failure: thresholds are really used.
     out = tmp_path / "strict.json"
-    result = runner.invoke(app, ["sanity", "--run", str(tiny_run), *FAST, "--checks", "gradients",
-                                 "--max-bad-gradients", "-1", "--out", str(out)])
+    result = runner.invoke(
+        app,
+        [
+            "sanity",
+            "--run",
+            str(tiny_run),
+            *FAST,
+            "--checks",
+            "gradients",
+            "--max-bad-gradients",
+            "-1",
+            "--out",
+            str(out),
+        ],
+    )
     assert result.exit_code == 1, result.output
     assert json.loads(out.read_text())["checks"][0]["status"] == "fail"
 

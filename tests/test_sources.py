@@ -32,10 +32,31 @@ CPU = torch.device("cpu")
 HERE = Path(__file__).resolve().parent
 
 # One tiny epoch: 32 examples in batches of 16, one PGD step, the smoke purifier.
-TINY = ["data.synthetic_train_size=32", "data.synthetic_test_size=8", "training.batch_size=16", "training.epochs=1",
-        "training.lookahead_k=2", "attacks.pgd_steps=1", 'purifier.layers="auto"']
-EVAL = ["--n-examples", "2", "--batch-size", "2", "--samples", "2", "--steps", "1", "--eot", "1", "--repeats", "1",
-        "--device", "cpu"]
+TINY = [
+    "data.synthetic_train_size=32",
+    "data.synthetic_test_size=8",
+    "training.batch_size=16",
+    "training.epochs=1",
+    "training.lookahead_k=2",
+    "attacks.pgd_steps=1",
+    'purifier.layers="auto"',
+]
+EVAL = [
+    "--n-examples",
+    "2",
+    "--batch-size",
+    "2",
+    "--samples",
+    "2",
+    "--steps",
+    "1",
+    "--eot",
+    "1",
+    "--repeats",
+    "1",
+    "--device",
+    "cpu",
+]
 RESNET18 = ['classifier.architecture="torchvision:resnet18"', "classifier.small_stem=true"]
 PREACT = "Andriushchenko2020Understanding"  # RobustBench's CIFAR-10 Linf PreActResNet-18
 ROBUSTBENCH = [f'classifier.architecture="robustbench:{PREACT}"', 'classifier.robustbench_dataset="cifar10"']
@@ -107,14 +128,27 @@ def test_auto_and_patterns_on_other_architectures() -> None:
     cfg = cfg_of('classifier.architecture="python:test_sources:tiny_resnet"')
     model = build_classifier(cfg).eval()
     shape = (3, 32, 32)
-    assert auto_layers(model, shape) == ["stage1.0.conv1", "stage1.0.conv2", "stage1.1.conv1", "stage1.1.conv2",
-                                         "stage2.0.conv1", "stage2.0.conv2", "stage2.0.shortcut",
-                                         "stage2.1.conv1", "stage2.1.conv2"]
+    assert auto_layers(model, shape) == [
+        "stage1.0.conv1",
+        "stage1.0.conv2",
+        "stage1.1.conv1",
+        "stage1.1.conv2",
+        "stage2.0.conv1",
+        "stage2.0.conv2",
+        "stage2.0.shortcut",
+        "stage2.1.conv1",
+        "stage2.1.conv2",
+    ]
     # a layer not larger than the layerwise encoder's minimum is left out (stage2 is 16×16)
     assert all(n.startswith("stage1") for n in auto_layers(model, shape, min_side=16))
     assert resolve_layers(model, ["stage*.0.conv1", "stage1.0.conv1", "head"]) == [
-        "stage1.0.conv1", "stage2.0.conv1", "head"]
-    with pytest.raises(CarsoError, match=r"pattern 'stage1\.\*\.conv3' matches no layer.*nearest names:.*stage1\.0\.conv1"):
+        "stage1.0.conv1",
+        "stage2.0.conv1",
+        "head",
+    ]
+    with pytest.raises(
+        CarsoError, match=r"pattern 'stage1\.\*\.conv3' matches no layer.*nearest names:.*stage1\.0\.conv1"
+    ):
         resolve_layers(model, ["stage1.*.conv3"])
     cands = {c.name: c.shape for c in candidates(model, shape)}
     assert cands["stage2.0.shortcut"] == (8, 16, 16) and "head" not in cands  # (N, classes) is not image-shaped
@@ -122,9 +156,13 @@ def test_auto_and_patterns_on_other_architectures() -> None:
 
 def test_representation_too_large_names_size_and_flag() -> None:
     cfg = cfg_of("purifier.max_fc_parameters=1000")
-    with pytest.raises(CarsoError, match=r"exceeds purifier.max_fc_parameters = 1,000.*--set purifier.max_fc_parameters"):
+    with pytest.raises(
+        CarsoError, match=r"exceeds purifier.max_fc_parameters = 1,000.*--set purifier.max_fc_parameters"
+    ):
         purifier_spec_for(cfg)
-    cfg = cfg_of('classifier.architecture="python:test_sources:tiny_resnet"', 'purifier.layers=["stage1.0.conv1", "head"]')
+    cfg = cfg_of(
+        'classifier.architecture="python:test_sources:tiny_resnet"', 'purifier.layers=["stage1.0.conv1", "head"]'
+    )
     with pytest.raises(CarsoError, match=r"layer 'head' outputs \(10,\) per example, not an image-shaped"):
         purifier_spec_for(cfg)
 
@@ -138,8 +176,12 @@ def test_source_errors_are_one_clear_line(tmp_path: Path, monkeypatch: pytest.Mo
     with pytest.raises(CarsoError, match=r"unknown torchvision model 'resnet81' \(nearest: resnet18"):
         build_classifier(cfg_of('classifier.architecture="torchvision:resnet81"'))
     with pytest.raises(CarsoError, match=r"unknown RobustBench model .*nearest: Andriushchenko2020Understanding"):
-        build_classifier(cfg_of('classifier.architecture="robustbench:Andriushchenko2020Understandin"',
-                                'classifier.robustbench_dataset="cifar10"'))
+        build_classifier(
+            cfg_of(
+                'classifier.architecture="robustbench:Andriushchenko2020Understandin"',
+                'classifier.robustbench_dataset="cifar10"',
+            )
+        )
     with pytest.raises(CarsoError, match=r"nearest: tiny_resnet"):
         build_classifier(cfg_of('classifier.architecture="python:test_sources:tiny_resnett"'))
     with pytest.raises(CarsoError, match=r"gives \(2, 7\) .* not \(2, 10\)"):
@@ -147,20 +189,38 @@ def test_source_errors_are_one_clear_line(tmp_path: Path, monkeypatch: pytest.Mo
     with pytest.raises(CarsoError, match="must be 'wideresnet' or one of"):
         cfg_of('classifier.architecture="keras:resnet"')
     real = sources.importlib.util.find_spec
-    monkeypatch.setattr(sources.importlib.util, "find_spec", lambda name, *a: None if name == "timm" else real(name, *a))
+    monkeypatch.setattr(
+        sources.importlib.util, "find_spec", lambda name, *a: None if name == "timm" else real(name, *a)
+    )
     with pytest.raises(CarsoError, match=r'timm:resnet18 needs the timm package: pip install "carso\[timm\]"'):
         build_classifier(cfg_of('classifier.architecture="timm:resnet18"'))
     monkeypatch.undo()
     # weights that do not fit: the first mismatching keys and shapes
     other = tmp_path / "resnet34.pt"
     torch.save(build_classifier(cfg_of('classifier.architecture="torchvision:resnet34"')).state_dict(), other)
-    with pytest.raises(CarsoError, match=r"torchvision:resnet18 weights in .* do not match the model — unexpected keys: layer1\.2"):
+    with pytest.raises(
+        CarsoError, match=r"torchvision:resnet18 weights in .* do not match the model — unexpected keys: layer1\.2"
+    ):
         sources.load(cfg_of(*RESNET18), other)
     with pytest.raises(CarsoError, match=r"torchvision:resnet18 needs weights: --classifier-weights FILE"):
         sources.load(cfg_of(*RESNET18), None)
     # the CLI: one line, exit 1
-    result = runner.invoke(app, ["train-purifier", "--preset", "smoke", "--classifier", "torchvision:resnet81",
-                                 "--classifier-weights", str(other), "--out", str(tmp_path / "r"), "--device", "cpu"])
+    result = runner.invoke(
+        app,
+        [
+            "train-purifier",
+            "--preset",
+            "smoke",
+            "--classifier",
+            "torchvision:resnet81",
+            "--classifier-weights",
+            str(other),
+            "--out",
+            str(tmp_path / "r"),
+            "--device",
+            "cpu",
+        ],
+    )
     assert result.exit_code == 1 and "nearest: resnet18" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "r").exists()
 
@@ -182,8 +242,16 @@ def test_timm_and_python_sources_build_with_preset_normalisation(tmp_path: Path)
     assert torch.allclose(loaded((x - mean) / std), model(x), atol=1e-6)
     loaded._forward_pre_hooks.update(hooks)
     assert "layer1.0.conv1" in purifier_spec_for(cfg, loaded).layers
-    result = runner.invoke(app, ["info", "--preset", "smoke", "--no-memory", *set_args(
-        'classifier.architecture="python:test_sources:tiny_resnet"', 'purifier.layers="auto"')])
+    result = runner.invoke(
+        app,
+        [
+            "info",
+            "--preset",
+            "smoke",
+            "--no-memory",
+            *set_args('classifier.architecture="python:test_sources:tiny_resnet"', 'purifier.layers="auto"'),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "python:test_sources:tiny_resnet" in result.output and "added by carso" in result.output
     assert "stage2.0.shortcut" in result.output and "8×16×16" in result.output
@@ -224,8 +292,18 @@ def resnet18_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_torchvision_resnet18_end_to_end_resume_and_two_processes(tmp_path: Path, resnet18_weights: Path) -> None:
     """torchvision resnet18 (32×32 stem) from a weights file: train one epoch, the default adaptive eval,
     carso_cli.load; --resume from the mid-epoch checkpoint and --gpus 2 --device cpu equal the plain run."""
-    args = ["train-purifier", "--preset", "smoke", "--classifier", "torchvision:resnet18", "--classifier-weights",
-            str(resnet18_weights), "--device", "cpu", *set_args("classifier.small_stem=true", *TINY)]
+    args = [
+        "train-purifier",
+        "--preset",
+        "smoke",
+        "--classifier",
+        "torchvision:resnet18",
+        "--classifier-weights",
+        str(resnet18_weights),
+        "--device",
+        "cpu",
+        *set_args("classifier.small_stem=true", *TINY),
+    ]
     plain = tmp_path / "plain"
     result = runner.invoke(app, [*args, "--out", str(plain)])
     assert result.exit_code == 0, result.output
@@ -235,17 +313,38 @@ def test_torchvision_resnet18_end_to_end_resume_and_two_processes(tmp_path: Path
     # --resume: a one-epoch run extended to two (the command a user types) = two epochs at once.
     short = [*RESNET18, *TINY, "data.synthetic_train_size=16"]
     stopped = train_purifier.run(cfg_of(*short), resnet18_weights, tmp_path / "stopped", device=CPU).run
-    result = runner.invoke(app, ["train-purifier", "--resume", "--out", str(stopped), "--device", "cpu", "--epochs", "2",
-                                 "--classifier", str(resnet18_weights)])
+    result = runner.invoke(
+        app,
+        [
+            "train-purifier",
+            "--resume",
+            "--out",
+            str(stopped),
+            "--device",
+            "cpu",
+            "--epochs",
+            "2",
+            "--classifier",
+            str(resnet18_weights),
+        ],
+    )
     assert result.exit_code == 0 and "resumed" in result.output, result.output
-    whole = train_purifier.run(cfg_of(*short, "training.epochs=2"), resnet18_weights, tmp_path / "whole", device=CPU).run
+    whole = train_purifier.run(
+        cfg_of(*short, "training.epochs=2"), resnet18_weights, tmp_path / "whole", device=CPU
+    ).run
     a, b = state_tensors(whole), state_tensors(stopped)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
     # --gpus 2 --device cpu (torchrun, gloo) = the plain run (float reductions in another order: allclose)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "carso_cli", *args, "--gpus", "2", "--out", str(tmp_path / "two")],
-                          capture_output=True, text=True, timeout=600, env=env, check=False)
+    done = subprocess.run(
+        [sys.executable, "-m", "carso_cli", *args, "--gpus", "2", "--out", str(tmp_path / "two")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        check=False,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     a, b = state_tensors(plain), state_tensors(tmp_path / "two")
     assert a.keys() == b.keys()
@@ -268,15 +367,28 @@ def test_robustbench_preactresnet18_end_to_end(tmp_path: Path) -> None:
     weights.parent.mkdir(parents=True)
     torch.save({"last": build_classifier(cfg).state_dict()}, weights)  # that model's checkpoint layout
     out = tmp_path / "run"
-    result = runner.invoke(app, ["train-purifier", "--preset", "smoke", "--classifier", f"robustbench:{PREACT}",
-                                 "--out", str(out), "--device", "cpu",
-                                 *set_args(*ROBUSTBENCH[1:], f'classifier.robustbench_dir="{cache}"', *TINY)])
+    result = runner.invoke(
+        app,
+        [
+            "train-purifier",
+            "--preset",
+            "smoke",
+            "--classifier",
+            f"robustbench:{PREACT}",
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+            *set_args(*ROBUSTBENCH[1:], f'classifier.robustbench_dir="{cache}"', *TINY),
+        ],
+    )
     assert result.exit_code == 0, result.output
     _eval_and_predict(out, f"robustbench:{PREACT}")
     assert json.loads((out / ckpt.CLASSIFIER_REF_FILE).read_text())["sha256"] == ckpt.sha256_file(weights)
     extracted = tmp_path / "rep.safetensors"
-    result = runner.invoke(app, ["extract", "--run", str(out), "--out", str(extracted), "--n-examples", "2",
-                                 "--device", "cpu"])
+    result = runner.invoke(
+        app, ["extract", "--run", str(out), "--out", str(extracted), "--n-examples", "2", "--device", "cpu"]
+    )
     assert result.exit_code == 0, result.output
     spec = load_run(out).purifier.spec
     tensors, _ = ckpt.load_tensors(extracted)

@@ -84,7 +84,9 @@ def test_precise_bn_averages_the_training_inputs() -> None:
 
 def test_resume_after_sigterm_equals_uninterrupted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # With augmentation on (the paper presets'): a resumed epoch augments as an uninterrupted one.
-    cfg = lambda: tiny_cfg("data.synthetic_train_size=48", "data.augment=true")
+    def cfg():
+        return tiny_cfg("data.synthetic_train_size=48", "data.augment=true")
+
     whole = tc.run(cfg(), tmp_path / "whole.safetensors", device=CPU, evaluate=False)
 
     real = tr.loop._all_reduce
@@ -104,9 +106,17 @@ def test_resume_after_sigterm_equals_uninterrupted(tmp_path: Path, monkeypatch: 
     monkeypatch.undo()
 
     # The command a user would have typed for this run, with --resume added.
-    argv = ["train-classifier", "--preset", "smoke", "--out", str(out), "--device", "cpu",
-            *[a for s in (*TINY, "data.synthetic_train_size=48", "data.augment=true") for a in ("--set", s)],
-            "--resume"]
+    argv = [
+        "train-classifier",
+        "--preset",
+        "smoke",
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+        *[a for s in (*TINY, "data.synthetic_train_size=48", "data.augment=true") for a in ("--set", s)],
+        "--resume",
+    ]
     result = runner.invoke(app, argv)
     assert result.exit_code == 0, result.output
     assert "resumed from epoch 1, batch 2" in result.output
@@ -121,13 +131,32 @@ def test_resume_after_sigterm_equals_uninterrupted(tmp_path: Path, monkeypatch: 
 def test_two_processes_gloo_equal_one_process(tmp_path: Path) -> None:
     """PGD adversarial training with ``--gpus 2 --device cpu``: the attack runs the train-mode model, so
     its BatchNorm statistics are synchronised across ranks too; the weights equal one process's."""
-    sets = [*TINY, "data.synthetic_train_size=32", "data.synthetic_test_size=50", "classifier_training.epochs=1",
-            "data.augment=true"]  # augmentation is keyed by example, so both processes augment as one does
-    one = tc.run(tiny_cfg(*sets[len(TINY):]), tmp_path / "one.safetensors", device=CPU, evaluate=False).weights
-    cmd = [sys.executable, "-m", "carso_cli", "train-classifier", "--gpus", "2", "--device", "cpu", "--preset", "smoke",
-           "--out", str(tmp_path / "two.safetensors"), *[a for s in sets for a in ("--set", s)]]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    sets = [
+        *TINY,
+        "data.synthetic_train_size=32",
+        "data.synthetic_test_size=50",
+        "classifier_training.epochs=1",
+        "data.augment=true",
+    ]  # augmentation is keyed by example, so both processes augment as one does
+    one = tc.run(tiny_cfg(*sets[len(TINY) :]), tmp_path / "one.safetensors", device=CPU, evaluate=False).weights
+    cmd = [
+        sys.executable,
+        "-m",
+        "carso_cli",
+        "train-classifier",
+        "--gpus",
+        "2",
+        "--device",
+        "cpu",
+        "--preset",
+        "smoke",
+        "--out",
+        str(tmp_path / "two.safetensors"),
+        *[a for s in sets for a in ("--set", s)],
+    ]
+    done = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=300, check=False, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert done.stdout.strip().splitlines()[-1] == str(tmp_path / "two.safetensors")
     a, _ = ckpt.load_tensors(one)
@@ -139,9 +168,15 @@ def test_two_processes_gloo_equal_one_process(tmp_path: Path) -> None:
 
 def test_cli_errors(tmp_path: Path) -> None:
     cases = [
-        (["train-classifier", "--preset", "smoke", "--out", str(tmp_path / "x.pt"), "--device", "cpu"], "must name a .safetensors"),
+        (
+            ["train-classifier", "--preset", "smoke", "--out", str(tmp_path / "x.pt"), "--device", "cpu"],
+            "must name a .safetensors",
+        ),
         (["train-classifier", "--resume", "--device", "cpu"], "--resume needs --out"),
-        (["train-classifier", "--resume", "--out", str(tmp_path / "none.safetensors"), "--device", "cpu"], "cannot resume"),
+        (
+            ["train-classifier", "--resume", "--out", str(tmp_path / "none.safetensors"), "--device", "cpu"],
+            "cannot resume",
+        ),
         (["train-classifier", "--device", "cpu"], "--preset is required"),
         (["train-classifier", "--preset", "smoke", "--adversarial", "fgsm"], "fgsm"),
     ]
@@ -159,12 +194,25 @@ def test_failed_start_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyP
     from carso_cli.errors import DataError
 
     real = data.build_dataset
+
     def offline(*args, **kwargs):
         raise DataError("offline")
 
     monkeypatch.setattr(data, "build_dataset", offline)
-    args = lambda out, *extra: ["train-classifier", "--preset", "smoke", "--out", str(out), "--device", "cpu",
-                                *[a for s in TINY for a in ("--set", s)], *extra]
+
+    def args(out, *extra):
+        return [
+            "train-classifier",
+            "--preset",
+            "smoke",
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+            *[a for s in TINY for a in ("--set", s)],
+            *extra,
+        ]
+
     result = runner.invoke(app, args(tmp_path / "new" / "c.safetensors"))
     assert result.exit_code == 1 and "offline" in result.output
     assert not (tmp_path / "new").exists()
@@ -184,8 +232,9 @@ def test_gpus_without_cuda_is_an_error(tmp_path: Path, monkeypatch: pytest.Monke
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(distributed, "relaunch", lambda n, argv: pytest.fail("must not launch"))
-    result = runner.invoke(app, ["train-classifier", "--preset", "smoke", "--gpus", "3",
-                                 "--out", str(tmp_path / "c.safetensors")])
+    result = runner.invoke(
+        app, ["train-classifier", "--preset", "smoke", "--gpus", "3", "--out", str(tmp_path / "c.safetensors")]
+    )
     assert result.exit_code == 1
     assert "--gpus 3: no CUDA device visible; --device cpu runs 3 CPU processes" in " ".join(result.output.split())
     assert list(tmp_path.iterdir()) == []
@@ -197,14 +246,26 @@ def test_gpus_without_cuda_is_an_error(tmp_path: Path, monkeypatch: pytest.Monke
 
 
 def _argv(out: Path, *extra: str) -> list[str]:
-    return ["train-classifier", "--preset", "smoke", "--out", str(out), "--device", "cpu",
-            *[a for s in TINY for a in ("--set", s)], *extra]
+    return [
+        "train-classifier",
+        "--preset",
+        "smoke",
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+        *[a for s in TINY for a in ("--set", s)],
+        *extra,
+    ]
 
 
 def test_micro_batch_of_the_whole_batch_is_the_plain_run(tmp_path: Path) -> None:
     plain, bounded, chunked = tmp_path / "plain.safetensors", tmp_path / "m16.safetensors", tmp_path / "c5.safetensors"
-    for out, extra in ((plain, ()), (bounded, ("--micro-batch", "16", "--attack-chunk", "16")),
-                       (chunked, ("--micro-batch", "5", "--attack-chunk", "6"))):
+    for out, extra in (
+        (plain, ()),
+        (bounded, ("--micro-batch", "16", "--attack-chunk", "16")),
+        (chunked, ("--micro-batch", "5", "--attack-chunk", "6")),
+    ):
         result = runner.invoke(app, _argv(out, *extra))
         assert result.exit_code == 0, result.output
     a, _ = ckpt.load_tensors(plain)
@@ -240,7 +301,9 @@ def test_auto_bounds_halve_once_on_out_of_memory(tmp_path: Path, monkeypatch: py
     out = tmp_path / "auto.safetensors"
     result = runner.invoke(app, _argv(out, "--attack-chunk", "auto"))
     assert result.exit_code == 0, result.output
-    assert "'auto' halved to --attack-chunk 8 --micro-batch 8, retrying the batch once" in " ".join(result.output.split())
+    assert "'auto' halved to --attack-chunk 8 --micro-batch 8, retrying the batch once" in " ".join(
+        result.output.split()
+    )
     assert calls[:3] == [16, 8, 8] and set(calls[3:]) == {8}  # the halved bound stays for the later batches
     assert load_config(tc.companion(out, "config.toml")).classifier_training.attack_chunk == "auto"
 
@@ -261,12 +324,34 @@ def test_two_processes_with_unequal_shards_cut_as_many_pieces(tmp_path: Path) ->
     """Global batch 15 over 2 processes (8 + 7 rows) with bounds of 7: rank 0 alone would cut 2 pieces and
     rank 1 one, and the synchronised BatchNorm of rank 0's second piece would wait forever; both cut 2."""
     sets = [*TINY, "data.synthetic_train_size=30", "classifier_training.batch_size=15", "classifier_training.epochs=1"]
-    cmd = [sys.executable, "-m", "carso_cli", "train-classifier", "--gpus", "2", "--device", "cpu", "--preset", "smoke",
-           "--out", str(tmp_path / "two.safetensors"), *[a for s in sets for a in ("--set", s)],
-           "--attack-chunk", "7", "--micro-batch", "7"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "carso_cli",
+        "train-classifier",
+        "--gpus",
+        "2",
+        "--device",
+        "cpu",
+        "--preset",
+        "smoke",
+        "--out",
+        str(tmp_path / "two.safetensors"),
+        *[a for s in sets for a in ("--set", s)],
+        "--attack-chunk",
+        "7",
+        "--micro-batch",
+        "7",
+    ]
     # Its own session, so a hang (the fault this guards against) kills torchrun's workers too.
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     try:
         stdout, stderr = proc.communicate(timeout=240)
     except subprocess.TimeoutExpired:

@@ -60,8 +60,19 @@ def interrupt_at_reduce(monkeypatch: pytest.MonkeyPatch, call: int) -> None:
 
 def cli_args(classifier: Path, out: Path, *extra: str) -> list[str]:
     sets = [a for s in TINY for a in ("--set", s)]
-    return ["train-purifier", "--preset", "smoke", "--classifier", str(classifier), "--out", str(out),
-            "--device", "cpu", *sets, *extra]
+    return [
+        "train-purifier",
+        "--preset",
+        "smoke",
+        "--classifier",
+        str(classifier),
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+        *sets,
+        *extra,
+    ]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -94,8 +105,9 @@ def test_smoke_training_reconstruction_loss_falls(trained_smoke_run: Path) -> No
     assert accuracy > 0.3
 
 
-def test_resume_after_sigterm_equals_uninterrupted(tmp_path: Path, classifier_file: Path,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_resume_after_sigterm_equals_uninterrupted(
+    tmp_path: Path, classifier_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     whole = train_purifier.run(tiny_cfg(), classifier_file, tmp_path / "whole", device=CPU).run
 
     # SIGTERM during the 4th step (epoch 1, batch 0), after its stop flag was sampled: the next batch
@@ -122,17 +134,34 @@ def test_resume_after_sigterm_equals_uninterrupted(tmp_path: Path, classifier_fi
         a, _ = ckpt.load_tensors(whole / name)
         b, _ = ckpt.load_tensors(out / name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    losses = lambda run: [(r["epoch"], r["loss"]) for r in tr.read_metrics(run / ckpt.METRICS_FILE)]
+
+    def losses(run):
+        return [(r["epoch"], r["loss"]) for r in tr.read_metrics(run / ckpt.METRICS_FILE)]
+
     assert losses(out) == losses(whole)
 
     # Extending a finished run: --resume --epochs 3 continues from epoch 2.
-    result = runner.invoke(app, ["train-purifier", "--resume", "--out", str(out), "--device", "cpu",
-                                 "--epochs", "3", "--set", "training.checkpoint_every=5"])
+    result = runner.invoke(
+        app,
+        [
+            "train-purifier",
+            "--resume",
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+            "--epochs",
+            "3",
+            "--set",
+            "training.checkpoint_every=5",
+        ],
+    )
     assert result.exit_code == 0 and "from epoch 2, batch 0" in result.output
     assert [r["epoch"] for r in tr.read_metrics(out / ckpt.METRICS_FILE)] == [0, 1, 2]
     for extra, text in ((["--batch-size", "32"], "global batch of 16"), (["--preset", "cifar10"], "not the preset")):
-        result = runner.invoke(app, ["train-purifier", "--resume", "--out", str(out), "--device", "cpu",
-                                     "--epochs", "4", *extra])
+        result = runner.invoke(
+            app, ["train-purifier", "--resume", "--out", str(out), "--device", "cpu", "--epochs", "4", *extra]
+        )
         assert result.exit_code == 1 and text in result.output, result.output
 
 
@@ -152,8 +181,9 @@ def test_slow_weights_are_saved(tmp_path: Path, classifier_file: Path) -> None:
     assert moved  # the third (fast) step moved them away from the slow weights
 
 
-def test_non_finite_loss_names_epoch_and_batch(tmp_path: Path, classifier_file: Path,
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_non_finite_loss_names_epoch_and_batch(
+    tmp_path: Path, classifier_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     real = tr.vae_loss
     calls = {"n": 0}
 
@@ -184,8 +214,23 @@ def test_two_processes_gloo_equal_one_process(tmp_path: Path, classifier_file: P
     one = train_purifier.run(tiny_cfg(*sets), classifier_file, tmp_path / "one", device=CPU).run
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     args = [a for s in (*TINY, *sets) for a in ("--set", s)]
-    cmd = [sys.executable, "-m", "carso_cli", "train-purifier", "--gpus", "2", "--device", "cpu", "--preset", "smoke",
-           "--classifier", str(classifier_file), "--out", str(tmp_path / "two"), *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "carso_cli",
+        "train-purifier",
+        "--gpus",
+        "2",
+        "--device",
+        "cpu",
+        "--preset",
+        "smoke",
+        "--classifier",
+        str(classifier_file),
+        "--out",
+        str(tmp_path / "two"),
+        *args,
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     meta = ckpt.read_metadata(tmp_path / "two" / train_purifier.CHECKPOINT)
@@ -235,8 +280,11 @@ def test_unreadable_classifier_names_the_reason(tmp_path: Path, classifier_file:
     cut_st = tmp_path / "cut.safetensors"
     cut_st.write_bytes(classifier_file.read_bytes()[:1000])
     torch_pt, safetensors = "is not a readable torch checkpoint:", "is not a readable safetensors file"
-    for path, text, why in ((empty, torch_pt, "the file is empty (0 bytes)"), (cut_pt, torch_pt, ""),
-                            (cut_st, safetensors, "")):
+    for path, text, why in (
+        (empty, torch_pt, "the file is empty (0 bytes)"),
+        (cut_pt, torch_pt, ""),
+        (cut_st, safetensors, ""),
+    ):
         result = runner.invoke(app, cli_args(path, tmp_path / "run"))
         assert result.exit_code == 1 and text in result.output, result.output
         reason = " ".join(result.output.split()).split(text, 1)[1].strip()
@@ -257,8 +305,10 @@ def test_failed_start_leaves_nothing(tmp_path: Path, classifier_file: Path, monk
         raise DataError("cannot download CIFAR-10: no network")
 
     monkeypatch.setattr(data, "build_dataset", offline)
-    for args in (cli_args(classifier_file, tmp_path / "r1"), [a for a in cli_args(classifier_file, tmp_path / "x")
-                                                             if a not in ("--out", str(tmp_path / "x"))]):
+    for args in (
+        cli_args(classifier_file, tmp_path / "r1"),
+        [a for a in cli_args(classifier_file, tmp_path / "x") if a not in ("--out", str(tmp_path / "x"))],
+    ):
         result = runner.invoke(app, args)
         assert result.exit_code == 1 and "no network" in result.output, result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no r1, no runs/smoke-<time>
@@ -276,8 +326,9 @@ def test_failed_start_leaves_nothing(tmp_path: Path, classifier_file: Path, monk
     # A resumed run that fails keeps everything it had.
     run = train_purifier.run(tiny_cfg("training.epochs=1"), classifier_file, tmp_path / "done", device=CPU).run
     before = sorted(p.relative_to(run) for p in run.rglob("*"))
-    result = runner.invoke(app, ["train-purifier", "--resume", "--out", str(run), "--device", "cpu",
-                                 "--epochs", "2", "--batch-size", "32"])
+    result = runner.invoke(
+        app, ["train-purifier", "--resume", "--out", str(run), "--device", "cpu", "--epochs", "2", "--batch-size", "32"]
+    )
     assert result.exit_code == 1 and "global batch of 16" in result.output
     assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
 
@@ -303,8 +354,20 @@ def test_gpus_without_cuda_is_an_error(tmp_path: Path, classifier_file: Path, mo
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     launched: list[list[str]] = []
     monkeypatch.setattr(distributed, "relaunch", lambda n, argv: launched.append(argv) or 0)
-    result = runner.invoke(app, ["train-purifier", "--preset", "smoke", "--classifier", str(classifier_file),
-                                 "--out", str(tmp_path / "g"), "--gpus", "2"])
+    result = runner.invoke(
+        app,
+        [
+            "train-purifier",
+            "--preset",
+            "smoke",
+            "--classifier",
+            str(classifier_file),
+            "--out",
+            str(tmp_path / "g"),
+            "--gpus",
+            "2",
+        ],
+    )
     assert result.exit_code == 1, result.output
     assert "--gpus 2: no CUDA device visible; --device cpu runs 2 CPU processes" in result.output
     assert launched == [] and not (tmp_path / "g").exists()
@@ -315,7 +378,9 @@ def test_gpus_without_cuda_is_an_error(tmp_path: Path, classifier_file: Path, mo
 def test_plot_command(tmp_path: Path) -> None:
     run = tmp_path / "run"
     for e, lr in enumerate([1e-4, 1e-2, 5e-3]):
-        tr.append_metrics(run / ckpt.METRICS_FILE, {"epoch": e, "loss": 10 - e, "bce": 9 - e, "kl": 1.0, "beta": e / 2, "lr": lr})
+        tr.append_metrics(
+            run / ckpt.METRICS_FILE, {"epoch": e, "loss": 10 - e, "bce": 9 - e, "kl": 1.0, "beta": e / 2, "lr": lr}
+        )
     result = runner.invoke(app, ["plot", str(run)])
     assert result.exit_code == 0, result.output
     png = run / "curves.png"

@@ -84,8 +84,16 @@ def test_make_balanced_batch_uses_the_four_attacks(frozen_classifier) -> None:
     # PGD groups: the library's PGD with the same random start (per-example ε in one call).
     rows = torch.nonzero((g == 1) | (g == 3)).flatten()
     eps = torch.tensor([strengths[int(k)] for k in g[rows]])
-    ref = attacks.pgd(frozen_classifier, x[rows], y[rows], eps, a.pgd_steps, a.pgd_step_size,
-                      random_start=True, generator=torch.Generator().manual_seed(5))
+    ref = attacks.pgd(
+        frozen_classifier,
+        x[rows],
+        y[rows],
+        eps,
+        a.pgd_steps,
+        a.pgd_step_size,
+        random_start=True,
+        generator=torch.Generator().manual_seed(5),
+    )
     assert torch.equal(ref, x_in[rows])
     # The attacks raise the classifier's loss.
     with torch.no_grad():
@@ -102,6 +110,16 @@ def test_make_balanced_batch_does_not_depend_on_rank_split(frozen_classifier) ->
     whole = tr.make_balanced_batch(frozen_classifier, x, y, plan, a, torch.Generator().manual_seed(9))
     parts = []
     for lo, hi in ((0, 5), (5, 12)):  # uneven shards, as torch's shard of 12 over 2 is not
-        parts.append(tr.make_balanced_batch(frozen_classifier, x[lo:hi], y[lo:hi], plan.slice(lo, hi), a,
-                                            torch.Generator().manual_seed(9), global_plan=plan, offset=lo))
+        parts.append(
+            tr.make_balanced_batch(
+                frozen_classifier,
+                x[lo:hi],
+                y[lo:hi],
+                plan.slice(lo, hi),
+                a,
+                torch.Generator().manual_seed(9),
+                global_plan=plan,
+                offset=lo,
+            )
+        )
     assert torch.allclose(torch.cat(parts), whole, atol=1e-6)

@@ -64,8 +64,9 @@ def test_outside_a_process_group_it_is_batchnorm2d(momentum: float | None) -> No
 def _rank_worker(rank: int, world: int, store: str, out: str) -> None:
     """One rank: two training steps on its shard with each momentum, then an eval pass; results to a file."""
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))  # a hang fails, not blocks
+    dist.init_process_group(
+        "gloo", init_method=f"file://{store}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60)
+    )  # a hang fails, not blocks
     try:
         lo, hi = SHARDS[rank]
         results = {}
@@ -78,8 +79,14 @@ def _rank_worker(rank: int, world: int, store: str, out: str) -> None:
                 bn.zero_grad()
                 y = bn(x)
                 (y * w[lo:hi]).sum().backward()
-                steps.append({"out": y.detach(), "x_grad": x.grad, "weight_grad": bn.weight.grad.clone(),
-                              "bias_grad": bn.bias.grad.clone()})
+                steps.append(
+                    {
+                        "out": y.detach(),
+                        "x_grad": x.grad,
+                        "weight_grad": bn.weight.grad.clone(),
+                        "bias_grad": bn.bias.grad.clone(),
+                    }
+                )
             bn.eval()
             x, _ = _data(9)
             results[str(momentum)] = {"steps": steps, "state": bn.state_dict(), "eval_out": bn(x[lo:hi]).detach()}
@@ -92,8 +99,9 @@ def test_two_gloo_processes_equal_one_process_on_the_global_batch(tmp_path: Path
     """Each rank's rows, the running statistics and the gradients (input rows on each rank; weight and bias
     summed over ranks, as DDP's all-reduce does) equal nn.BatchNorm2d on the concatenated global batch."""
     # fork: the children start at once, without importing torch again (spawn costs seconds per process).
-    mp.start_processes(_rank_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True,
-                       start_method="fork")
+    mp.start_processes(
+        _rank_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True, start_method="fork"
+    )
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     tight = {"rtol": 1e-10, "atol": 1e-10}
     for momentum in MOMENTA:
@@ -125,9 +133,13 @@ def test_two_gloo_processes_equal_one_process_on_the_global_batch(tmp_path: Path
 
 def test_convert_sync_batchnorm_on_cpu_keeps_the_tensors_and_modes() -> None:
     model = nn.Sequential(
-        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
+        nn.Conv2d(3, 4, 3),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
         nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4, momentum=None, affine=False)),
-        nn.Flatten(), nn.Linear(4 * 4 * 4, 5), nn.BatchNorm1d(5),
+        nn.Flatten(),
+        nn.Linear(4 * 4 * 4, 5),
+        nn.BatchNorm1d(5),
     )
     model[3].eval()  # a frozen part must stay frozen
     params = {k: v for k, v in model.named_parameters()}

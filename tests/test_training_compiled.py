@@ -15,8 +15,18 @@ from carso_cli.config import load_config
 from carso_cli.training.compiled import CompiledOrEager
 
 runner = CliRunner()
-TINY = ["--set", "data.synthetic_train_size=32", "--set", "training.batch_size=16", "--set", "training.epochs=1",
-        "--set", "attacks.pgd_steps=2", "--device", "cpu"]
+TINY = [
+    "--set",
+    "data.synthetic_train_size=32",
+    "--set",
+    "training.batch_size=16",
+    "--set",
+    "training.epochs=1",
+    "--set",
+    "attacks.pgd_steps=2",
+    "--device",
+    "cpu",
+]
 FAILING = "carso_test_failing_backend"
 
 
@@ -26,8 +36,10 @@ def plain(classifier_file: Path, tmp_path_factory: pytest.TempPathFactory) -> di
 
 
 def _train(out: Path, classifier_file: Path, *extra: str) -> tuple[dict[str, torch.Tensor], str]:
-    result = runner.invoke(app, ["train-purifier", "--preset", "smoke", "--classifier", str(classifier_file),
-                                 "--out", str(out), *TINY, *extra])
+    result = runner.invoke(
+        app,
+        ["train-purifier", "--preset", "smoke", "--classifier", str(classifier_file), "--out", str(out), *TINY, *extra],
+    )
     assert result.exit_code == 0, result.output
     return ckpt.load_tensors(out / ckpt.PURIFIER_FILE)[0], " ".join(result.output.split())
 
@@ -66,8 +78,21 @@ def test_a_failing_compiler_falls_back_to_eager_and_says_so(tmp_path: Path, clas
 
 
 def test_an_unknown_backend_is_one_line_and_leaves_nothing(tmp_path: Path, classifier_file: Path) -> None:
-    result = runner.invoke(app, ["train-purifier", "--preset", "smoke", "--classifier", str(classifier_file),
-                                 "--out", str(tmp_path / "run"), *TINY, "--compile", "nonsense"])
+    result = runner.invoke(
+        app,
+        [
+            "train-purifier",
+            "--preset",
+            "smoke",
+            "--classifier",
+            str(classifier_file),
+            "--out",
+            str(tmp_path / "run"),
+            *TINY,
+            "--compile",
+            "nonsense",
+        ],
+    )
     assert result.exit_code != 0 and "Traceback" not in result.output
     assert "training.compile = 'nonsense': not a torch.compile backend" in " ".join(result.output.split())
     assert not (tmp_path / "run").exists()

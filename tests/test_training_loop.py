@@ -13,11 +13,19 @@ from carso_cli.data import build_dataset
 from carso_cli.distributed import DistContext
 
 
-def _spec(tmp_path: Path, augment: bool = True, seed: int = 0, rank: int = 0, world_size: int = 1,
-          num_workers: int = 0) -> tr.LoopSpec:
+def _spec(
+    tmp_path: Path, augment: bool = True, seed: int = 0, rank: int = 0, world_size: int = 1, num_workers: int = 0
+) -> tr.LoopSpec:
     cfg = load_config("smoke", {"data.synthetic_train_size": 40, "data.augment": augment})
-    return tr.LoopSpec(ctx=DistContext(rank=rank, world_size=world_size), dataset=build_dataset(cfg, "train", tmp_path),
-                       global_batch=8, epochs=2, seed=seed, sums=["n"], num_workers=num_workers)
+    return tr.LoopSpec(
+        ctx=DistContext(rank=rank, world_size=world_size),
+        dataset=build_dataset(cfg, "train", tmp_path),
+        global_batch=8,
+        epochs=2,
+        seed=seed,
+        sums=["n"],
+        num_workers=num_workers,
+    )
 
 
 def _images(spec: tr.LoopSpec, epoch: int, start: int = 0) -> list[torch.Tensor]:

@@ -20,7 +20,10 @@ def cifar10():
 
 def test_lr_schedule_cifar10(cifar10) -> None:
     t = cifar10.training
-    lr = lambda e: tr.lr_at_epoch(t, e)
+
+    def lr(e):
+        return tr.lr_at_epoch(t, e)
+
     assert lr(0) == pytest.approx(5e-9, rel=1e-12)  # initial LR during the first epoch
     assert lr(1) == pytest.approx(5e-9 + (0.064 - 5e-9) / 25)
     assert lr(12) == pytest.approx(5e-9 + (0.064 - 5e-9) * 12 / 25)
@@ -38,7 +41,10 @@ def test_lr_schedule_cifar10(cifar10) -> None:
 
 def test_beta_schedule_cifar10(cifar10) -> None:
     t = cifar10.training
-    beta = lambda e: tr.beta_at_epoch(t, e)
+
+    def beta(e):
+        return tr.beta_at_epoch(t, e)
+
     assert [beta(e) for e in (0, 10, 24, 25)] == [0.0, 0.0, 0.0, 0.0]  # KL suppressed until epoch 25
     assert beta(26) == pytest.approx(1 / 9)
     assert beta(30) == pytest.approx(5 / 9)

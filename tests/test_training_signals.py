@@ -26,8 +26,10 @@ def sentinel_handlers() -> Iterator[dict[int, Any]]:
     original = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     sentinels: dict[int, Any] = {}
     for sig in original:
+
         def handler(signum: int, frame: Any) -> None:
             raise AssertionError(f"previous handler of {signal.Signals(signum).name} ran")
+
         sentinels[sig] = handler
         signal.signal(sig, handler)
     try:

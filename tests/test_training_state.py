@@ -36,9 +36,17 @@ def test_training_state_round_trip(tmp_path) -> None:
     random.seed(4)
     np.random.seed(5)
     path = tmp_path / "state.safetensors"
-    tr.save_training_state(path, kind="test", position=tr.Position(3, 2), model=model, optimizer=opt,
-                           config_toml="name = 'x'\n", rng=[tr.capture_rng()], epoch_sums=[1.0, 2.0],
-                           extra={"seed": 7})
+    tr.save_training_state(
+        path,
+        kind="test",
+        position=tr.Position(3, 2),
+        model=model,
+        optimizer=opt,
+        config_toml="name = 'x'\n",
+        rng=[tr.capture_rng()],
+        epoch_sums=[1.0, 2.0],
+        extra={"seed": 7},
+    )
     draws = (torch.rand(3), random.random(), np.random.rand())
     _steps(model, opt, 5, seed=2)
     expected = {k: v.clone() for k, v in model.state_dict().items()}

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from enum import Enum
-from typing import Annotated, Any, Optional
+from pathlib import Path
+from typing import Annotated, Any
 
 import torch
 import typer
@@ -17,20 +17,20 @@ PresetOpt = Annotated[
     str, typer.Option("--preset", "-p", help="Preset name (cifar10, cifar100, tinyimagenet, smoke) or path to a .toml.")
 ]
 SetOpt = Annotated[
-    Optional[list[str]],
+    list[str] | None,
     typer.Option("--set", help="Override any preset value: section.key=value (repeatable), e.g. training.epochs=3."),
 ]
 RunOpt = Annotated[
     # "--run-dir" is an alias because torchrun's own parser takes "--run" for an abbreviation of its
     # "--run-path" when a command is re-launched under it (distributed.relaunch rewrites it).
-    Optional[Path], typer.Option("--run", "--run-dir", help="Run directory (default: the most recent under ./runs).")
+    Path | None, typer.Option("--run", "--run-dir", help="Run directory (default: the most recent under ./runs).")
 ]
-DeviceOpt = Annotated[
-    Optional[str], typer.Option("--device", help="cuda, cuda:N or cpu (default: cuda when available).")
-]
+DeviceOpt = Annotated[str | None, typer.Option("--device", help="cuda, cuda:N or cpu (default: cuda when available).")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed.")]
 DataRootOpt = Annotated[Path, typer.Option("--data-root", help="Where datasets live / are downloaded.")]
-GpusOpt = Annotated[int, typer.Option("--gpus", min=1, help="Processes to run (torchrun); with --device cpu, gloo on CPU.")]
+GpusOpt = Annotated[
+    int, typer.Option("--gpus", min=1, help="Processes to run (torchrun); with --device cpu, gloo on CPU.")
+]
 
 
 # The aggregation choices of every command, from the one list in carso_cli.aggregation.
@@ -65,36 +65,65 @@ def load_preset(preset: str, sets: list[str] | None = None, **explicit: Any) -> 
     return load_config(preset, overrides)
 
 
-AttackChunkOpt = Annotated[Optional[str], typer.Option(
-    "--attack-chunk", help="Attack at most N examples at once (or 'auto': from free GPU memory); bounds memory, "
-                           "same adversarial examples. Default: the preset's training.attack_chunk (0 = all).")]
-CompileOpt = Annotated[Optional[str], typer.Option(
-    "--compile", metavar="BACKEND", help="torch.compile the attacked classifier and the purifier's training pass with "
-    "this backend ('inductor'; 'off', the default, runs eager). Rounds differently from eager; if compiling fails, "
-    "the run says so and continues eager. Recorded as training.compile.")]
-ClassifierAttackChunkOpt = Annotated[Optional[str], typer.Option(
-    "--attack-chunk", help="PGD on at most N examples at once (or 'auto': from free GPU memory). The model is "
-                           "attacked in train mode, so each chunk has its own BatchNorm statistics ('ghost' batch "
-                           "norm): bounds memory, slightly different examples. Default: "
-                           "classifier_training.attack_chunk (0 = all).")]
-ClassifierMicroBatchOpt = Annotated[Optional[str], typer.Option(
-    "--micro-batch", help="Forward/backward over micro-batches of M examples, gradients accumulated (or 'auto'). "
-                          "BatchNorm then normalises per micro-batch ('ghost' batch norm); recorded in the config.")]
-MicroBatchOpt = Annotated[Optional[str], typer.Option(
-    "--micro-batch", help="Purifier forward/backward over micro-batches of M examples, gradients accumulated (or "
-                          "'auto'). BatchNorm then normalises per micro-batch ('ghost' batch norm), not over the "
-                          "global batch as in the paper; recorded in the run's config.")]
+AttackChunkOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--attack-chunk",
+        help="Attack at most N examples at once (or 'auto': from free GPU memory); bounds memory, "
+        "same adversarial examples. Default: the preset's training.attack_chunk (0 = all).",
+    ),
+]
+CompileOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--compile",
+        metavar="BACKEND",
+        help="torch.compile the attacked classifier and the purifier's training pass with "
+        "this backend ('inductor'; 'off', the default, runs eager). Rounds differently from eager; if compiling fails, "
+        "the run says so and continues eager. Recorded as training.compile.",
+    ),
+]
+ClassifierAttackChunkOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--attack-chunk",
+        help="PGD on at most N examples at once (or 'auto': from free GPU memory). The model is "
+        "attacked in train mode, so each chunk has its own BatchNorm statistics ('ghost' batch "
+        "norm): bounds memory, slightly different examples. Default: "
+        "classifier_training.attack_chunk (0 = all).",
+    ),
+]
+ClassifierMicroBatchOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--micro-batch",
+        help="Forward/backward over micro-batches of M examples, gradients accumulated (or 'auto'). "
+        "BatchNorm then normalises per micro-batch ('ghost' batch norm); recorded in the config.",
+    ),
+]
+MicroBatchOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--micro-batch",
+        help="Purifier forward/backward over micro-batches of M examples, gradients accumulated (or "
+        "'auto'). BatchNorm then normalises per micro-batch ('ghost' batch norm), not over the "
+        "global batch as in the paper; recorded in the run's config.",
+    ),
+]
 
 
-def memory_sets(sets: list[str] | None, attack_chunk: str | None, micro_batch: str | None,
-                section: str = "training") -> list[str] | None:
+def memory_sets(
+    sets: list[str] | None, attack_chunk: str | None, micro_batch: str | None, section: str = "training"
+) -> list[str] | None:
     """``--attack-chunk`` / ``--micro-batch`` as ``--set`` overrides of ``section`` (so relaunch and resume
     carry them): ``training`` for the purifier, ``classifier_training`` for ``train-classifier``."""
     from carso_cli.memory import parse_chunk
 
     extra = []
-    for key, value, option in (("attack_chunk", attack_chunk, "--attack-chunk"),
-                               ("micro_batch", micro_batch, "--micro-batch")):
+    for key, value, option in (
+        ("attack_chunk", attack_chunk, "--attack-chunk"),
+        ("micro_batch", micro_batch, "--micro-batch"),
+    ):
         if value is not None:
             parsed = parse_chunk(value, option)
             extra.append(f"{section}.{key}={parsed if parsed is not None else 0}")

@@ -56,19 +56,27 @@ def environment(device: torch.device) -> dict[str, str]:
     return info
 
 
-def bench_train(cfg: Config, device: torch.device, batch_size: int, batches: int, seed: int = 0,
-                console: Any = None) -> dict[str, Any]:
+def bench_train(
+    cfg: Config, device: torch.device, batch_size: int, batches: int, seed: int = 0, console: Any = None
+) -> dict[str, Any]:
     """Images/s of ``train-purifier`` (second epoch, so start-up and cuDNN autotuning are excluded)."""
     from carso_cli import checkpoint as ckpt
     from carso_cli.commands import train_purifier
     from carso_cli.config import apply_overrides
     from carso_cli.models import build_classifier
 
-    apply_overrides(cfg, {
-        "data.dataset": "synthetic", "data.synthetic_train_size": batch_size * batches,
-        "data.synthetic_test_size": batch_size, "data.augment": False,
-        "training.batch_size": batch_size, "training.epochs": 2, "training.checkpoint_every": 1000,
-    })
+    apply_overrides(
+        cfg,
+        {
+            "data.dataset": "synthetic",
+            "data.synthetic_train_size": batch_size * batches,
+            "data.synthetic_test_size": batch_size,
+            "data.augment": False,
+            "training.batch_size": batch_size,
+            "training.epochs": 2,
+            "training.checkpoint_every": 1000,
+        },
+    )
     with tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(seed)
         classifier = build_classifier(cfg)
@@ -78,9 +86,15 @@ def bench_train(cfg: Config, device: torch.device, batch_size: int, batches: int
         result = train_purifier.run(cfg, weights, Path(tmp) / "run", device=device, seed=seed, console=console)
         peak = memory.peak_bytes(device)
     last = result.records[-1]
-    return {"images_per_s": last["images_per_s"], "epoch_s": last["time_s"], "batch_size": batch_size,
-            "batches": batches, "adversarial_fraction": cfg.training.adversarial_fraction,
-            "pgd_steps": cfg.attacks.pgd_steps, **_peak(device, peak)}
+    return {
+        "images_per_s": last["images_per_s"],
+        "epoch_s": last["time_s"],
+        "batch_size": batch_size,
+        "batches": batches,
+        "adversarial_fraction": cfg.training.adversarial_fraction,
+        "pgd_steps": cfg.attacks.pgd_steps,
+        **_peak(device, peak),
+    }
 
 
 def _peak(device: torch.device, peak: int) -> dict[str, Any]:
@@ -89,8 +103,9 @@ def _peak(device: torch.device, peak: int) -> dict[str, Any]:
     return {"peak_memory_bytes": peak, "peak_memory": memory.format_bytes(peak), "peak_memory_kind": what}
 
 
-def bench_attack(cfg: Config, device: torch.device, batch_size: int, iterations: int, seed: int = 0,
-                 bf16: bool = False) -> dict[str, Any]:
+def bench_attack(
+    cfg: Config, device: torch.device, batch_size: int, iterations: int, seed: int = 0, bf16: bool = False
+) -> dict[str, Any]:
     """End-to-end CARSO gradient evaluations per second, and the randAA time they imply."""
     from carso_cli.models import CARSO, Purifier, build_classifier, purifier_spec_for, set_eval_frozen
 
@@ -125,17 +140,26 @@ def bench_attack(cfg: Config, device: torch.device, batch_size: int, iterations:
     # the initial and final forwards; an upper bound (broken examples are not attacked again).
     per_example = 2 * 100 * cfg.attacks.randaa_eot_iterations
     test_set = 10_000
-    out = {"example_gradients_per_s": grads_per_s, "batch_size": batch_size, "samples": cfg.inference.samples,
-           "bf16": bf16, "randaa_hours_for_10k_upper_bound": test_set * per_example / grads_per_s / 3600}
+    out = {
+        "example_gradients_per_s": grads_per_s,
+        "batch_size": batch_size,
+        "samples": cfg.inference.samples,
+        "bf16": bf16,
+        "randaa_hours_for_10k_upper_bound": test_set * per_example / grads_per_s / 3600,
+    }
     return {**out, **_peak(device, memory.peak_bytes(device))}
 
 
 def cli(
-    what: Annotated[What, typer.Argument(help="train: purifier training images/s; attack: CARSO gradients/s.")] = What.train,
+    what: Annotated[
+        What, typer.Argument(help="train: purifier training images/s; attack: CARSO gradients/s.")
+    ] = What.train,
     preset: PresetOpt = "cifar10",
     set_: SetOpt = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Batch size (train: global batch).")] = 512,
-    batches: Annotated[int, typer.Option("--batches", min=1, help="train: batches per timed epoch; attack: timed iterations.")] = 10,
+    batches: Annotated[
+        int, typer.Option("--batches", min=1, help="train: batches per timed epoch; attack: timed iterations.")
+    ] = 10,
     bf16: Annotated[bool, typer.Option("--bf16/--no-bf16", help="attack: bf16 autocast (CUDA).")] = False,
     device: DeviceOpt = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a sentence.")] = False,
@@ -153,13 +177,17 @@ def cli(
     if what is What.train:
         # With --json, stdout carries the JSON alone: training progress goes to stderr.
         result = bench_train(cfg, dev, batch_size, batches, console=err_console if json_out else console)
-        headline = (f"{result['images_per_s']:,.0f} images/s, peak memory {result['peak_memory']} "
-                    f"(purifier training, preset {cfg.name})")
+        headline = (
+            f"{result['images_per_s']:,.0f} images/s, peak memory {result['peak_memory']} "
+            f"(purifier training, preset {cfg.name})"
+        )
     else:
         result = bench_attack(cfg, dev, batch_size, batches, bf16=bf16)
-        headline = (f"{result['example_gradients_per_s']:,.1f} end-to-end example-gradients/s → randomized AutoAttack "
-                    f"on 10,000 examples ≤ {result['randaa_hours_for_10k_upper_bound']:,.1f} h, "
-                    f"peak memory {result['peak_memory']} (preset {cfg.name})")
+        headline = (
+            f"{result['example_gradients_per_s']:,.1f} end-to-end example-gradients/s → randomized AutoAttack "
+            f"on 10,000 examples ≤ {result['randaa_hours_for_10k_upper_bound']:,.1f} h, "
+            f"peak memory {result['peak_memory']} (preset {cfg.name})"
+        )
     if json_out:
         print(json.dumps({"what": what.value, "preset": cfg.name, **result, "environment": env}))
     else:

@@ -25,7 +25,7 @@ import re
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import torch
 import typer
@@ -118,9 +118,7 @@ def check_role(path: Path, role: str, state: dict[str, torch.Tensor]) -> None:
     else:
         some = ", ".join(f"'{k}'" for k in sorted(state)[:3]) or "none"
         hint = f"its keys are {some}{' …' if len(state) > 3 else ''}"
-    raise CheckpointError(
-        f"{path} does not look like {role} (expected keys like {ROLE_EXAMPLES[role]}); {hint}"
-    )
+    raise CheckpointError(f"{path} does not look like {role} (expected keys like {ROLE_EXAMPLES[role]}); {hint}")
 
 
 def _read(path: Path, role: str) -> dict[str, torch.Tensor]:
@@ -328,7 +326,7 @@ def cli(
     ],
     decoder: Annotated[Path, typer.Option("--decoder", help="The authors' *_decoder.safetensors.")],
     out: Annotated[
-        Optional[Path], typer.Option("--out", help="Run directory to write (default: runs/<preset>-reference-<time>).")
+        Path | None, typer.Option("--out", help="Run directory to write (default: runs/<preset>-reference-<time>).")
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite a run already in --out.")] = False,
     set_: SetOpt = None,

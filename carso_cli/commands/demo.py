@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import torch
 import typer
@@ -41,11 +41,13 @@ class DemoSizes:
     indicator_examples: int = 8  # the attack-failure indicators on the first 8 (the default; ~1 s here)
 
     def describe(self, cfg: Config) -> str:
-        return (f"training: classifier {cfg.classifier_training.epochs} epochs, purifier {cfg.training.epochs} "
-                f"epochs on {cfg.data.synthetic_train_size if cfg.data.dataset == 'synthetic' else 'all'} "
-                f"{cfg.data.dataset} images; evaluation (--attack adaptive): {self.n_examples} examples, "
-                f"{self.steps} steps, EoT {self.eot}, {self.repeats} repeats, Square {self.queries} queries, "
-                f"indicators on {self.indicator_examples} examples")
+        return (
+            f"training: classifier {cfg.classifier_training.epochs} epochs, purifier {cfg.training.epochs} "
+            f"epochs on {cfg.data.synthetic_train_size if cfg.data.dataset == 'synthetic' else 'all'} "
+            f"{cfg.data.dataset} images; evaluation (--attack adaptive): {self.n_examples} examples, "
+            f"{self.steps} steps, EoT {self.eot}, {self.repeats} repeats, Square {self.queries} queries, "
+            f"indicators on {self.indicator_examples} examples"
+        )
 
 
 @dataclass
@@ -72,14 +74,18 @@ def run(
     made = out is None or not run_dir.exists()
     # The run's lock for the whole pipeline (the steps below take it again, in this process); a demo
     # that fails before its first checkpoint leaves nothing.
-    with locking.hold(run_dir), ckpt.undo_on_failure(
-        run_dir, made, keep=[run_dir / "adversarial-classifier.state.safetensors", run_dir / "checkpoints"]
+    with (
+        locking.hold(run_dir),
+        ckpt.undo_on_failure(
+            run_dir, made, keep=[run_dir / "adversarial-classifier.state.safetensors", run_dir / "checkpoints"]
+        ),
     ):
         return _pipeline(cfg, run_dir, dev, sizes, seed, data_root, console)
 
 
-def _pipeline(cfg: Config, run_dir: Path, dev: torch.device, sizes: DemoSizes, seed: int, data_root: Path,
-              console: Any) -> DemoResult:
+def _pipeline(
+    cfg: Config, run_dir: Path, dev: torch.device, sizes: DemoSizes, seed: int, data_root: Path, console: Any
+) -> DemoResult:
     from carso_cli.commands import evaluate, train_classifier, train_purifier
 
     seconds: dict[str, float] = {}
@@ -93,7 +99,11 @@ def _pipeline(cfg: Config, run_dir: Path, dev: torch.device, sizes: DemoSizes, s
     step("1/3  carso train-classifier  (PGD adversarial training)")
     t0 = time.perf_counter()
     classifier = train_classifier.run(
-        cfg, run_dir / "adversarial-classifier.safetensors", device=dev, data_root=data_root, seed=seed,
+        cfg,
+        run_dir / "adversarial-classifier.safetensors",
+        device=dev,
+        data_root=data_root,
+        seed=seed,
         console=console,
     ).weights
     seconds["train-classifier"] = time.perf_counter() - t0
@@ -106,10 +116,21 @@ def _pipeline(cfg: Config, run_dir: Path, dev: torch.device, sizes: DemoSizes, s
     step(f"3/3  carso eval --attack adaptive  ({sizes.n_examples} examples)")
     t0 = time.perf_counter()
     outcome = evaluate.run(
-        run_dir, attack="adaptive", target="both", n_examples=sizes.n_examples, batch_size=sizes.batch_size,
-        steps=sizes.steps, eot=sizes.eot, repeats=sizes.repeats, queries=sizes.queries,
-        indicator_examples=sizes.indicator_examples, device=str(dev), seed=seed, data_root=data_root,
-        console=console, name="demo",
+        run_dir,
+        attack="adaptive",
+        target="both",
+        n_examples=sizes.n_examples,
+        batch_size=sizes.batch_size,
+        steps=sizes.steps,
+        eot=sizes.eot,
+        repeats=sizes.repeats,
+        queries=sizes.queries,
+        indicator_examples=sizes.indicator_examples,
+        device=str(dev),
+        seed=seed,
+        data_root=data_root,
+        console=console,
+        name="demo",
     )
     seconds["eval"] = time.perf_counter() - t0
     return DemoResult(run_dir, Path(classifier), outcome.results, seconds)
@@ -128,8 +149,12 @@ def closing_panel() -> Panel:
 def cli(
     preset: PresetOpt = "smoke",
     set_: SetOpt = None,
-    out: Annotated[Optional[Path], typer.Option("--out", help="Run directory (default runs/demo-<preset>-<time>).")] = None,
-    n_examples: Annotated[int, typer.Option("--n-examples", min=1, help="Test examples to evaluate.")] = DemoSizes.n_examples,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Run directory (default runs/demo-<preset>-<time>).")
+    ] = None,
+    n_examples: Annotated[
+        int, typer.Option("--n-examples", min=1, help="Test examples to evaluate.")
+    ] = DemoSizes.n_examples,
     device: DeviceOpt = None,
     seed: SeedOpt = 0,
     data_root: DataRootOpt = Path("data"),

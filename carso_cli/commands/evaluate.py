@@ -13,7 +13,7 @@ from __future__ import annotations
 from contextlib import ExitStack
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import torch
 import typer
@@ -41,7 +41,7 @@ from carso_cli.progress import progress_bar
 # "--run-dir" is what the torchrun workers get: torchrun's own parser takes "--run" for an ambiguous
 # abbreviation of its "--run-path" and stops.
 RunOpt = Annotated[
-    Optional[Path], typer.Option("--run", "--run-dir", help="Run directory (default: the most recent under ./runs).")
+    Path | None, typer.Option("--run", "--run-dir", help="Run directory (default: the most recent under ./runs).")
 ]
 
 
@@ -70,16 +70,34 @@ def format_eps(eps: float) -> str:
 
 
 def build_settings(
-    cfg: Any, *, attack: str, target: str, eps: str | float | None, n_examples: int | None, dataset_size: int,
-    batch_size: int, samples: int | None, aggregation: str | None, seed: int, repeats: int,
-    steps: int | None, eot: int | None, queries: int, precision: str = "float32", square: bool = False,
-    saturation_threshold: float = 0.1, restarts: int | None = None, eot_normalise: bool | None = None,
-    indicators: bool = True, indicator_examples: int = 8,
+    cfg: Any,
+    *,
+    attack: str,
+    target: str,
+    eps: str | float | None,
+    n_examples: int | None,
+    dataset_size: int,
+    batch_size: int,
+    samples: int | None,
+    aggregation: str | None,
+    seed: int,
+    repeats: int,
+    steps: int | None,
+    eot: int | None,
+    queries: int,
+    precision: str = "float32",
+    square: bool = False,
+    saturation_threshold: float = 0.1,
+    restarts: int | None = None,
+    eot_normalise: bool | None = None,
+    indicators: bool = True,
+    indicator_examples: int = 8,
 ) -> ev.EvalSettings:
     """EvalSettings from the options; the preset supplies ε, samples, aggregation, steps and EoT."""
     if square and attack != "adaptive":
-        raise CarsoError("--square adds the Square attack to --attack adaptive; it has no effect with "
-                         f"--attack {attack}")
+        raise CarsoError(
+            f"--square adds the Square attack to --attack adaptive; it has no effect with --attack {attack}"
+        )
     eps_value = cfg.attacks.eps if eps is None else parse_eps(eps, "--eps")
     if n_examples is not None and n_examples < 1:
         raise CarsoError(f"--n-examples must be at least 1, got {n_examples}")
@@ -163,9 +181,21 @@ def run(
     if adversarial is not None:
         from carso_cli.adversarial import run_eval
 
-        results = run_eval(run_dir, adversarial, target=target, name=name, seed=seed, repeats=repeats,
-                           batch_size=batch_size, samples=samples, aggregation=aggregation, eps=eps,
-                           device=resolve_device(device), data_root=data_root, console=console)
+        results = run_eval(
+            run_dir,
+            adversarial,
+            target=target,
+            name=name,
+            seed=seed,
+            repeats=repeats,
+            batch_size=batch_size,
+            samples=samples,
+            aggregation=aggregation,
+            eps=eps,
+            device=resolve_device(device),
+            data_root=data_root,
+            console=console,
+        )
         return ev.EvalOutcome(results, Path(results.pop("path")), 1, 0)
     attack = attack or default_attack(target)
     from carso_cli.data import build_dataset
@@ -186,11 +216,27 @@ def run(
         if not ctx.is_main:
             dataset = build_dataset(cfg, "test", root=str(data_root))
         s = build_settings(
-            cfg, attack=attack, target=target, eps=eps, n_examples=n_examples, dataset_size=len(dataset),
-            batch_size=batch_size, samples=samples, aggregation=aggregation, seed=seed, repeats=repeats,
-            steps=steps, eot=eot, queries=queries, precision=precision, square=square,
-            saturation_threshold=saturation_threshold, restarts=restarts, eot_normalise=eot_normalise,
-            indicators=indicators, indicator_examples=indicator_examples,
+            cfg,
+            attack=attack,
+            target=target,
+            eps=eps,
+            n_examples=n_examples,
+            dataset_size=len(dataset),
+            batch_size=batch_size,
+            samples=samples,
+            aggregation=aggregation,
+            seed=seed,
+            repeats=repeats,
+            steps=steps,
+            eot=eot,
+            queries=queries,
+            precision=precision,
+            square=square,
+            saturation_threshold=saturation_threshold,
+            restarts=restarts,
+            eot_normalise=eot_normalise,
+            indicators=indicators,
+            indicator_examples=indicator_examples,
         )
         if s.precision == "bfloat16" and ctx.device.type != "cuda":
             raise CarsoError("--precision bfloat16 needs a CUDA device")
@@ -221,7 +267,8 @@ def run(
         estimate: float | None = None
         if out is not None:
             out.print(
-                f"[bold]carso eval[/] {escape(str(loaded.run))} — {s.n_examples} examples of {cfg.data.dataset} ({s.split}), "
+                f"[bold]carso eval[/] {escape(str(loaded.run))} — {s.n_examples} examples of {cfg.data.dataset} "
+                f"({s.split}), "
                 f"attack {s.attack}, ε = {format_eps(s.eps)}, {s.samples} samples, {s.aggregation} aggregation, "
                 f"{ctx.world_size} process(es) on {ctx.device}",
                 highlight=False,
@@ -231,9 +278,19 @@ def run(
         if progress is not None:
             progress.start()
         try:
-            outcome = ev.evaluate(classifier, carso, dataset, s, store, ctx, run=loaded.run, progress=progress,
-                                  console=out, keep_adversarial=save_adversarial is not None,
-                                  estimate_s=estimate)
+            outcome = ev.evaluate(
+                classifier,
+                carso,
+                dataset,
+                s,
+                store,
+                ctx,
+                run=loaded.run,
+                progress=progress,
+                console=out,
+                keep_adversarial=save_adversarial is not None,
+                estimate_s=estimate,
+            )
         finally:
             if progress is not None:
                 progress.stop()
@@ -243,19 +300,31 @@ def run(
             render(outcome.results, out)
             log = outcome.results.get("autoattack_log")
             if log:
-                out.print(f"[dim]AutoAttack's log: {log['lines']} lines ({log['warnings']} warnings, shown above) "
-                          f"in {escape(str(eval_dir / log['file']))}[/]", highlight=False)
+                out.print(
+                    f"[dim]AutoAttack's log: {log['lines']} lines ({log['warnings']} warnings, shown above) "
+                    f"in {escape(str(eval_dir / log['file']))}[/]",
+                    highlight=False,
+                )
             out.print(f"results: {outcome.path}", highlight=False, markup=False)
         if ctx.is_main and save_adversarial is not None and outcome.results is not None:
             from carso_cli.adversarial import save_adversarial as write
             from carso_cli.evaluation.runner import collect_adversarial
 
             found = collect_adversarial(store, outcome.results)
-            write(save_adversarial, found["y"], found["idx"], found["attacks"], s.eps,
-                  {"run": str(loaded.run), "evaluation": str(eval_dir)})
+            write(
+                save_adversarial,
+                found["y"],
+                found["idx"],
+                found["attacks"],
+                s.eps,
+                {"run": str(loaded.run), "evaluation": str(eval_dir)},
+            )
             if out is not None:
-                out.print(f"adversarial examples ({', '.join(found['attacks'])}): {save_adversarial}", highlight=False,
-                          markup=False)
+                out.print(
+                    f"adversarial examples ({', '.join(found['attacks'])}): {save_adversarial}",
+                    highlight=False,
+                    markup=False,
+                )
         return outcome
     except BaseException as err:
         stack.__exit__(type(err), err, err.__traceback__)  # the failure reaches the clean-up of a failed start
@@ -265,8 +334,9 @@ def run(
         distributed.teardown()
 
 
-def finished_evaluation(eval_dir: Path, settings: dict[str, Any],
-                        save_adversarial: Path | None) -> tuple[str, dict[str, Any]] | None:
+def finished_evaluation(
+    eval_dir: Path, settings: dict[str, Any], save_adversarial: Path | None
+) -> tuple[str, dict[str, Any]] | None:
     """(the line saying so, the results) when ``eval_dir`` holds the finished results of these settings
     (and ``--save-adversarial``'s file, if asked for); None when there is work left."""
     import json
@@ -278,19 +348,31 @@ def finished_evaluation(eval_dir: Path, settings: dict[str, Any],
         return None
     if results.get("settings") != settings or (save_adversarial is not None and not save_adversarial.is_file()):
         return None
-    return (f"{eval_dir} is complete: {path.name} holds all {results.get('n_examples')} examples; nothing to do "
-            f"(carso report {eval_dir} shows them)", results)
+    return (
+        f"{eval_dir} is complete: {path.name} holds all {results.get('n_examples')} examples; nothing to do "
+        f"(carso report {eval_dir} shows them)",
+        results,
+    )
 
 
-def _print_estimate(console: Console, classifier: torch.nn.Module, carso: torch.nn.Module | None, dataset: Any,
-                    s: ev.EvalSettings, num_classes: int, ctx: distributed.DistContext) -> float | None:
+def _print_estimate(
+    console: Console,
+    classifier: torch.nn.Module,
+    carso: torch.nn.Module | None,
+    dataset: Any,
+    s: ev.EvalSettings,
+    num_classes: int,
+    ctx: distributed.DistContext,
+) -> float | None:
     """One line: a rough wall-time estimate (returned, seconds); a warning (not a stop) when it is long."""
     if s.attack == "none":
         return None
     x, y = ev.load_examples(dataset, range(min(s.batch_size, s.n_examples, 4)))
-    seconds = ev.estimate_seconds(classifier, carso, x.to(ctx.device), y.to(ctx.device), s, num_classes,
-                                  ctx.world_size)
-    text = f"rough estimate: {ev.format_duration(seconds)}"
+    seconds = ev.estimate_seconds(classifier, carso, x.to(ctx.device), y.to(ctx.device), s, num_classes, ctx.world_size)
+    # passes_per_example counts every attack on every example to the end: examples the classifier gets
+    # wrong or an early attack breaks cost less, so a weak model finishes well inside it.
+    extra = " (as if every example resisted every attack)" if s.attack == "adaptive" else ""
+    text = f"rough estimate: {ev.format_duration(seconds)}{extra}"
     if seconds > 3600:
         hint = "" if ctx.device.type == "cuda" else " on the CPU; a GPU is much faster"
         console.print(
@@ -330,14 +412,19 @@ def render(results: dict[str, Any], console: Console) -> None:
     t.add_row(*cells)
     console.print(t)
     if saturation:
-        g = Table(title="examples with a numerically useless cross-entropy gradient (zero, NaN, or not the float64 "
-                        "direction), per attack surface (one draw)")
+        g = Table(
+            title="examples with a numerically useless cross-entropy gradient (zero, NaN, or not the float64 "
+            "direction), per attack surface (one draw)"
+        )
         for col in ("surface", "clean point", "adversarial point"):
             g.add_column(col, justify="left" if col == "surface" else "right")
         for name, points in saturation["surfaces"].items():
             style = "yellow" if name in saturation["flagged"] else ""
-            g.add_row(name, *(_saturated_cell(points[p]) if p in points else "—" for p in ("clean", "adversarial")),
-                      style=style)
+            g.add_row(
+                name,
+                *(_saturated_cell(points[p]) if p in points else "—" for p in ("clean", "adversarial")),
+                style=style,
+            )
         console.print(g)
     adaptive = results.get("adaptive")
     if adaptive:
@@ -345,8 +432,13 @@ def render(results: dict[str, Any], console: Console) -> None:
         for col in ("attack", "attacked", "broke first", "robust after", "time"):
             a.add_column(col, justify="left" if col == "attack" else "right")
         for row in adaptive["attacks"]:
-            a.add_row(row["title"], str(row["attacked"]), str(row["broken_first"]), str(row["robust_after"]),
-                      f"{row['wall_s']:.1f} s")
+            a.add_row(
+                row["title"],
+                str(row["attacked"]),
+                str(row["broken_first"]),
+                str(row["robust_after"]),
+                f"{row['wall_s']:.1f} s",
+            )
         w = adaptive["worst_case"]
         a.add_row("[bold]C/adaptive (worst case)[/]", "", "", f"[bold]{w['correct']}/{w['total']}[/]", "")
         console.print(a)
@@ -360,8 +452,12 @@ def render(results: dict[str, Any], console: Console) -> None:
         r.add_column("mean ± std over draws", justify="right")
         r.add_column("worst case (all draws right)", justify="right")
         for name, v in report.items():
-            r.add_row(name, f"{100 * v['single']:.2f}%", f"{100 * v['mean']:.2f} ± {100 * v['std']:.2f}%",
-                      f"{100 * v['worst']:.2f}%")
+            r.add_row(
+                name,
+                f"{100 * v['single']:.2f}%",
+                f"{100 * v['mean']:.2f} ± {100 * v['std']:.2f}%",
+                f"{100 * v['worst']:.2f}%",
+            )
         console.print(r)
     if saturation and saturation["flagged"]:
         _saturation_warnings(saturation, s["attack"], console)
@@ -385,8 +481,11 @@ def _saturation_warnings(saturation: dict[str, Any], attack: str, console: Conso
             highlight=False,
         )
     if ev.AUTHORS_SURFACE in saturation["flagged"]:
-        covered = ("C/adaptive attacks the same decision through dexp-logsum as well" if attack == "adaptive"
-                   else "--attack adaptive attacks the same decision through dexp-logsum")
+        covered = (
+            "C/adaptive attacks the same decision through dexp-logsum as well"
+            if attack == "adaptive"
+            else "--attack adaptive attacks the same decision through dexp-logsum"
+        )
         console.print(
             f"[yellow]note: on the authors' float32 surface (dexp-authors), which the paper's protocol (C/randAA) "
             f"attacks, the cross-entropy gradient is useless for more than {threshold} of examples: APGD-CE there "
@@ -400,8 +499,10 @@ def render_indicators(block: dict[str, Any], console: Console) -> None:
     from carso_cli.evaluation.adaptive import TITLES
     from carso_cli.evaluation.indicators import TITLES as INDICATOR_TITLES
 
-    t = Table(title=f"attack-failure indicators (Pintor et al. 2022; ✗ = the attack may fail silently) — "
-                    f"ε = 0.5, 2× budget and EoT noise on the first {block['examples']} examples")
+    t = Table(
+        title=f"attack-failure indicators (Pintor et al. 2022; ✗ = the attack may fail silently) — "
+        f"ε = 0.5, 2× budget and EoT noise on the first {block['examples']} examples"
+    )
     t.add_column("attack", no_wrap=True)
     for title in INDICATOR_TITLES.values():
         t.add_column(title)
@@ -419,53 +520,151 @@ def render_indicators(block: dict[str, Any], console: Console) -> None:
     console.print(t)
     relative = block.get("relative_cost")
     cost = f" ({100 * relative:.0f}% of the adaptive attacks' {block['adaptive_wall_s']:.1f} s)" if relative else ""
-    console.print(f"[dim]indicators: {block['wall_s']:.1f} s{cost}; --indicator-examples N, --no-indicators[/]",
-                  highlight=False)
+    console.print(
+        f"[dim]indicators: {block['wall_s']:.1f} s{cost}; --indicator-examples N, --no-indicators[/]", highlight=False
+    )
     for failed in block["failed"]:
         name, key = failed.split(": ")
-        console.print(f"[yellow]indicator failed — {TITLES.get(name, name)}, {INDICATOR_TITLES[key]} "
-                      f"({block['attacks'][name][key]['measured']}): {INDICATOR_HINTS[key]}[/]", highlight=False)
+        console.print(
+            f"[yellow]indicator failed — {TITLES.get(name, name)}, {INDICATOR_TITLES[key]} "
+            f"({block['attacks'][name][key]['measured']}): {INDICATOR_HINTS[key]}[/]",
+            highlight=False,
+        )
 
 
 INDICATOR_HINTS = {
     "reproduction": "the evaluated model does not reproduce some counted breaks (a bug of the evaluation; "
-                    "the indices are in results.json)",
-    "unbounded": "at ε = 0.5 the attack leaves examples standing: it is blind on this model, its survivors prove nothing",
+    "the indices are in results.json)",
+    "unbounded": "at ε = 0.5 the attack leaves examples standing: it is blind on this model, its "
+    "survivors prove nothing",
     "convergence": "not converged: twice the steps and EoT break more examples or raise the loss; raise --steps / "
-                   "--eot",
+    "--eot",
     "transfer": "transfer or black-box points break examples every white-box attack left: the gradients are not "
-                "useful on this model",
+    "useful on this model",
     "eot_noise": "single-draw gradients disagree: the EoT iterations are too few for a stable direction (--eot)",
 }
 
 
 def cli(
     run: RunOpt = None,
-    attack: Annotated[Optional[Attack], typer.Option("--attack", help="adaptive (default when CARSO is evaluated): the per-example worst case over randAA on the paper's and the dexp-logsum surface, PGD+EoT on dexp-logsum and transfer attacks; autoattack: the paper's protocol, standard AA on the classifier, randAA on CARSO (section 5.1); pgd-eot: Lee & Kim 2024 (Table 14); none: clean only.")] = None,
+    attack: Annotated[
+        Attack | None,
+        typer.Option(
+            "--attack",
+            help=(
+                "adaptive (default when CARSO is evaluated): the per-example worst case over randAA on the paper's "
+                "and the dexp-logsum surface, PGD+EoT on dexp-logsum and transfer attacks; autoattack: the paper's "
+                "protocol, standard AA on the classifier, randAA on CARSO (section 5.1); pgd-eot: Lee & Kim 2024 "
+                "(Table 14); none: clean only."
+            ),
+        ),
+    ] = None,
     target: Annotated[Target, typer.Option("--target", help="Which model(s) to evaluate.")] = Target.both,
-    eps: Annotated[Optional[str], typer.Option("--eps", help="ℓ∞ radius: a fraction like 8/255 or a float in [0, 1] (default: the preset's).")] = None,
-    n_examples: Annotated[Optional[int], typer.Option("--n-examples", help="First N test examples (default: all).")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Examples per batch (CARSO runs samples× as many images).")] = 64,
-    samples: Annotated[Optional[int], typer.Option("--samples", help="Reconstructions per input (default: the preset's, 8).")] = None,
-    aggregation: Annotated[Optional[Aggregation], typer.Option("--aggregation", help=AGGREGATION_HELP + " (default: the preset's).")] = None,
+    eps: Annotated[
+        str | None,
+        typer.Option("--eps", help="ℓ∞ radius: a fraction like 8/255 or a float in [0, 1] (default: the preset's)."),
+    ] = None,
+    n_examples: Annotated[
+        int | None, typer.Option("--n-examples", help="First N test examples (default: all).")
+    ] = None,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", help="Examples per batch (CARSO runs samples× as many images).")
+    ] = 64,
+    samples: Annotated[
+        int | None, typer.Option("--samples", help="Reconstructions per input (default: the preset's, 8).")
+    ] = None,
+    aggregation: Annotated[
+        Aggregation | None, typer.Option("--aggregation", help=AGGREGATION_HELP + " (default: the preset's).")
+    ] = None,
     gpus: GpusOpt = 1,
     device: DeviceOpt = None,
     seed: SeedOpt = 0,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted evaluation of the same name, skipping finished batches.")] = False,
-    repeats: Annotated[int, typer.Option("--repeats", help="Re-classify each clean and adversarial example this many times (CARSO).")] = 10,
-    steps: Annotated[Optional[int], typer.Option("--steps", help="Attack steps (default: 100 for AutoAttack, the preset's for PGD+EoT).")] = None,
-    eot: Annotated[Optional[int], typer.Option("--eot", help="EoT iterations (default: the preset's).")] = None,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume", help="Continue an interrupted evaluation of the same name, skipping finished batches."
+        ),
+    ] = False,
+    repeats: Annotated[
+        int, typer.Option("--repeats", help="Re-classify each clean and adversarial example this many times (CARSO).")
+    ] = 10,
+    steps: Annotated[
+        int | None,
+        typer.Option("--steps", help="Attack steps (default: 100 for AutoAttack, the preset's for PGD+EoT)."),
+    ] = None,
+    eot: Annotated[int | None, typer.Option("--eot", help="EoT iterations (default: the preset's).")] = None,
     queries: Annotated[int, typer.Option("--queries", help="Square attack queries in the standard AutoAttack.")] = 5000,
-    name: Annotated[Optional[str], typer.Option("--name", help="Results go to RUN/eval/NAME (default: the attack's name).")] = None,
+    name: Annotated[
+        str | None, typer.Option("--name", help="Results go to RUN/eval/NAME (default: the attack's name).")
+    ] = None,
     data_root: DataRootOpt = Path("data"),
-    precision: Annotated[Precision, typer.Option("--precision", help="bfloat16 autocast for CARSO on CUDA (faster; float32 is the reference).")] = Precision.float32,
-    save_adversarial: Annotated[Optional[Path], typer.Option("--save-adversarial", help="Write every attack's adversarial examples, labels, test-set indices and per-example flags to this safetensors file.")] = None,
-    adversarial: Annotated[Optional[Path], typer.Option("--adversarial", help="Evaluate on the adversarial examples of this file (.safetensors, or .pt with x_adv, y, optionally idx) instead of attacking.")] = None,
-    square: Annotated[bool, typer.Option("--square", help="Add the Square black-box attack (--queries) to --attack adaptive.")] = False,
-    saturation_threshold: Annotated[float, typer.Option("--saturation-threshold", help="Warn when more than this fraction of examples has a numerically useless CE gradient (zero, non-finite, or not the float64 direction) on an attack surface.")] = 0.1,
-    restarts: Annotated[Optional[int], typer.Option("--restarts", help="PGD+EoT runs per example, the first from x, the others from random starts; the highest-loss point is kept (default: 1 for --attack pgd-eot, the paper's; 2 inside --attack adaptive).")] = None,
-    eot_normalise: Annotated[Optional[bool], typer.Option("--eot-normalise/--no-eot-normalise", help="Scale each EoT draw's gradient to unit norm before averaging in PGD+EoT (default: off for --attack pgd-eot, the paper's; on inside --attack adaptive).")] = None,
-    indicator_examples: Annotated[int, typer.Option("--indicator-examples", help="Attack-failure indicators of --attack adaptive (unbounded ε, convergence, EoT noise) on the first N examples.")] = 8,
+    precision: Annotated[
+        Precision,
+        typer.Option("--precision", help="bfloat16 autocast for CARSO on CUDA (faster; float32 is the reference)."),
+    ] = Precision.float32,
+    save_adversarial: Annotated[
+        Path | None,
+        typer.Option(
+            "--save-adversarial",
+            help=(
+                "Write every attack's adversarial examples, labels, test-set indices and per-example flags to this "
+                "safetensors file."
+            ),
+        ),
+    ] = None,
+    adversarial: Annotated[
+        Path | None,
+        typer.Option(
+            "--adversarial",
+            help=(
+                "Evaluate on the adversarial examples of this file (.safetensors, or .pt with x_adv, y, optionally "
+                "idx) instead of attacking."
+            ),
+        ),
+    ] = None,
+    square: Annotated[
+        bool, typer.Option("--square", help="Add the Square black-box attack (--queries) to --attack adaptive.")
+    ] = False,
+    saturation_threshold: Annotated[
+        float,
+        typer.Option(
+            "--saturation-threshold",
+            help=(
+                "Warn when more than this fraction of examples has a numerically useless CE gradient (zero, "
+                "non-finite, or not the float64 direction) on an attack surface."
+            ),
+        ),
+    ] = 0.1,
+    restarts: Annotated[
+        int | None,
+        typer.Option(
+            "--restarts",
+            help=(
+                "PGD+EoT runs per example, the first from x, the others from random starts; the highest-loss point "
+                "is kept (default: 1 for --attack pgd-eot, the paper's; 2 inside --attack adaptive)."
+            ),
+        ),
+    ] = None,
+    eot_normalise: Annotated[
+        bool | None,
+        typer.Option(
+            "--eot-normalise/--no-eot-normalise",
+            help=(
+                "Scale each EoT draw's gradient to unit norm before averaging in PGD+EoT (default: off for --attack "
+                "pgd-eot, the paper's; on inside --attack adaptive)."
+            ),
+        ),
+    ] = None,
+    indicator_examples: Annotated[
+        int,
+        typer.Option(
+            "--indicator-examples",
+            help=(
+                "Attack-failure indicators of --attack adaptive (unbounded ε, convergence, EoT noise) on the first N "
+                "examples."
+            ),
+        ),
+    ] = 8,
     no_indicators: Annotated[bool, typer.Option("--no-indicators", help="Skip the attack-failure indicators.")] = False,
 ) -> None:
     """Clean and robust accuracy of the classifier and of CARSO (the paper's Table 2)."""
@@ -476,13 +675,33 @@ def cli(
     if distributed.should_relaunch(gpus):
         distributed.check_gpus(gpus, device)
         argv = distributed.relaunch_argv(
-            "eval", run=run, attack=attack, target=target, eps=eps, n_examples=n_examples, batch_size=batch_size,
-            samples=samples, aggregation=aggregation, device=device, seed=seed, resume=resume, repeats=repeats,
-            steps=steps, eot=eot, queries=queries, name=name, data_root=data_root, precision=precision,
-            square=square, saturation_threshold=saturation_threshold, save_adversarial=save_adversarial,
-            restarts=restarts, eot_normalise=True if eot_normalise else None,
+            "eval",
+            run=run,
+            attack=attack,
+            target=target,
+            eps=eps,
+            n_examples=n_examples,
+            batch_size=batch_size,
+            samples=samples,
+            aggregation=aggregation,
+            device=device,
+            seed=seed,
+            resume=resume,
+            repeats=repeats,
+            steps=steps,
+            eot=eot,
+            queries=queries,
+            name=name,
+            data_root=data_root,
+            precision=precision,
+            square=square,
+            saturation_threshold=saturation_threshold,
+            save_adversarial=save_adversarial,
+            restarts=restarts,
+            eot_normalise=True if eot_normalise else None,
             no_eot_normalise=True if eot_normalise is False else None,
-            indicator_examples=indicator_examples, no_indicators=no_indicators,
+            indicator_examples=indicator_examples,
+            no_indicators=no_indicators,
         )
         try:
             code = distributed.relaunch(gpus, argv)
@@ -492,12 +711,32 @@ def cli(
             raise typer.Exit(code)
         return
     run_fn(
-        run, attack=attack.value if attack else None, target=target.value, eps=eps, n_examples=n_examples, batch_size=batch_size,
-        samples=samples, aggregation=aggregation.value if aggregation else None, device=device, seed=seed,
-        resume=resume, repeats=repeats, steps=steps, eot=eot, queries=queries, name=name, data_root=data_root,
-        precision=precision.value, square=square, saturation_threshold=saturation_threshold, console=console,
-        restarts=restarts, eot_normalise=eot_normalise,
-        adversarial=adversarial, save_adversarial=save_adversarial, indicators=not no_indicators,
+        run,
+        attack=attack.value if attack else None,
+        target=target.value,
+        eps=eps,
+        n_examples=n_examples,
+        batch_size=batch_size,
+        samples=samples,
+        aggregation=aggregation.value if aggregation else None,
+        device=device,
+        seed=seed,
+        resume=resume,
+        repeats=repeats,
+        steps=steps,
+        eot=eot,
+        queries=queries,
+        name=name,
+        data_root=data_root,
+        precision=precision.value,
+        square=square,
+        saturation_threshold=saturation_threshold,
+        console=console,
+        restarts=restarts,
+        eot_normalise=eot_normalise,
+        adversarial=adversarial,
+        save_adversarial=save_adversarial,
+        indicators=not no_indicators,
         indicator_examples=indicator_examples,
     )
 

@@ -17,7 +17,7 @@ import json
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import torch
 import typer
@@ -92,8 +92,9 @@ def parse_layers(values: list[str] | None) -> list[str] | str | None:
     return names
 
 
-def _load(run_dir: Path | None, preset: str | None, classifier_path: Path | None, sets: list[str] | None,
-          device: torch.device) -> tuple[Config, torch.nn.Module, str, Path | None]:
+def _load(
+    run_dir: Path | None, preset: str | None, classifier_path: Path | None, sets: list[str] | None, device: torch.device
+) -> tuple[Config, torch.nn.Module, str, Path | None]:
     """(config, classifier, what it came from, the run directory or None)."""
     from carso_cli.models import load_classifier, sources
 
@@ -157,15 +158,21 @@ def run(
     for p in model.parameters():
         p.requires_grad_(False)
     shape = (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
-    names = resolve_layers(model, cfg.purifier.layers if layers is None else layers, shape,  # unknown → clear error
-                           min_side=2 * cfg.purifier.layerwise_depth)
+    names = resolve_layers(
+        model,
+        cfg.purifier.layers if layers is None else layers,
+        shape,  # unknown → clear error
+        min_side=2 * cfg.purifier.layerwise_depth,
+    )
     names = execution_order(model, names, shape)
     shapes = representation_shapes(model, names, shape)
     eps_value = None if attack == "none" else (cfg.attacks.eps if eps is None else parse_eps(eps, "--eps"))
     dataset = build_dataset(cfg, split, root=str(data_root), augment=False)
     n = len(dataset) if n_examples is None else min(n_examples, len(dataset))
     per_example = sum(int(torch.tensor(s).prod()) for s in shapes) * (2 if attack != "none" else 1)
-    size = n * (per_example * DTYPES[dtype].itemsize + (2 if attack != "none" else 1) * int(torch.tensor(shape).prod()) * 4)
+    size = n * (
+        per_example * DTYPES[dtype].itemsize + (2 if attack != "none" else 1) * int(torch.tensor(shape).prod()) * 4
+    )
     if console is not None:
         console.print(
             f"[bold]carso extract[/] {escape(str(source))} — {n} {split} examples, {len(names)} layers, attack {attack}"
@@ -194,8 +201,9 @@ def run(
             if attack == "fgsm":
                 x_adv = fgsm(model, x, y, eps_value)
             else:
-                x_adv = pgd(model, x, y, eps_value, a.pgd_steps, a.pgd_step_size,
-                            random_start=a.pgd_random_start, generator=gen)
+                x_adv = pgd(
+                    model, x, y, eps_value, a.pgd_steps, a.pgd_step_size, random_start=a.pgd_random_start, generator=gen
+                )
             with torch.no_grad():
                 logits_adv, rep_adv = forward_with_representation(model, names, x_adv, keep_graph=False)
             adv_correct += int((logits_adv.argmax(1) == y).sum())
@@ -230,8 +238,9 @@ def run(
     if class_names is not None:
         metadata["class_names"] = json.dumps(class_names)
     ckpt.save_tensors(out, tensors, metadata)
-    result = ExtractResult(out, n, rows, attack, eps_value, out.stat().st_size, correct / n,
-                           adv_correct / n if attack != "none" else None)
+    result = ExtractResult(
+        out, n, rows, attack, eps_value, out.stat().st_size, correct / n, adv_correct / n if attack != "none" else None
+    )
     if console is not None:
         render(result, console)
     return result
@@ -264,15 +273,34 @@ def render(result: ExtractResult, console: Console) -> None:
 def cli(
     out: Annotated[Path, typer.Option("--out", help="Output .safetensors file.")],
     run: RunOpt = None,
-    preset: Annotated[Optional[str], typer.Option("--preset", "-p", help="Preset (with --classifier) instead of a run.")] = None,
-    classifier: Annotated[Optional[Path], typer.Option("--classifier", help="Classifier weights (with --preset), or a published model's name (carso pull --list).")] = None,
+    preset: Annotated[
+        str | None, typer.Option("--preset", "-p", help="Preset (with --classifier) instead of a run.")
+    ] = None,
+    classifier: Annotated[
+        Path | None,
+        typer.Option(
+            "--classifier", help="Classifier weights (with --preset), or a published model's name (carso pull --list)."
+        ),
+    ] = None,
     set_: SetOpt = None,
     split: Annotated[Split, typer.Option("--split", help="Dataset split.")] = Split.test,
-    n_examples: Annotated[Optional[int], typer.Option("--n-examples", help="First N examples of the split.")] = 256,
-    attack: Annotated[Attack, typer.Option("--attack", help="Perturb the inputs with FGSM or PGD (the preset's settings).")] = Attack.none,
-    eps: Annotated[Optional[str], typer.Option("--eps", help="ℓ∞ radius, e.g. 8/255 (default: the preset's).")] = None,
-    layers: Annotated[Optional[list[str]], typer.Option("--layers", help="Layer names, comma-separated or repeated, or rule:NAME (default: the preset's representation layers).")] = None,
-    dtype: Annotated[str, typer.Option("--dtype", help="float32, float16 or bfloat16 for the representation tensors.")] = "float32",
+    n_examples: Annotated[int | None, typer.Option("--n-examples", help="First N examples of the split.")] = 256,
+    attack: Annotated[
+        Attack, typer.Option("--attack", help="Perturb the inputs with FGSM or PGD (the preset's settings).")
+    ] = Attack.none,
+    eps: Annotated[str | None, typer.Option("--eps", help="ℓ∞ radius, e.g. 8/255 (default: the preset's).")] = None,
+    layers: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--layers",
+            help=(
+                "Layer names, comma-separated or repeated, or rule:NAME (default: the preset's representation layers)."
+            ),
+        ),
+    ] = None,
+    dtype: Annotated[
+        str, typer.Option("--dtype", help="float32, float16 or bfloat16 for the representation tensors.")
+    ] = "float32",
     batch_size: Annotated[int, typer.Option("--batch-size", help="Examples per forward pass.")] = 128,
     seed: SeedOpt = 0,
     device: DeviceOpt = None,
@@ -283,9 +311,24 @@ def cli(
     from carso_cli.cli import console
 
     classifier = zoo.resolve_weights(classifier)  # a path, or a published model's name (carso pull --list)
-    run_fn(out, run_dir=run, preset=preset, classifier=classifier, sets=set_, split=split.value,
-           n_examples=n_examples, attack=attack.value, eps=eps, layers=parse_layers(layers), dtype=dtype,
-           batch_size=batch_size, seed=seed, device=device, data_root=data_root, console=console)
+    run_fn(
+        out,
+        run_dir=run,
+        preset=preset,
+        classifier=classifier,
+        sets=set_,
+        split=split.value,
+        n_examples=n_examples,
+        attack=attack.value,
+        eps=eps,
+        layers=parse_layers(layers),
+        dtype=dtype,
+        batch_size=batch_size,
+        seed=seed,
+        device=device,
+        data_root=data_root,
+        console=console,
+    )
 
 
 run_fn = run

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import torch
 import typer
@@ -45,21 +45,39 @@ def run(cfg: Config) -> tuple[list[ModuleSize], list[tuple[str, tuple[int, ...]]
     assert purifier.input_encoder is not None and purifier.joint_encoder is not None
     enc = purifier.condition_encoder
     rows = [
-        ModuleSize(f"classifier ({_classifier_name(cfg)})",
-                   f"{cfg.data.channels}×{cfg.data.image_size}×{cfg.data.image_size} → {cfg.data.num_classes}",
-                   _count(classifier), True),
-        ModuleSize("purifier.input_encoder (Table 6)", f"→ {purifier.input_encoder.out_features}",
-                   _count(purifier.input_encoder), False),
-        ModuleSize(f"purifier.condition_encoder.layerwise ×{len(spec.layers)} (Tables 8/9)",
-                   f"→ {enc.in_features}", sum(_count(m) for m in enc.layerwise), True),
-        ModuleSize("purifier.condition_encoder.fc (Table 10)",
-                   f"{enc.in_features} → {spec.fcrepr}", _count(enc.fc), True),
-        ModuleSize("purifier.joint_encoder (Table 11)",
-                   f"{purifier.input_encoder.out_features}+{spec.fcrepr} → 2×{spec.fjoint}",
-                   _count(purifier.joint_encoder), False),
-        ModuleSize("purifier.decoder (Tables 12/13)",
-                   f"{spec.fjoint}+{spec.fcrepr} → {spec.channels}×{spec.image_size}×{spec.image_size}",
-                   _count(purifier.decoder), True),
+        ModuleSize(
+            f"classifier ({_classifier_name(cfg)})",
+            f"{cfg.data.channels}×{cfg.data.image_size}×{cfg.data.image_size} → {cfg.data.num_classes}",
+            _count(classifier),
+            True,
+        ),
+        ModuleSize(
+            "purifier.input_encoder (Table 6)",
+            f"→ {purifier.input_encoder.out_features}",
+            _count(purifier.input_encoder),
+            False,
+        ),
+        ModuleSize(
+            f"purifier.condition_encoder.layerwise ×{len(spec.layers)} (Tables 8/9)",
+            f"→ {enc.in_features}",
+            sum(_count(m) for m in enc.layerwise),
+            True,
+        ),
+        ModuleSize(
+            "purifier.condition_encoder.fc (Table 10)", f"{enc.in_features} → {spec.fcrepr}", _count(enc.fc), True
+        ),
+        ModuleSize(
+            "purifier.joint_encoder (Table 11)",
+            f"{purifier.input_encoder.out_features}+{spec.fcrepr} → 2×{spec.fjoint}",
+            _count(purifier.joint_encoder),
+            False,
+        ),
+        ModuleSize(
+            "purifier.decoder (Tables 12/13)",
+            f"{spec.fjoint}+{spec.fcrepr} → {spec.channels}×{spec.image_size}×{spec.image_size}",
+            _count(purifier.decoder),
+            True,
+        ),
     ]
     layers = [(name, tuple(shape)) for name, shape in zip(spec.layers, spec.layer_shapes)]
     return rows, layers
@@ -77,10 +95,16 @@ def derived(cfg: Config, gpus: int = 1) -> dict[str, Any]:
 
     t, a = cfg.training, cfg.attacks
     strengths = tr.attack_strengths(a, eps_scale(cfg))
-    attacks = [{"group": g, "kind": g.split()[0], "eps_pixel": e,
-                "steps": 1 if g.startswith("FGSM") else a.pgd_steps,
-                "step_size": e if g.startswith("FGSM") else a.pgd_step_size}
-               for g, e in zip(tr.ATTACK_GROUPS, strengths)]
+    attacks = [
+        {
+            "group": g,
+            "kind": g.split()[0],
+            "eps_pixel": e,
+            "steps": 1 if g.startswith("FGSM") else a.pgd_steps,
+            "step_size": e if g.startswith("FGSM") else a.pgd_step_size,
+        }
+        for g, e in zip(tr.ATTACK_GROUPS, strengths)
+    ]
     count = tr.adversarial_count(t.batch_size, t.adversarial_fraction, t.adversarial_count, t.reference_world_size)
     part = shard(t.batch_size, 0, gpus)
     plan = tr.balanced_batch_plan(t.batch_size, t.adversarial_fraction, count).slice(part.start, part.stop)
@@ -111,11 +135,38 @@ def diff(a: Config, b: Config) -> list[tuple[str, Any, Any]]:
 def cli(
     preset: PresetOpt = "cifar10",
     set_: SetOpt = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the resolved preset and a 'derived' block as JSON.")] = False,
-    diff_with: Annotated[Optional[str], typer.Option("--diff", metavar="PRESET", help="List the resolved keys that differ from this preset's.")] = None,
-    gpus: Annotated[int, typer.Option("--gpus", min=1, help="Processes (the per-process batch of derived.adversarial_per_attack and the memory estimate).")] = 1,
-    gpu_memory: Annotated[Optional[str], typer.Option("--gpu-memory", help="A GPU's memory, e.g. 80GB or 80GiB: print the largest --attack-chunk / --micro-batch / eval batch that fit it.")] = None,
-    show_memory: Annotated[bool, typer.Option("--memory/--no-memory", help="Estimate peak GPU memory (measures activations on the CPU: a few seconds at full size).")] = True,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the resolved preset and a 'derived' block as JSON.")
+    ] = False,
+    diff_with: Annotated[
+        str | None,
+        typer.Option("--diff", metavar="PRESET", help="List the resolved keys that differ from this preset's."),
+    ] = None,
+    gpus: Annotated[
+        int,
+        typer.Option(
+            "--gpus",
+            min=1,
+            help="Processes (the per-process batch of derived.adversarial_per_attack and the memory estimate).",
+        ),
+    ] = 1,
+    gpu_memory: Annotated[
+        str | None,
+        typer.Option(
+            "--gpu-memory",
+            help=(
+                "A GPU's memory, e.g. 80GB or 80GiB: print the largest --attack-chunk / --micro-batch / eval batch "
+                "that fit it."
+            ),
+        ),
+    ] = None,
+    show_memory: Annotated[
+        bool,
+        typer.Option(
+            "--memory/--no-memory",
+            help="Estimate peak GPU memory (measures activations on the CPU: a few seconds at full size).",
+        ),
+    ] = True,
 ) -> None:
     """Show a preset's modules, representation layers and parameter counts (nothing is trained)."""
     from carso_cli.cli import console
@@ -156,8 +207,12 @@ def cli(
     console.print(layer_table(cfg, layers))
     total = sum(c * h * w for _, (c, h, w) in layers)
     spec = cfg.purifier.layers if isinstance(cfg.purifier.layers, str) else "a list"
-    console.print(f"representation: {len(layers)} layers (purifier.layers = {spec}), representation total {total:,} "
-                  f"values per image ({total * 4 / 2**20:.2f} MiB in float32)", soft_wrap=True, highlight=False)
+    console.print(
+        f"representation: {len(layers)} layers (purifier.layers = {spec}), representation total {total:,} "
+        f"values per image ({total * 4 / 2**20:.2f} MiB in float32)",
+        soft_wrap=True,
+        highlight=False,
+    )
     if show_memory or gpu_memory is not None:
         console.print(memory_table(cfg, gpus, gpu_memory))
 
@@ -168,15 +223,19 @@ def layer_table(cfg: Config, layers: list[tuple[str, tuple[int, ...]]]) -> Table
         classifier = build_classifier(cfg)
     shape = (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
     chosen = {name: i for i, (name, _) in enumerate(layers)}
-    table = Table(title="candidate layers (image-shaped outputs); #: the representation's, in execution order; "
-                        f"too small: side ≤ {2 * cfg.purifier.layerwise_depth} (the layerwise encoder's minimum)")
+    table = Table(
+        title="candidate layers (image-shaped outputs); #: the representation's, in execution order; "
+        f"too small: side ≤ {2 * cfg.purifier.layerwise_depth} (the layerwise encoder's minimum)"
+    )
     table.add_column("#", justify="right")
     table.add_column("layer")
     table.add_column("C×H×W")
     too_small = 2 * cfg.purifier.layerwise_depth
     for c in candidates(classifier, shape):
         note = "" if min(c.shape[1:]) > too_small else " (too small)"  # for the layerwise encoder (Tables 8/9)
-        table.add_row(str(chosen[c.name]) if c.name in chosen else "", escape(c.name), "×".join(map(str, c.shape)) + note)
+        table.add_row(
+            str(chosen[c.name]) if c.name in chosen else "", escape(c.name), "×".join(map(str, c.shape)) + note
+        )
     return table
 
 
@@ -193,8 +252,10 @@ def memory_table(cfg: Config, gpus: int = 1, gpu_memory: str | None = None) -> T
     batch = max(1, t.batch_size // max(1, gpus))
     # FGSM and PGD run as two calls (training.batches): at most half the perturbed examples at once.
     attacked = -(-round(t.adversarial_fraction * batch) // 2)
-    table = Table(title=f"GPU memory, float32 estimate (bf16 autocast needs less): per-process batch {batch} "
-                        f"({t.batch_size} over {gpus} GPU{'s' if gpus > 1 else ''})")
+    table = Table(
+        title=f"GPU memory, float32 estimate (bf16 autocast needs less): per-process batch {batch} "
+        f"({t.batch_size} over {gpus} GPU{'s' if gpus > 1 else ''})"
+    )
     table.add_column("what")
     table.add_column("peak", justify="right")
     table.add_column("per example", justify="right")
@@ -205,21 +266,36 @@ def memory_table(cfg: Config, gpus: int = 1, gpu_memory: str | None = None) -> T
     pe = fp.per_example
     # "auto" bounds are chosen at run time from free memory: estimate the unbounded step, and the table
     # below (--gpu-memory) says what fits.
-    chunk, micro = (None if v == "auto" else memory.parse_chunk(v, k) for k, v in
-                    (("training.attack_chunk", cfg.training.attack_chunk), ("training.micro_batch", cfg.training.micro_batch)))
+    chunk, micro = (
+        None if v == "auto" else memory.parse_chunk(v, k)
+        for k, v in (
+            ("training.attack_chunk", cfg.training.attack_chunk),
+            ("training.micro_batch", cfg.training.micro_batch),
+        )
+    )
     step = memory.estimate_training(fp, batch, attacked, chunk, micro)  # type: ignore[arg-type]
     row(f"training: attacks ({step.attack_chunk} at once)", step.attack_phase, pe.attack)
-    row(f"training: representation + purifier ({step.micro_batch} at once)", step.purifier_phase,
-        pe.representation + pe.purifier)
+    row(
+        f"training: representation + purifier ({step.micro_batch} at once)",
+        step.purifier_phase,
+        pe.representation + pe.purifier,
+    )
     row("training step peak", step.peak)
     eval_batch = 64
-    row(f"evaluation: attack step on CARSO, batch {eval_batch}, {cfg.inference.samples} samples",
-        memory.estimate_evaluation(fp, eval_batch), pe.evaluation)
+    row(
+        f"evaluation: attack step on CARSO, batch {eval_batch}, {cfg.inference.samples} samples",
+        memory.estimate_evaluation(fp, eval_batch),
+        pe.evaluation,
+    )
     if gpu_memory is not None:
         budget = memory.parse_size(gpu_memory)
         fits = memory.fitting_options(fp, budget, batch)
         table.add_section()
         for key, value in fits.items():
-            option = {"attack_chunk": "--attack-chunk", "micro_batch": "--micro-batch", "eval_batch": "eval --batch-size"}[key]
+            option = {
+                "attack_chunk": "--attack-chunk",
+                "micro_batch": "--micro-batch",
+                "eval_batch": "eval --batch-size",
+            }[key]
             table.add_row(f"largest {option} within {gpu_memory}", str(value) if value else "none fits", "")
     return table

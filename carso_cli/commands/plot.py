@@ -8,7 +8,7 @@ Training commands call ``plot_metrics`` at their end; ``carso plot RUN`` redraws
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 
@@ -93,8 +93,10 @@ def read_per_class(results_path: Path) -> dict[str, Any]:
         raise CarsoError(f"cannot read {results_path}: {err}") from None
     table = results.get("per_class") if isinstance(results, dict) else None
     if not table or not table.get("classes"):
-        raise CarsoError(f"{results_path} has no per-class accuracy (an evaluation made before carso kept the "
-                         "examples' labels): run the evaluation again")
+        raise CarsoError(
+            f"{results_path} has no per-class accuracy (an evaluation made before carso kept the "
+            "examples' labels): run the evaluation again"
+        )
     return table
 
 
@@ -113,7 +115,9 @@ def plot_per_class(table: dict[str, Any], out: Path, title: str) -> Path:
         fig, ax = plt.subplots(figsize=(9, 1.2 + 0.25 * len(rows) * max(len(columns), 2)))
         height = 0.8 / len(columns)
         for j, column in enumerate(columns):
-            ax.barh(np.arange(len(rows)) + (j - (len(columns) - 1) / 2) * height, acc[:, j], height=height, label=column)
+            ax.barh(
+                np.arange(len(rows)) + (j - (len(columns) - 1) / 2) * height, acc[:, j], height=height, label=column
+            )
         ax.set_yticks(np.arange(len(rows)), names)
         ax.invert_yaxis()  # class 0 at the top
         ax.set_xlim(0, 1)
@@ -136,16 +140,26 @@ def plot_per_class(table: dict[str, Any], out: Path, title: str) -> Path:
 
 
 def cli(
-    target: Annotated[Path, typer.Argument(help="Run directory (or a metrics .jsonl file), or an evaluation's RUN/eval/NAME.")],
-    out: Annotated[Optional[Path], typer.Option("--out", help="PNG to write (default: curves.png beside the metrics, per_class.png in an evaluation).")] = None,
+    target: Annotated[
+        Path, typer.Argument(help="Run directory (or a metrics .jsonl file), or an evaluation's RUN/eval/NAME.")
+    ],
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out", help="PNG to write (default: curves.png beside the metrics, per_class.png in an evaluation)."
+        ),
+    ] = None,
 ) -> None:
     """Draw a run's loss and learning-rate curves, or an evaluation's per-class accuracy, into a PNG."""
     from carso_cli.cli import console
 
     results = target / RESULTS_FILE if target.is_dir() else target
     if results.name == RESULTS_FILE and results.is_file():
-        written = plot_per_class(read_per_class(results), out or results.parent / PER_CLASS_FILE,
-                                 title=f"per-class accuracy — {results.parent}")
+        written = plot_per_class(
+            read_per_class(results),
+            out or results.parent / PER_CLASS_FILE,
+            title=f"per-class accuracy — {results.parent}",
+        )
         console.print(str(written), soft_wrap=True, highlight=False)
         return
     path = metrics_file(target)

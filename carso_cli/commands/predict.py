@@ -9,10 +9,11 @@ batch it lands in, so ``--batch-size`` never changes an answer.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, Callable, Optional
+from typing import Annotated, Any
 
 import torch
 import typer
@@ -21,7 +22,15 @@ from carso_cli import api
 from carso_cli.aggregation import aggregate, probabilities
 from carso_cli.api import example_latents  # noqa: F401  (also predict's: one definition)
 from carso_cli.classnames import label, run_class_names, true_classes
-from carso_cli.commands._common import AGGREGATION_HELP, Aggregation, DataRootOpt, DeviceOpt, RunOpt, SeedOpt, resolve_device
+from carso_cli.commands._common import (
+    AGGREGATION_HELP,
+    Aggregation,
+    DataRootOpt,
+    DeviceOpt,
+    RunOpt,
+    SeedOpt,
+    resolve_device,
+)
 from carso_cli.errors import CarsoError
 from carso_cli.images import Grid, InputImage, collect_images, load_image, reconstruction_rows, save_grid, to_float
 
@@ -42,8 +51,12 @@ class Prediction:
     attack: dict[str, Any] | None = None  # with --attack: what the classifier said before and after
 
     def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"image": self.image, "class": self.cls, "label": self.label,
-                               "probabilities": self.probabilities}
+        out: dict[str, Any] = {
+            "image": self.image,
+            "class": self.cls,
+            "label": self.label,
+            "probabilities": self.probabilities,
+        }
         if self.true_cls is not None:
             out.update(true_class=self.true_cls, true_label=self.true_label)
         if self.attack is not None:
@@ -116,8 +129,10 @@ def run(
     truth = true_classes(paths, names, label_, cfg.data.num_classes)
     if attack != "none" and any(t is None for t in truth):
         missing = next(p for p, t in zip(paths, truth) if t is None)
-        raise CarsoError(f"--attack {attack} needs each image's true class, and {missing} has none: give --label "
-                         "CLASS, or keep the images in folders named after their classes (e.g. cat/1.png)")
+        raise CarsoError(
+            f"--attack {attack} needs each image's true class, and {missing} has none: give --label "
+            "CLASS, or keep the images in folders named after their classes (e.g. cat/1.png)"
+        )
 
     model.keep_reconstructions = save_reconstructions is not None
     if classifier_only:
@@ -132,13 +147,15 @@ def run(
         description += f"; inputs attacked by PGD on the classifier (ε = {_eps_text(a.eps)}, {a.pgd_steps} steps)"
     dev = torch.device(device)
     probs: list[torch.Tensor] = []
-    seen: dict[str, list[torch.Tensor]] = {k: [] for k in ("clean", "attacked", "recons", "recon_cls", "cls_clean", "cls_adv")}
+    seen: dict[str, list[torch.Tensor]] = {
+        k: [] for k in ("clean", "attacked", "recons", "recon_cls", "cls_clean", "cls_adv")
+    }
     with torch.no_grad():
         for start in range(0, len(images), batch_size):
-            batch = images[start:start + batch_size]
+            batch = images[start : start + batch_size]
             x = to_float(torch.stack([img.pixels for img in batch])).to(dev)
             if attack != "none":
-                y = torch.tensor(truth[start:start + len(batch)], device=dev)
+                y = torch.tensor(truth[start : start + len(batch)], device=dev)
                 x_adv = _attack(model.classifier, x, y, a, seed, start)
                 seen["clean"].append(x.cpu())
                 seen["cls_clean"].append(model.classifier(x).argmax(-1).cpu())
@@ -150,7 +167,9 @@ def run(
             else:
                 z = None
                 if model.samples > 0:
-                    z = example_latents(seed, range(start, start + len(batch)), model.samples, model.purifier.spec.fjoint)
+                    z = example_latents(
+                        seed, range(start, start + len(batch)), model.samples, model.purifier.spec.fjoint
+                    )
                     z = z.to(dev)
                 logits = model.reconstruction_logits(x, z)  # (N, B, classes): model(x, z) before the aggregation
                 p = probabilities(aggregate(logits, model.aggregation).float(), model.aggregation)
@@ -169,43 +188,70 @@ def run(
         t = truth[i]
         attacked = None
         if attack != "none":
-            attacked = {"name": attack, "eps": a.eps, "target": "classifier",
-                        "classifier_clean": cls_clean[i], "classifier_attacked": cls_adv[i]}
-        predictions.append(Prediction(str(img.path), cls, label(names, cls), p.tolist(),
-                                      t, label(names, t) if t is not None else None, attacked))
+            attacked = {
+                "name": attack,
+                "eps": a.eps,
+                "target": "classifier",
+                "classifier_clean": cls_clean[i],
+                "classifier_attacked": cls_adv[i],
+            }
+        predictions.append(
+            Prediction(
+                str(img.path),
+                cls,
+                label(names, cls),
+                p.tolist(),
+                t,
+                label(names, t) if t is not None else None,
+                attacked,
+            )
+        )
     grid = None
     if save_reconstructions is not None:
         rows = reconstruction_rows(
-            torch.cat(seen["clean"]), torch.cat(seen["recons"], dim=1), torch.cat(seen["recon_cls"], dim=1),
-            all_probs.argmax(-1), names, truth,
+            torch.cat(seen["clean"]),
+            torch.cat(seen["recons"], dim=1),
+            torch.cat(seen["recon_cls"], dim=1),
+            all_probs.argmax(-1),
+            names,
+            truth,
             attacked=torch.cat(seen["attacked"]) if attack != "none" else None,
             classifier_clean=torch.tensor(cls_clean) if attack != "none" else None,
             classifier_attacked=torch.tensor(cls_adv) if attack != "none" else None,
             attack_title=f"PGD, ε = {_eps_text(a.eps)}",
         )
         grid = save_grid(save_reconstructions, rows, title=f"{model.run_dir.name}: {description}")
-    return PredictResult(model.run_dir, predictions, description, names,
-                         grid.path if grid is not None else None, grid)
+    return PredictResult(model.run_dir, predictions, description, names, grid.path if grid is not None else None, grid)
 
 
-def _attack(classifier: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, a: Any, seed: int, start: int) -> torch.Tensor:
+def _attack(
+    classifier: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, a: Any, seed: int, start: int
+) -> torch.Tensor:
     """PGD on the classifier at the preset's ε (the purifier's training attack).
 
     Image i's random start depends on (seed, i) only, so ``--batch-size`` does not change the attack either.
     """
     from carso_cli.attacks import pgd
 
-    noise = torch.stack([torch.rand(x.shape[1:], generator=torch.Generator().manual_seed(seed * 1_000_003 + i))
-                         for i in range(start, start + x.shape[0])]).to(x.device)
-    return pgd(classifier, x, y, a.eps, a.pgd_steps, a.pgd_step_size, random_start=a.pgd_random_start,
-               start_noise=noise)
+    noise = torch.stack(
+        [
+            torch.rand(x.shape[1:], generator=torch.Generator().manual_seed(seed * 1_000_003 + i))
+            for i in range(start, start + x.shape[0])
+        ]
+    ).to(x.device)
+    return pgd(
+        classifier, x, y, a.eps, a.pgd_steps, a.pgd_step_size, random_start=a.pgd_random_start, start_noise=noise
+    )
 
 
 def cli(
-    images: Annotated[list[Path], typer.Argument(help="Image files (PNG, JPEG, …) and/or folders of them.", show_default=False)],
+    images: Annotated[
+        list[Path], typer.Argument(help="Image files (PNG, JPEG, …) and/or folders of them.", show_default=False)
+    ],
     run_dir: RunOpt = None,
     samples: Annotated[
-        Optional[int], typer.Option("--samples", min=0, help="Reconstructions per image (default: the run's; 0 = deterministic).")
+        int | None,
+        typer.Option("--samples", min=0, help="Reconstructions per image (default: the run's; 0 = deterministic)."),
     ] = None,
     top_k: Annotated[int, typer.Option("--top-k", min=1, help="Classes shown per image in the table.")] = 3,
     classifier_only: Annotated[
@@ -215,22 +261,37 @@ def cli(
         bool, typer.Option("--json", help="Print one JSON array to stdout (notices go to stderr).")
     ] = False,
     save_reconstructions: Annotated[
-        Optional[Path], typer.Option("--save-reconstructions", help="Write a captioned PNG grid: each input (≥ 128 px) beside its reconstructions, with the true class, CARSO's and each reconstruction's class.")
+        Path | None,
+        typer.Option(
+            "--save-reconstructions",
+            help=(
+                "Write a captioned PNG grid: each input (≥ 128 px) beside its reconstructions, with the true class, "
+                "CARSO's and each reconstruction's class."
+            ),
+        ),
     ] = None,
     aggregation: Annotated[
-        Optional[Aggregation], typer.Option("--aggregation", help=AGGREGATION_HELP + " (default: the run's).")
+        Aggregation | None, typer.Option("--aggregation", help=AGGREGATION_HELP + " (default: the run's).")
     ] = None,
     seed: SeedOpt = 0,
     device: DeviceOpt = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass.")] = 64,
     data_root: DataRootOpt = Path("data"),
     label_: Annotated[
-        Optional[str], typer.Option("--label", help="Every image's true class (a name or a number); default: the image's "
-                                    "folder name when it is a class name. Shown in the grid and the JSON.")
+        str | None,
+        typer.Option(
+            "--label",
+            help="Every image's true class (a name or a number); default: the image's "
+            "folder name when it is a class name. Shown in the grid and the JSON.",
+        ),
     ] = None,
     attack: Annotated[
-        PredictAttack, typer.Option("--attack", help="pgd: attack each image first (PGD on the classifier at the "
-                                    "preset's ε) to see what purification does; needs the true class (--label or folder).")
+        PredictAttack,
+        typer.Option(
+            "--attack",
+            help="pgd: attack each image first (PGD on the classifier at the "
+            "preset's ε) to see what purification does; needs the true class (--label or folder).",
+        ),
     ] = PredictAttack.none,
 ) -> None:
     """Classify images with a trained CARSO run and show the most likely classes."""
@@ -269,7 +330,9 @@ def cli(
             if pred.true_label is not None:
                 about += f"\ntrue: {escape(pred.true_label)}"
             if pred.attack is not None:
-                before, after = (label(result.names, pred.attack[k]) for k in ("classifier_clean", "classifier_attacked"))
+                before, after = (
+                    label(result.names, pred.attack[k]) for k in ("classifier_clean", "classifier_attacked")
+                )
                 about += f"\nclassifier: {escape(before)} → {escape(after)} attacked"
             for rank, c in enumerate(ranked):
                 table.add_row(

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 from rich.markup import escape
@@ -50,8 +50,9 @@ def _already_pulled(run: Path, record: dict[str, Any]) -> bool:
         return False
 
 
-def run(name: str, out: Path | None = None, cache: Path | None = None, force: bool = False,
-        console: Any = None) -> PullResult:
+def run(
+    name: str, out: Path | None = None, cache: Path | None = None, force: bool = False, console: Any = None
+) -> PullResult:
     """Download ``name``'s files and, for an entry with a purifier, write the run ``out`` (default runs/NAME)."""
     entry = zoo.get(name)
     files = zoo.fetch(entry, cache, console)
@@ -64,8 +65,9 @@ def run(name: str, out: Path | None = None, cache: Path | None = None, force: bo
     cfg = load_config(entry.preset)
     made = not run_dir.exists()
     with locking.hold(run_dir), ckpt.undo_on_failure(run_dir, made, keep=[]):
-        convert.run(convert.ConversionKind.reference, cfg, *(files[role].path for role in zoo.ROLES),
-                    out=run_dir, force=force)
+        convert.run(
+            convert.ConversionKind.reference, cfg, *(files[role].path for role in zoo.ROLES), out=run_dir, force=force
+        )
         ckpt.atomic_write_json(run_dir / RECORD_FILE, record)
     return PullResult(entry, files, run_dir)
 
@@ -93,9 +95,13 @@ def zoo_table() -> Any:
 
     models = zoo.entries()
     widest = max((len(n) for n in models), default=4)
-    table = Table(title="Published models", box=box.SIMPLE_HEAD, title_justify="left",
-                  caption="carso pull NAME downloads one; carso pull --info NAME (or --list --long) tells more",
-                  caption_justify="left")
+    table = Table(
+        title="Published models",
+        box=box.SIMPLE_HEAD,
+        title_justify="left",
+        caption="carso pull NAME downloads one; carso pull --info NAME (or --list --long) tells more",
+        caption_justify="left",
+    )
     table.add_column("name", no_wrap=True, min_width=widest, style="bold")
     table.add_column("preset", no_wrap=True)
     table.add_column("gives", no_wrap=True)
@@ -111,7 +117,9 @@ def entry_details(entry: zoo.ZooEntry) -> Any:
     from rich.padding import Padding
     from rich.text import Text
 
-    contents = "classifier + purifier → a ready run" if entry.has_purifier else "classifier only (train a purifier on it)"
+    contents = (
+        "classifier + purifier → a ready run" if entry.has_purifier else "classifier only (train a purifier on it)"
+    )
     figures = ", ".join(f"{k} {v:.4f}" for k, v in entry.reported.items())
     lines = [f"preset {entry.preset}; {contents}"]
     if entry.title:
@@ -136,15 +144,16 @@ def zoo_long() -> Any:
 
 
 def cli(
-    name: Annotated[Optional[str], typer.Argument(help="Model name (see --list), e.g. cifar10-cui2023.")] = None,
+    name: Annotated[str | None, typer.Argument(help="Model name (see --list), e.g. cifar10-cui2023.")] = None,
     list_: Annotated[bool, typer.Option("--list", help="Show the published models and exit.")] = False,
     long: Annotated[bool, typer.Option("--long", help="With --list: every model's title, figures and notes.")] = False,
     info: Annotated[
-        Optional[str], typer.Option("--info", metavar="NAME", help="Show one model's title, figures, notes and files, and exit.")
+        str | None,
+        typer.Option("--info", metavar="NAME", help="Show one model's title, figures, notes and files, and exit."),
     ] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", help="Run directory to write (default: runs/NAME).")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Run directory to write (default: runs/NAME).")] = None,
     cache: Annotated[
-        Optional[Path], typer.Option("--cache", help=f"Download cache (default: ${zoo.CACHE_ENV}, else ~/.cache/carso).")
+        Path | None, typer.Option("--cache", help=f"Download cache (default: ${zoo.CACHE_ENV}, else ~/.cache/carso).")
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite a run already in --out.")] = False,
 ) -> None:
@@ -169,10 +178,22 @@ def cli(
         console.print(f"{f.role}: {f.path} (sha256 {f.sha256})", soft_wrap=True, highlight=False, markup=False)
     if result.run is None:
         if out is not None:
-            err_console.print(f"[yellow]note:[/] --out is not used: {escape(name)} has no published purifier to convert")
-        console.print(f"[green]{escape(name)}[/] " + escape(f"is a classifier only; train a purifier on it with: carso "
-                      f"train-purifier --preset {result.entry.preset} --classifier {name}"), soft_wrap=True, highlight=False)
+            err_console.print(
+                f"[yellow]note:[/] --out is not used: {escape(name)} has no published purifier to convert"
+            )
+        console.print(
+            f"[green]{escape(name)}[/] "
+            + escape(
+                f"is a classifier only; train a purifier on it with: carso "
+                f"train-purifier --preset {result.entry.preset} --classifier {name}"
+            ),
+            soft_wrap=True,
+            highlight=False,
+        )
         return
     done = "already pulled" if result.up_to_date else "wrote"
-    console.print(f"[green]{done}[/] " + escape(f"{result.run} — evaluate with: carso eval --run {result.run}"),
-                  soft_wrap=True, highlight=False)
+    console.print(
+        f"[green]{done}[/] " + escape(f"{result.run} — evaluate with: carso eval --run {result.run}"),
+        soft_wrap=True,
+        highlight=False,
+    )

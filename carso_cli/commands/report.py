@@ -12,11 +12,10 @@ from __future__ import annotations
 import csv
 import io
 import json
-
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 
@@ -25,8 +24,22 @@ from carso_cli.errors import CarsoError
 # Table 2's columns (AT = the adversarially-trained classifier alone, C = CARSO), then PGD+EoT (Table 14).
 TABLE2 = ["AT/Cl", "C/Cl", "AT/AA", "C/randAA", "AT/PGD+EoT", "PGD+EoT"]
 # RobustBench's model_info fields, in its order; carso fills the ones it knows.
-ROBUSTBENCH_FIELDS = ["name", "link", "authors", "additional_data", "number_forward_passes", "dataset", "venue",
-                      "architecture", "eps", "clean_acc", "reported", "autoattack_acc", "unreliable", "footnote"]
+ROBUSTBENCH_FIELDS = [
+    "name",
+    "link",
+    "authors",
+    "additional_data",
+    "number_forward_passes",
+    "dataset",
+    "venue",
+    "architecture",
+    "eps",
+    "clean_acc",
+    "reported",
+    "autoattack_acc",
+    "unreliable",
+    "footnote",
+]
 
 
 class Format(str, Enum):
@@ -131,22 +144,42 @@ def _pct(a: float | None) -> str:
 def table_cells(rows: list[Row]) -> tuple[list[str], list[list[str]]]:
     cols = columns_of(rows)
     header = ["run", "ε", "n", *cols]
-    body = [[r.run, format_eps(r.eps), "" if r.n_examples is None else str(r.n_examples),
-             *[_pct(r.cells.get(c)) for c in cols]] for r in rows]
+    body = [
+        [
+            r.run,
+            format_eps(r.eps),
+            "" if r.n_examples is None else str(r.n_examples),
+            *[_pct(r.cells.get(c)) for c in cols],
+        ]
+        for r in rows
+    ]
     return header, body
 
 
 def to_markdown(rows: list[Row]) -> str:
     header, body = table_cells(rows)
     esc = lambda s: s.replace("|", "\\|")  # noqa: E731
-    lines = ["| " + " | ".join(esc(h) for h in header) + " |",
-             "|" + "|".join([":---"] * 3 + ["---:"] * (len(header) - 3)) + "|"]
+    lines = [
+        "| " + " | ".join(esc(h) for h in header) + " |",
+        "|" + "|".join([":---"] * 3 + ["---:"] * (len(header) - 3)) + "|",
+    ]
     lines += ["| " + " | ".join(esc(c) for c in r) + " |" for r in body]
     return "\n".join(lines) + "\n"
 
 
-_TEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
-        "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "ε": r"$\varepsilon$"}
+_TEX = {
+    "\\": r"\textbackslash{}",
+    "&": r"\&",
+    "%": r"\%",
+    "$": r"\$",
+    "#": r"\#",
+    "_": r"\_",
+    "{": r"\{",
+    "}": r"\}",
+    "~": r"\textasciitilde{}",
+    "^": r"\textasciicircum{}",
+    "ε": r"$\varepsilon$",
+}
 
 
 def tex_escape(text: str) -> str:
@@ -189,8 +222,9 @@ def robustbench_entry(row: Row) -> tuple[dict[str, Any], list[str]]:
         "eps": format_eps(row.eps) or None,
         "clean_acc": _pct(row.cells.get("C/Cl")) or None,
         "autoattack_acc": _pct(row.cells.get("C/randAA")) or None,
-        "architecture": (f"WideResNet-{net['depth']}-{net['width']} + CARSO purifier"
-                         if "depth" in net and "width" in net else None),
+        "architecture": (
+            f"WideResNet-{net['depth']}-{net['width']} + CARSO purifier" if "depth" in net and "width" in net else None
+        ),
     }
     entry = {k: known.get(k) if known.get(k) is not None else "" for k in ROBUSTBENCH_FIELDS}
     missing = [k for k in ROBUSTBENCH_FIELDS if entry[k] == ""]
@@ -198,9 +232,13 @@ def robustbench_entry(row: Row) -> tuple[dict[str, Any], list[str]]:
 
 
 def cli(
-    runs: Annotated[list[Path], typer.Argument(help="Run directories (or eval folders / results.json files).", show_default=False)],
-    fmt: Annotated[Format, typer.Option("--format", help="table (rich), md, tex, csv or robustbench (model_info JSON).")] = Format.table,
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write to this file instead of stdout.")] = None,
+    runs: Annotated[
+        list[Path], typer.Argument(help="Run directories (or eval folders / results.json files).", show_default=False)
+    ],
+    fmt: Annotated[
+        Format, typer.Option("--format", help="table (rich), md, tex, csv or robustbench (model_info JSON).")
+    ] = Format.table,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write to this file instead of stdout.")] = None,
 ) -> None:
     """Table 2's columns (and adaptive ones when present) across runs: Markdown, LaTeX, CSV or RobustBench."""
     from rich.markup import escape
@@ -233,8 +271,11 @@ def cli(
             entry, missing = robustbench_entry(r)
             entries[r.run] = entry
             if missing:
-                err_console.print(f"[yellow]note:[/] {escape(r.run)}: fill in {', '.join(missing)} (carso cannot "
-                                  "know them)", highlight=False, soft_wrap=True)
+                err_console.print(
+                    f"[yellow]note:[/] {escape(r.run)}: fill in {', '.join(missing)} (carso cannot know them)",
+                    highlight=False,
+                    soft_wrap=True,
+                )
         text = json.dumps(entries[rows[0].run] if len(rows) == 1 else entries, indent=2) + "\n"
     if output is None:
         typer.echo(text, nl=False)

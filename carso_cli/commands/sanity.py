@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import torch
 import typer
@@ -158,9 +158,17 @@ Batches = list[tuple[torch.Tensor, torch.Tensor, range]]
 class Checker:
     """Runs the checks on one CARSO model and its classifier over fixed batches of examples."""
 
-    def __init__(self, carso: torch.nn.Module, classifier: torch.nn.Module, batches: Batches,
-                 s: SanitySettings, num_classes: int, device: torch.device,
-                 tick: Callable[[str], None] | None = None, run: Path | None = None) -> None:
+    def __init__(
+        self,
+        carso: torch.nn.Module,
+        classifier: torch.nn.Module,
+        batches: Batches,
+        s: SanitySettings,
+        num_classes: int,
+        device: torch.device,
+        tick: Callable[[str], None] | None = None,
+        run: Path | None = None,
+    ) -> None:
         self.run = run
         self.carso = carso
         self.classifier = classifier
@@ -178,8 +186,9 @@ class Checker:
     def clean(self) -> list[torch.Tensor]:
         """CARSO's single-draw clean correctness per batch (robust flags are ANDed with it)."""
         if self._clean is None:
-            self._clean = [ev.draw_flags(self.carso, x, y, idx, self.s.seed, ev.STREAM_CLEAN)[0]
-                           for x, y, idx in self.batches]
+            self._clean = [
+                ev.draw_flags(self.carso, x, y, idx, self.s.seed, ev.STREAM_CLEAN)[0] for x, y, idx in self.batches
+            ]
         return self._clean
 
     def pgd_accuracy(self, eps: float) -> float:
@@ -187,8 +196,17 @@ class Checker:
         if eps not in self._pgd:
             correct = 0
             for (x, y, idx), clean in zip(self.batches, self.clean()):
-                x_adv = ev.pgd_eot_examples(self.carso, x, y, idx, eps=eps, steps=self.s.steps,
-                                            step_size=self.s.step_size, eot=self.s.eot, seed=self.s.seed)
+                x_adv = ev.pgd_eot_examples(
+                    self.carso,
+                    x,
+                    y,
+                    idx,
+                    eps=eps,
+                    steps=self.s.steps,
+                    step_size=self.s.step_size,
+                    eot=self.s.eot,
+                    seed=self.s.seed,
+                )
                 flags = ev.draw_flags(self.carso, x_adv, y, idx, self.s.seed, ev.STREAM_ADV)[0] & clean
                 correct += int(flags.sum())
                 self.tick(f"PGD+EoT ε={eps:.4f}")
@@ -201,20 +219,37 @@ class Checker:
         s = self.s
         correct = 0
         warnings: list[str] = []
-        for k, ((x, y, idx), clean) in enumerate(zip(self.batches, self.clean())):
-            res = ev.autoattack_flags(self.carso, x, y, eps=s.large_eps, version="rand",
-                                      seed=ev.example_seed(s.seed, "sanity", idx[0], bits=31),
-                                      device=self.device, steps=s.aa_steps, eot=s.aa_eot)
+        for _k, ((x, y, idx), clean) in enumerate(zip(self.batches, self.clean())):
+            res = ev.autoattack_flags(
+                self.carso,
+                x,
+                y,
+                eps=s.large_eps,
+                version="rand",
+                seed=ev.example_seed(s.seed, "sanity", idx[0], bits=31),
+                device=self.device,
+                steps=s.aa_steps,
+                eot=s.aa_eot,
+            )
             correct += int((res.flags & clean).sum())
             warnings += res.warnings
             self.tick("randAA at large ε")
         acc = correct / self.n
         limit = 1.0 / self.num_classes + s.chance_tolerance
         return CheckResult(
-            "large-eps", f"randAA at ε = {s.large_eps:g} ≤ chance",
-            "pass" if acc <= limit else "fail", f"{100 * acc:.2f}%", f"≤ {100 * limit:.2f}%",
-            {"accuracy": acc, "correct": correct, "total": self.n, "chance": 1.0 / self.num_classes,
-             "limit": limit, "library_warnings": sorted(set(warnings))},
+            "large-eps",
+            f"randAA at ε = {s.large_eps:g} ≤ chance",
+            "pass" if acc <= limit else "fail",
+            f"{100 * acc:.2f}%",
+            f"≤ {100 * limit:.2f}%",
+            {
+                "accuracy": acc,
+                "correct": correct,
+                "total": self.n,
+                "chance": 1.0 / self.num_classes,
+                "limit": limit,
+                "library_warnings": sorted(set(warnings)),
+            },
         )
 
     def gradients(self) -> CheckResult:
@@ -222,11 +257,14 @@ class Checker:
         stats = {loss: ev.GradientStats() for loss in ev.LOSSES}
         for x, y, idx in self.batches:
             for loss in ev.LOSSES:
-                stats[loss] = stats[loss] + ev.gradient_health(self.carso, x, y, idx, draws=s.draws, seed=s.seed,
-                                                               loss=loss)
+                stats[loss] = stats[loss] + ev.gradient_health(
+                    self.carso, x, y, idx, draws=s.draws, seed=s.seed, loss=loss
+                )
             self.tick("gradient health")
-        healthy = {loss: st.bad_entry_fraction <= s.max_bad_entries and st.bad_gradient_fraction <= s.max_bad_gradients
-                   for loss, st in stats.items()}
+        healthy = {
+            loss: st.bad_entry_fraction <= s.max_bad_entries and st.bad_gradient_fraction <= s.max_bad_gradients
+            for loss, st in stats.items()
+        }
         # An attack with one healthy loss still works (randAA runs both): fail only when none is;
         # warn when one is masked (e.g. CE saturating on very confident scores).
         status = "pass" if all(healthy.values()) else "warn" if any(healthy.values()) else "fail"
@@ -235,7 +273,10 @@ class Checker:
             for loss, st in stats.items()
         )
         return CheckResult(
-            "gradients", "gradient health", status, measured,
+            "gradients",
+            "gradient health",
+            status,
+            measured,
             f"≤ {100 * s.max_bad_entries:.0f}% entries / ≤ {100 * s.max_bad_gradients:.0f}% grads",
             {loss: {**st.to_json(), "healthy": healthy[loss]} for loss, st in stats.items()},
         )
@@ -250,7 +291,10 @@ class Checker:
                 rises.append({"from_eps": e0, "to_eps": e1, "rise": a1 - a0, "allowed": allowed})
         measured = " → ".join(f"{100 * a:.1f}%" for a in accs)
         return CheckResult(
-            "monotonic", "ε-monotonicity (PGD+EoT)", "fail" if rises else "pass", measured,
+            "monotonic",
+            "ε-monotonicity (PGD+EoT)",
+            "fail" if rises else "pass",
+            measured,
             f"rise ≤ {100 * s.monotonic_tolerance:.0f}% + noise",
             {"eps": s.eps_list, "accuracy": accs, "rises": rises, "steps": s.steps, "eot": s.eot},
         )
@@ -265,10 +309,17 @@ class Checker:
         means = {loss: float(torch.cat(v).mean()) for loss, v in cos.items()}
         low = [loss for loss, m in means.items() if m < s.min_eot_cosine]
         return CheckResult(
-            "eot", "EoT stability (cosine)", "warn" if low else "pass",
-            ", ".join(f"{loss.upper()} {m:.3f}" for loss, m in means.items()), f"≥ {s.min_eot_cosine:g} (warning only)",
-            {"mean_cosine": means, "min_cosine": {k: float(torch.cat(v).min()) for k, v in cos.items()},
-             "low": low, "hint": "raise --eot (EoT iterations) if low" if low else ""},
+            "eot",
+            "EoT stability (cosine)",
+            "warn" if low else "pass",
+            ", ".join(f"{loss.upper()} {m:.3f}" for loss, m in means.items()),
+            f"≥ {s.min_eot_cosine:g} (warning only)",
+            {
+                "mean_cosine": means,
+                "min_cosine": {k: float(torch.cat(v).min()) for k, v in cos.items()},
+                "low": low,
+                "hint": "raise --eot (EoT iterations) if low" if low else "",
+            },
         )
 
     def blackbox(self) -> CheckResult:
@@ -279,9 +330,17 @@ class Checker:
         square = transfer = 0
         warnings: list[str] = []
         for (x, y, idx), clean in zip(self.batches, self.clean()):
-            res = ev.autoattack_flags(self.carso, x, y, eps=s.eps, version="custom", attacks=["square"],
-                                      seed=ev.example_seed(s.seed, "square", idx[0], bits=31), device=self.device,
-                                      square_queries=s.queries)
+            res = ev.autoattack_flags(
+                self.carso,
+                x,
+                y,
+                eps=s.eps,
+                version="custom",
+                attacks=["square"],
+                seed=ev.example_seed(s.seed, "square", idx[0], bits=31),
+                device=self.device,
+                square_queries=s.queries,
+            )
             square += int((res.flags & clean).sum())
             warnings += res.warnings
             # Transfer: the same PGD budget against the classifier alone, then fed to CARSO.
@@ -296,13 +355,21 @@ class Checker:
             if white - acc > allowed:
                 stronger.append({"attack": name, "accuracy": acc, "white_box": white, "allowed": allowed})
         return CheckResult(
-            "blackbox", "white-box vs black-box", "fail" if stronger else "pass",
+            "blackbox",
+            "white-box vs black-box",
+            "fail" if stronger else "pass",
             f"white {100 * white:.1f}%, square {100 * acc_sq:.1f}%, transfer {100 * acc_tr:.1f}%",
             f"≥ white − {100 * s.blackbox_tolerance:.0f}% − noise",
-            {"white_box": white, "square": acc_sq, "transfer": acc_tr, "eps": s.eps, "queries": s.queries,
-             "stronger": stronger, "library_warnings": sorted(set(warnings))},
+            {
+                "white_box": white,
+                "square": acc_sq,
+                "transfer": acc_tr,
+                "eps": s.eps,
+                "queries": s.queries,
+                "stronger": stronger,
+                "library_warnings": sorted(set(warnings)),
+            },
         )
-
 
     def saturation(self) -> CheckResult:
         s = self.s
@@ -318,11 +385,16 @@ class Checker:
         above = paper > s.saturation_threshold
         # Saturated where the logsum surface is not: the paper's surface hides robustness that is not there.
         status = "fail" if above and logsum <= s.saturation_threshold else "warn" if above else "pass"
-        hint = ("cross-entropy attacks on the paper's surface are blunted: evaluate with "
-                "`carso eval --attack adaptive` (the default), which attacks the same decision through dexp-logsum"
-                if above else "")
+        hint = (
+            "cross-entropy attacks on the paper's surface are blunted: evaluate with "
+            "`carso eval --attack adaptive` (the default), which attacks the same decision through dexp-logsum"
+            if above
+            else ""
+        )
         return CheckResult(
-            "saturation", "CE-gradient saturation (dexp vs dexp-logsum)", status,
+            "saturation",
+            "CE-gradient saturation (dexp vs dexp-logsum)",
+            status,
             ", ".join(f"{name} {100 * f:.1f}%" for name, f in fractions.items()),
             f"dexp ≤ {100 * s.saturation_threshold:.0f}% of examples",
             {"fraction": fractions, "threshold": s.saturation_threshold, "hint": hint},
@@ -334,11 +406,20 @@ class Checker:
         if block is None:
             return CheckResult("indicators", title, "warn", "not evaluated", "none failed", {"hint": why})
         failed = block["failed"]
-        hint = ("an attack may have failed silently (see `carso eval`'s indicator table and the README): "
-                + "; ".join(failed)) if failed else ""
+        hint = (
+            (
+                "an attack may have failed silently (see `carso eval`'s indicator table and the README): "
+                + "; ".join(failed)
+            )
+            if failed
+            else ""
+        )
         return CheckResult(
-            "indicators", title, "fail" if failed else "pass",
-            f"{len(failed)} failed" + (f": {', '.join(failed[:3])}" if failed else ""), "none failed",
+            "indicators",
+            title,
+            "fail" if failed else "pass",
+            f"{len(failed)} failed" + (f": {', '.join(failed[:3])}" if failed else ""),
+            "none failed",
             {"failed": failed, "attacks": block["attacks"], "examples": block["examples"], "hint": hint},
         )
 
@@ -351,8 +432,10 @@ def stored_indicators(run: Path, name: str) -> tuple[str, dict[str, Any] | None]
     except (OSError, ValueError):
         return f"no readable {path}: run `carso eval` (--attack adaptive) first", None
     settings = results.get("settings") or {}
-    weights = {"classifier_sha256": ckpt.sha256_file(ckpt.classifier_path_of(run)),
-               "purifier_sha256": ckpt.sha256_file(run / ckpt.PURIFIER_FILE)}
+    weights = {
+        "classifier_sha256": ckpt.sha256_file(ckpt.classifier_path_of(run)),
+        "purifier_sha256": ckpt.sha256_file(run / ckpt.PURIFIER_FILE),
+    }
     if any(settings.get(k) not in ("", None, v) for k, v in weights.items()):
         return f"{path} was made with other weights: evaluate again", None
     if not results.get("indicators"):
@@ -377,10 +460,19 @@ def run(
     dev = resolve_device(device)
     loaded = load_run(run_dir, dev)
     s = settings or SanitySettings()
-    if s.n_examples < 1 or s.batch_size < 1 or s.draws < 1 or s.steps < 1 or s.eot < 1 or s.aa_steps < 1 \
-            or s.aa_eot < 1 or s.queries < 1:
-        raise CarsoError("--n-examples, --batch-size, --draws, --steps, --eot, --aa-steps, --aa-eot and "
-                         "--queries must be at least 1")
+    if (
+        s.n_examples < 1
+        or s.batch_size < 1
+        or s.draws < 1
+        or s.steps < 1
+        or s.eot < 1
+        or s.aa_steps < 1
+        or s.aa_eot < 1
+        or s.queries < 1
+    ):
+        raise CarsoError(
+            "--n-examples, --batch-size, --draws, --steps, --eot, --aa-steps, --aa-eot and --queries must be at least 1"
+        )
     if s.aggregation not in AGGREGATIONS:
         raise CarsoError(f"unknown aggregation '{s.aggregation}'")
     dataset = build_dataset(loaded.cfg, "test", root=str(data_root))
@@ -397,8 +489,10 @@ def run(
         batches.append((x.to(dev), y.to(dev), rng))
     if console is not None:
         console.print(
-            f"[bold]carso sanity[/] {escape(str(loaded.run))} — {n} examples, {s.samples} samples, {s.aggregation} aggregation, "
-            f"checks: {', '.join(s.checks)}", highlight=False,
+            f"[bold]carso sanity[/] {escape(str(loaded.run))} — {n} examples, {s.samples} samples, "
+            f"{s.aggregation} aggregation, "
+            f"checks: {', '.join(s.checks)}",
+            highlight=False,
         )
     progress = None
     if console is not None:
@@ -430,8 +524,11 @@ def run(
     if console is not None:
         render(report, console)
         if log_counts["lines"]:
-            console.print(f"[dim]AutoAttack's log: {log_counts['lines']} lines ({log_counts['warnings']} warnings, "
-                          f"shown above) in {escape(str(log_path))}[/]", highlight=False)
+            console.print(
+                f"[dim]AutoAttack's log: {log_counts['lines']} lines ({log_counts['warnings']} warnings, "
+                f"shown above) in {escape(str(log_path))}[/]",
+                highlight=False,
+            )
     return report
 
 
@@ -445,7 +542,7 @@ def render(report: SanityReport, console: Console) -> None:
     t.add_column("status")
     t.add_column("measured")
     t.add_column("threshold")
-    for i, c in enumerate(report.checks, 1):
+    for _i, c in enumerate(report.checks, 1):
         t.add_row(str(CHECKS.index(c.key) + 1), c.title, STATUS[c.status], c.measured, c.threshold)
     console.print(t)
     for c in report.checks:
@@ -455,38 +552,79 @@ def render(report: SanityReport, console: Console) -> None:
     console.print(f"{verdict} — report: {escape(str(report.path))}", highlight=False)
 
 
-
-
 def cli(
     run: RunOpt = None,
     n_examples: Annotated[int, typer.Option("--n-examples", help="First N test examples.")] = 256,
-    samples: Annotated[Optional[int], typer.Option("--samples", help="Reconstructions per input (default: the preset's).")] = None,
-    aggregation: Annotated[Optional[Aggregation], typer.Option("--aggregation", help=AGGREGATION_HELP + " (default: the preset's).")] = None,
-    checks: Annotated[Optional[str], typer.Option("--checks", help=f"Comma-separated subset of: {', '.join(CHECKS)} (default: all).")] = None,
+    samples: Annotated[
+        int | None, typer.Option("--samples", help="Reconstructions per input (default: the preset's).")
+    ] = None,
+    aggregation: Annotated[
+        Aggregation | None, typer.Option("--aggregation", help=AGGREGATION_HELP + " (default: the preset's).")
+    ] = None,
+    checks: Annotated[
+        str | None, typer.Option("--checks", help=f"Comma-separated subset of: {', '.join(CHECKS)} (default: all).")
+    ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Examples per batch.")] = 64,
-    eps: Annotated[Optional[str], typer.Option("--eps", help="ε of the black-box comparison (default: the preset's).")] = None,
-    eps_list: Annotated[str, typer.Option("--eps-list", help="Increasing ε values of the monotonicity check.")] = "2/255,4/255,8/255,16/255",
-    large_eps: Annotated[Optional[str], typer.Option("--large-eps", help="ε of the large-ε check (default: the preset's sanity_eps, 0.95).")] = None,
-    steps: Annotated[Optional[int], typer.Option("--steps", help="Short PGD+EoT steps (default: min(preset, 20)).")] = None,
-    eot: Annotated[Optional[int], typer.Option("--eot", help="EoT iterations of PGD+EoT and of the stability check (default: min(preset, 5)).")] = None,
+    eps: Annotated[
+        str | None, typer.Option("--eps", help="ε of the black-box comparison (default: the preset's).")
+    ] = None,
+    eps_list: Annotated[
+        str, typer.Option("--eps-list", help="Increasing ε values of the monotonicity check.")
+    ] = "2/255,4/255,8/255,16/255",
+    large_eps: Annotated[
+        str | None, typer.Option("--large-eps", help="ε of the large-ε check (default: the preset's sanity_eps, 0.95).")
+    ] = None,
+    steps: Annotated[
+        int | None, typer.Option("--steps", help="Short PGD+EoT steps (default: min(preset, 20)).")
+    ] = None,
+    eot: Annotated[
+        int | None,
+        typer.Option("--eot", help="EoT iterations of PGD+EoT and of the stability check (default: min(preset, 5))."),
+    ] = None,
     aa_steps: Annotated[int, typer.Option("--aa-steps", help="APGD steps of the large-ε randAA.")] = 20,
-    aa_eot: Annotated[Optional[int], typer.Option("--aa-eot", help="EoT iterations of the large-ε randAA (default: the preset's).")] = None,
+    aa_eot: Annotated[
+        int | None, typer.Option("--aa-eot", help="EoT iterations of the large-ε randAA (default: the preset's).")
+    ] = None,
     draws: Annotated[int, typer.Option("--draws", help="Stochastic draws per example in the gradient check.")] = 4,
     queries: Annotated[int, typer.Option("--queries", help="Square attack queries.")] = 1000,
-    chance_tolerance: Annotated[float, typer.Option("--chance-tolerance", help="Large-ε accuracy may exceed chance by this much.")] = 0.05,
-    max_bad_entries: Annotated[float, typer.Option("--max-bad-entries", help="Largest fraction of zero/non-finite gradient entries.")] = 0.5,
-    max_bad_gradients: Annotated[float, typer.Option("--max-bad-gradients", help="Largest fraction of useless gradients.")] = 0.1,
-    monotonic_tolerance: Annotated[float, typer.Option("--monotonic-tolerance", help="Allowed accuracy rise with ε, beyond noise.")] = 0.05,
-    min_eot_cosine: Annotated[float, typer.Option("--min-eot-cosine", help="Warn below this EoT-gradient agreement.")] = 0.5,
-    blackbox_tolerance: Annotated[float, typer.Option("--blackbox-tolerance", help="How much stronger a black-box attack may be, beyond noise.")] = 0.05,
-    saturation_threshold: Annotated[float, typer.Option("--saturation-threshold", help="Largest fraction of examples with a numerically useless CE gradient (zero, non-finite, or not the float64 direction) on the paper's surface.")] = 0.1,
-    eval_name: Annotated[str, typer.Option("--eval", help="The evaluation (RUN/eval/NAME) whose attack-failure indicators are checked.")] = "adaptive",
-    out: Annotated[Optional[Path], typer.Option("--out", help="JSON report (default: RUN/sanity.json).")] = None,
+    chance_tolerance: Annotated[
+        float, typer.Option("--chance-tolerance", help="Large-ε accuracy may exceed chance by this much.")
+    ] = 0.05,
+    max_bad_entries: Annotated[
+        float, typer.Option("--max-bad-entries", help="Largest fraction of zero/non-finite gradient entries.")
+    ] = 0.5,
+    max_bad_gradients: Annotated[
+        float, typer.Option("--max-bad-gradients", help="Largest fraction of useless gradients.")
+    ] = 0.1,
+    monotonic_tolerance: Annotated[
+        float, typer.Option("--monotonic-tolerance", help="Allowed accuracy rise with ε, beyond noise.")
+    ] = 0.05,
+    min_eot_cosine: Annotated[
+        float, typer.Option("--min-eot-cosine", help="Warn below this EoT-gradient agreement.")
+    ] = 0.5,
+    blackbox_tolerance: Annotated[
+        float, typer.Option("--blackbox-tolerance", help="How much stronger a black-box attack may be, beyond noise.")
+    ] = 0.05,
+    saturation_threshold: Annotated[
+        float,
+        typer.Option(
+            "--saturation-threshold",
+            help=(
+                "Largest fraction of examples with a numerically useless CE gradient (zero, non-finite, or not the "
+                "float64 direction) on the paper's surface."
+            ),
+        ),
+    ] = 0.1,
+    eval_name: Annotated[
+        str, typer.Option("--eval", help="The evaluation (RUN/eval/NAME) whose attack-failure indicators are checked.")
+    ] = "adaptive",
+    out: Annotated[Path | None, typer.Option("--out", help="JSON report (default: RUN/sanity.json).")] = None,
     device: DeviceOpt = None,
     seed: SeedOpt = 0,
     data_root: DataRootOpt = Path("data"),
 ) -> None:
-    """Checks an honest robustness claim needs (large ε, gradients, ε-monotonicity, EoT, black-box, saturation, attack-failure indicators)."""
+    """Checks an honest robustness claim needs (large ε, gradients, ε-monotonicity, EoT, black-box,
+    saturation, attack-failure indicators)."""
     from carso_cli.cli import console
     from carso_cli.config import load_config
 

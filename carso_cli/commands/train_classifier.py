@@ -20,16 +20,15 @@ import time
 from contextlib import ExitStack, nullcontext
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import torch
 import torch.nn.functional as F
 import typer
 from torch import nn
 
-from carso_cli import attacks
+from carso_cli import attacks, distributed, locking, memory
 from carso_cli import checkpoint as ckpt
-from carso_cli import distributed, locking, memory
 from carso_cli import training as tr
 from carso_cli.commands._common import (
     ClassifierAttackChunkOpt,
@@ -39,8 +38,8 @@ from carso_cli.commands._common import (
     GpusOpt,
     SeedOpt,
     SetOpt,
-    memory_sets,
     load_preset,
+    memory_sets,
     resolve_device,
 )
 from carso_cli.config import (
@@ -98,7 +97,9 @@ def resume_config(out: Path, sets: list[str] | None = None, epochs: int | None =
     return cfg
 
 
-def clean_accuracy(model: nn.Module, dataset: torch.utils.data.Dataset, device: torch.device, batch_size: int = 256) -> float:
+def clean_accuracy(
+    model: nn.Module, dataset: torch.utils.data.Dataset, device: torch.device, batch_size: int = 256
+) -> float:
     """Top-1 accuracy of ``model`` (eval mode) on ``dataset``."""
     model.eval()
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
@@ -177,8 +178,19 @@ def run(
         distributed.teardown()
 
 
-def _train(cfg: Config, out: Path | None, ctx: distributed.DistContext, resume: bool, data_root: Path, seed: int,
-           bf16: bool | None, evaluate: bool, console: Any, preset: str | None, stack: ExitStack) -> ClassifierResult:
+def _train(
+    cfg: Config,
+    out: Path | None,
+    ctx: distributed.DistContext,
+    resume: bool,
+    data_root: Path,
+    seed: int,
+    bf16: bool | None,
+    evaluate: bool,
+    console: Any,
+    preset: str | None,
+    stack: ExitStack,
+) -> ClassifierResult:
     from carso_cli import data
 
     device = ctx.device
@@ -189,7 +201,9 @@ def _train(cfg: Config, out: Path | None, ctx: distributed.DistContext, resume: 
 
     def refuse_existing() -> None:
         if weights.exists() or state_path.exists():
-            raise CarsoError(f"{weights} (or its training state) already exists: pass --resume to continue, or another --out")
+            raise CarsoError(
+                f"{weights} (or its training state) already exists: pass --resume to continue, or another --out"
+            )
 
     def lock() -> None:
         # One writer per weights file: the lock file sits beside it (a folder may hold several).
@@ -198,8 +212,9 @@ def _train(cfg: Config, out: Path | None, ctx: distributed.DistContext, resume: 
         ckpt.remove_temporaries(weights.parent, f"{stem}.")  # what a killed run was writing (issue 14)
         if not resume:
             refuse_existing()  # again under the lock: the check before it was only to fail early
-            stack.enter_context(ckpt.undo_on_failure(weights.parent, made, keep=[state_path, weights], prefix=f"{stem}.",
-                                                     tell=True))
+            stack.enter_context(
+                ckpt.undo_on_failure(weights.parent, made, keep=[state_path, weights], prefix=f"{stem}.", tell=True)
+            )
         # A write that fails (a full disk) from here on says which checkpoint is intact.
         stack.enter_context(ckpt.checkpoint_write(state_path))
 
@@ -242,8 +257,11 @@ def _train(cfg: Config, out: Path | None, ctx: distributed.DistContext, resume: 
         tr.restore_rank_rng(state, ctx)
         start = state.position  # at most ct.epochs (tr.finished_run); the final files may be what is left
         if ctx.is_main and console is not None:
-            console.print(f"resumed from epoch {start.epoch}, batch {start.batch} (of {ct.epochs} epochs): {weights}",
-                          soft_wrap=True, markup=False)
+            console.print(
+                f"resumed from epoch {start.epoch}, batch {start.batch} (of {ct.epochs} epochs): {weights}",
+                soft_wrap=True,
+                markup=False,
+            )
 
     on_cuda = device.type == "cuda"
     use_bf16 = on_cuda and (cfg.training.bf16 if bf16 is None else bf16)
@@ -282,11 +300,20 @@ def _train(cfg: Config, out: Path | None, ctx: distributed.DistContext, resume: 
             # The model stays in train mode, as in Madry et al.'s and Rice et al.'s training code; its
             # (synchronised) BatchNorm then runs collectives, so every rank attacks in as many chunks.
             gen = tr.batch_generator(device, seed, b.epoch, b.index, 3)
-            noise = torch.rand((b.global_size, *x.shape[1:]), generator=gen, device=device)[b.lo:b.hi]
+            noise = torch.rand((b.global_size, *x.shape[1:]), generator=gen, device=device)[b.lo : b.hi]
             with autocast():
-                x = attacks.in_chunks(attacks.pgd, bounds.attack_chunk, model, x, y, eps, ct.pgd_steps,
-                                      ct.pgd_step_size, start_noise=noise,
-                                      parts=pieces(b.global_size, ctx.world_size, bounds.attack_chunk))
+                x = attacks.in_chunks(
+                    attacks.pgd,
+                    bounds.attack_chunk,
+                    model,
+                    x,
+                    y,
+                    eps,
+                    ct.pgd_steps,
+                    ct.pgd_step_size,
+                    start_noise=noise,
+                    parts=pieces(b.global_size, ctx.world_size, bounds.attack_chunk),
+                )
         return x, y
 
     def say(line: str) -> None:
@@ -297,11 +324,13 @@ def _train(cfg: Config, out: Path | None, ctx: distributed.DistContext, resume: 
         n = b.hi - b.lo
 
         def fits() -> dict[str, int]:
-            return memory.classifier_fitting_options(memory.measure(cfg),
-                                                     torch.cuda.get_device_properties(device).total_memory, n)
+            return memory.classifier_fitting_options(
+                memory.measure(cfg), torch.cuda.get_device_properties(device).total_memory, n
+            )
 
-        return run_bounded(lambda: compute_bounded(b), bounds, n, device,
-                           lambda: optimizer.zero_grad(set_to_none=True), fits, say)
+        return run_bounded(
+            lambda: compute_bounded(b), bounds, n, device, lambda: optimizer.zero_grad(set_to_none=True), fits, say
+        )
 
     def compute_bounded(b: tr.Batch) -> torch.Tensor:
         for group in optimizer.param_groups:
@@ -317,8 +346,13 @@ def _train(cfg: Config, out: Path | None, ctx: distributed.DistContext, resume: 
             correct = (logits.detach().argmax(1) == y[rows]).sum()
             return torch.stack([loss.detach().double(), correct.double()])
 
-        sums = tr.accumulate(x.shape[0], bounds.micro_batch, step, net.no_sync if ctx.distributed else None,  # type: ignore[arg-type]
-                             parts=pieces(b.global_size, ctx.world_size, bounds.micro_batch))
+        sums = tr.accumulate(
+            x.shape[0],
+            bounds.micro_batch,
+            step,
+            net.no_sync if ctx.distributed else None,  # type: ignore[arg-type]
+            parts=pieces(b.global_size, ctx.world_size, bounds.micro_batch),
+        )
         return torch.cat([sums, torch.tensor([float(y.shape[0])], device=sums.device, dtype=torch.float64)])
 
     def update() -> None:
@@ -333,8 +367,14 @@ def _train(cfg: Config, out: Path | None, ctx: distributed.DistContext, resume: 
         rng = tr.gather_rng(ctx)
         if ctx.is_main:
             tr.save_training_state(
-                state_path, kind=KIND, position=position, model=model, optimizer=optimizer,
-                config_toml=config_to_toml(cfg), rng=rng, epoch_sums=epoch_sums,
+                state_path,
+                kind=KIND,
+                position=position,
+                model=model,
+                optimizer=optimizer,
+                config_toml=config_to_toml(cfg),
+                rng=rng,
+                epoch_sums=epoch_sums,
                 extra={"seed": seed, "world_size": ctx.world_size, "global_batch": ct.batch_size},
             )
         distributed.barrier(ctx)
@@ -347,12 +387,24 @@ def _train(cfg: Config, out: Path | None, ctx: distributed.DistContext, resume: 
             metrics.unlink()
     kind = "PGD adversarial" if adversarial else "standard"
     spec = tr.LoopSpec(
-        ctx=ctx, dataset=dataset, global_batch=ct.batch_size, epochs=ct.epochs, seed=seed, sums=SUMS,
-        title=f"classifier, {kind} ({cfg.name})", num_workers=cfg.data.num_workers,
-        checkpoint_every=cfg.training.checkpoint_every, metrics_path=metrics if ctx.is_main else None,
+        ctx=ctx,
+        dataset=dataset,
+        global_batch=ct.batch_size,
+        epochs=ct.epochs,
+        seed=seed,
+        sums=SUMS,
+        title=f"classifier, {kind} ({cfg.name})",
+        num_workers=cfg.data.num_workers,
+        checkpoint_every=cfg.training.checkpoint_every,
+        metrics_path=metrics if ctx.is_main else None,
     )
-    records = tr.run_loop(spec, tr.LoopHooks(start_epoch, compute, update, display, save), start,
-                          state.epoch_sums if state is not None else None, console=console)
+    records = tr.run_loop(
+        spec,
+        tr.LoopHooks(start_epoch, compute, update, display, save),
+        start,
+        state.epoch_sums if state is not None else None,
+        console=console,
+    )
 
     recalibrate_bn(model, spec, lambda b: make_input(b)[0], ct.epochs)
     accuracy = float("nan")
@@ -361,8 +413,14 @@ def _train(cfg: Config, out: Path | None, ctx: distributed.DistContext, resume: 
         if evaluate:
             test = data.build_dataset(cfg, "test", root=data_root, download=True, augment=False)
             accuracy = clean_accuracy(model, test, device)
-        meta = {"format": CLASSIFIER_FORMAT, "preset": cfg.name, "adversarial": ct.adversarial,
-                "epochs": str(ct.epochs), "eps": repr(eps), "clean_accuracy": repr(accuracy)}
+        meta = {
+            "format": CLASSIFIER_FORMAT,
+            "preset": cfg.name,
+            "adversarial": ct.adversarial,
+            "epochs": str(ct.epochs),
+            "eps": repr(eps),
+            "clean_accuracy": repr(accuracy),
+        }
         ckpt.save_tensors(weights, model.state_dict(), meta)
         from carso_cli.commands.plot import plot_metrics
 
@@ -372,17 +430,33 @@ def _train(cfg: Config, out: Path | None, ctx: distributed.DistContext, resume: 
 
 
 def cli(
-    preset: Annotated[Optional[str], typer.Option("--preset", "-p", help="Preset name or .toml (not needed with --resume).")] = None,
-    adversarial: Annotated[Optional[Adversarial], typer.Option("--adversarial", help="pgd (Madry et al.) or none (default: the preset's).")] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", help="Weights file (default runs/classifiers/<preset>-<kind>-<timestamp>.safetensors).")] = None,
-    epochs: Annotated[Optional[int], typer.Option("--epochs", min=1, help="Epochs (overrides classifier_training.epochs).")] = None,
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size", min=1, help="Global batch size (split across processes).")] = None,
+    preset: Annotated[
+        str | None, typer.Option("--preset", "-p", help="Preset name or .toml (not needed with --resume).")
+    ] = None,
+    adversarial: Annotated[
+        Adversarial | None, typer.Option("--adversarial", help="pgd (Madry et al.) or none (default: the preset's).")
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", help="Weights file (default runs/classifiers/<preset>-<kind>-<timestamp>.safetensors)."),
+    ] = None,
+    epochs: Annotated[
+        int | None, typer.Option("--epochs", min=1, help="Epochs (overrides classifier_training.epochs).")
+    ] = None,
+    batch_size: Annotated[
+        int | None, typer.Option("--batch-size", min=1, help="Global batch size (split across processes).")
+    ] = None,
     gpus: GpusOpt = 1,
     device: DeviceOpt = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the training of --out from its last checkpoint.")] = False,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue the training of --out from its last checkpoint.")
+    ] = False,
     data_root: DataRootOpt = Path("data"),
     seed: SeedOpt = 0,
-    bf16: Annotated[Optional[bool], typer.Option("--bf16/--no-bf16", help="bfloat16 autocast on CUDA (default: the preset's training.bf16).")] = None,
+    bf16: Annotated[
+        bool | None,
+        typer.Option("--bf16/--no-bf16", help="bfloat16 autocast on CUDA (default: the preset's training.bf16)."),
+    ] = None,
     set_: SetOpt = None,
     attack_chunk: ClassifierAttackChunkOpt = None,
     micro_batch: ClassifierMicroBatchOpt = None,
@@ -391,15 +465,29 @@ def cli(
     from carso_cli.cli import console
 
     set_ = memory_sets(set_, attack_chunk, micro_batch, section="classifier_training")
-    explicit = {"classifier_training.epochs": epochs, "classifier_training.batch_size": batch_size,
-                "classifier_training.adversarial": adversarial.value if adversarial else None}
+    explicit = {
+        "classifier_training.epochs": epochs,
+        "classifier_training.batch_size": batch_size,
+        "classifier_training.adversarial": adversarial.value if adversarial else None,
+    }
     if distributed.should_relaunch(gpus):
         distributed.check_gpus(gpus, device)
         if out is None and not resume and preset is not None:  # named here, for the line that says how to resume
             out = default_out(load_preset(preset, set_, **explicit))
-        argv = distributed.relaunch_argv("train-classifier", preset=preset, adversarial=adversarial, out=out, epochs=epochs,
-                                batch_size=batch_size, gpus=gpus, device=device, resume=resume, data_root=data_root,
-                                seed=seed, set=set_)
+        argv = distributed.relaunch_argv(
+            "train-classifier",
+            preset=preset,
+            adversarial=adversarial,
+            out=out,
+            epochs=epochs,
+            batch_size=batch_size,
+            gpus=gpus,
+            device=device,
+            resume=resume,
+            data_root=data_root,
+            seed=seed,
+            set=set_,
+        )
         if bf16 is not None:
             argv.append("--bf16" if bf16 else "--no-bf16")
         try:
@@ -418,8 +506,17 @@ def cli(
         if preset is None:
             raise CarsoError("--preset is required (or --resume with --out)")
         cfg = load_preset(preset, set_, **explicit)
-    result = run(cfg, out, device=resolve_device(device), resume=resume, data_root=data_root, seed=seed, bf16=bf16,
-                 console=console, preset=preset if resume else None)
+    result = run(
+        cfg,
+        out,
+        device=resolve_device(device),
+        resume=resume,
+        data_root=data_root,
+        seed=seed,
+        bf16=bf16,
+        console=console,
+        preset=preset if resume else None,
+    )
     if int(os.environ.get("RANK", "0")) != 0:
         return
     if result.complete is not None:

@@ -20,7 +20,7 @@ import os
 import time
 from contextlib import ExitStack, nullcontext
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import torch
 import typer
@@ -32,14 +32,14 @@ from carso_cli import training as tr
 from carso_cli.commands._common import (
     AttackChunkOpt,
     CompileOpt,
-    MicroBatchOpt,
-    memory_sets,
     DataRootOpt,
     DeviceOpt,
     GpusOpt,
+    MicroBatchOpt,
     SeedOpt,
     SetOpt,
     load_preset,
+    memory_sets,
     resolve_device,
 )
 from carso_cli.config import (
@@ -100,14 +100,16 @@ class PurifierResult:
     complete: str | None = None  # --resume of a finished run: the line that says so (nothing was done)
 
 
-def _run_dir(out: Path | None, cfg: Config, resume: bool, ctx: distributed.DistContext,
-             stack: ExitStack) -> tuple[Path, str | None]:
+def _run_dir(
+    out: Path | None, cfg: Config, resume: bool, ctx: distributed.DistContext, stack: ExitStack
+) -> tuple[Path, str | None]:
     """The run directory, made and locked by rank 0 and broadcast (so a default timestamped name is shared),
     and, with ``resume``, the line saying the run is complete if it is (then nothing is locked or touched).
 
     Rank 0 holds the run's lock (``locking``) on ``stack``; a new run made here is removed again if the
     start fails before its first checkpoint. A refusal on rank 0 is raised on every rank.
     """
+
     def make() -> tuple[str, str | None]:
         if resume:
             run = Path(out) if out is not None else ckpt.latest_run(require=str(CHECKPOINT))
@@ -122,8 +124,9 @@ def _run_dir(out: Path | None, cfg: Config, resume: bool, ctx: distributed.DistC
             made = out is None or not run.exists()
             stack.enter_context(locking.hold(run))
             _refuse_existing(run)  # again under the lock: the check before it was only to fail early
-            stack.enter_context(ckpt.undo_on_failure(run, made, keep=[run / CHECKPOINT, run / ckpt.PURIFIER_FILE],
-                                                     tell=True))
+            stack.enter_context(
+                ckpt.undo_on_failure(run, made, keep=[run / CHECKPOINT, run / ckpt.PURIFIER_FILE], tell=True)
+            )
         # A write that fails (a full disk) from here on says which checkpoint is intact.
         stack.enter_context(ckpt.checkpoint_write(run / CHECKPOINT))
         for folder in (run, (run / CHECKPOINT).parent):  # what a killed run was writing (issue 14)
@@ -186,18 +189,33 @@ def run(
         distributed.teardown()
 
 
-def _train(cfg: Config, classifier_path: Path | None, out: Path | None, ctx: distributed.DistContext,
-           resume: bool, data_root: Path, seed: int, bf16: bool | None, console: Any,
-           preset: str | None, stack: ExitStack) -> PurifierResult:
+def _train(
+    cfg: Config,
+    classifier_path: Path | None,
+    out: Path | None,
+    ctx: distributed.DistContext,
+    resume: bool,
+    data_root: Path,
+    seed: int,
+    bf16: bool | None,
+    console: Any,
+    preset: str | None,
+    stack: ExitStack,
+) -> PurifierResult:
     from carso_cli import data
 
     device = ctx.device
     t = cfg.training
     if not resume:
         if classifier_path is None and sources.needs_weights_file(cfg):
-            raise CarsoError("--classifier is required: the weights of the preset's (adversarially-trained) classifier"
-                             + ("" if cfg.classifier.architecture == "wideresnet" else
-                                f" ({cfg.classifier.architecture}: --classifier-weights FILE)"))
+            raise CarsoError(
+                "--classifier is required: the weights of the preset's (adversarially-trained) classifier"
+                + (
+                    ""
+                    if cfg.classifier.architecture == "wideresnet"
+                    else f" ({cfg.classifier.architecture}: --classifier-weights FILE)"
+                )
+            )
         if classifier_path is not None and not Path(classifier_path).is_file():
             raise CheckpointError(f"--classifier: file not found: {classifier_path}")
     state: tr.TrainingState | None = None
@@ -243,8 +261,11 @@ def _train(cfg: Config, classifier_path: Path | None, out: Path | None, ctx: dis
     if ctx.distributed:
         purifier = tr.convert_sync_batchnorm(purifier, device)  # type: ignore[assignment]
     radam = torch.optim.RAdam(
-        purifier.parameters(), lr=tr.lr_at_epoch(t, 0), betas=(t.radam_beta1, t.radam_beta2),
-        eps=t.radam_eps, weight_decay=t.weight_decay,
+        purifier.parameters(),
+        lr=tr.lr_at_epoch(t, 0),
+        betas=(t.radam_beta1, t.radam_beta2),
+        eps=t.radam_eps,
+        weight_decay=t.weight_decay,
     )
     optimizer = tr.Lookahead(radam, k=t.lookahead_k, alpha=t.lookahead_alpha)
     start = tr.Position()
@@ -254,8 +275,11 @@ def _train(cfg: Config, classifier_path: Path | None, out: Path | None, ctx: dis
         tr.restore_rank_rng(state, ctx)
         start = state.position  # at most t.epochs (tr.finished_run); the final files may be what is left
         if ctx.is_main and console is not None:
-            console.print(f"resumed from epoch {start.epoch}, batch {start.batch} (of {t.epochs} epochs): {run_dir}",
-                          soft_wrap=True, markup=False)
+            console.print(
+                f"resumed from epoch {start.epoch}, batch {start.batch} (of {t.epochs} epochs): {run_dir}",
+                soft_wrap=True,
+                markup=False,
+            )
 
     on_cuda = device.type == "cuda"
     use_bf16 = on_cuda and (t.bf16 if bf16 is None else bf16)
@@ -265,9 +289,7 @@ def _train(cfg: Config, classifier_path: Path | None, out: Path | None, ctx: dis
         purifier.to(memory_format=torch.channels_last)
     step_module: nn.Module = PurifierTrainStep(purifier)
     if ctx.distributed:
-        step_module = nn.parallel.DistributedDataParallel(
-            step_module, device_ids=[device.index] if on_cuda else None
-        )
+        step_module = nn.parallel.DistributedDataParallel(step_module, device_ids=[device.index] if on_cuda else None)
     purifier.train()
 
     def say(line: str) -> None:
@@ -310,7 +332,11 @@ def _train(cfg: Config, classifier_path: Path | None, out: Path | None, ctx: dis
 
         def footprint() -> tuple[int, int, int]:  # for "auto": static bytes, per attacked, per purified example
             fp = memory.measure(cfg)
-            return memory.training_static(fp, n), fp.per_example.attack, fp.per_example.representation + fp.per_example.purifier
+            return (
+                memory.training_static(fp, n),
+                fp.per_example.attack,
+                fp.per_example.representation + fp.per_example.purifier,
+            )
 
         def fits() -> dict[str, int]:
             return memory.fitting_options(memory.measure(cfg), torch.cuda.get_device_properties(device).total_memory, n)
@@ -318,8 +344,16 @@ def _train(cfg: Config, classifier_path: Path | None, out: Path | None, ctx: dis
         # FGSM and PGD run as two calls (make_balanced_batch): the larger one is what a chunk bounds.
         groups = plan_for(b.global_size).slice(b.lo, b.hi).groups
         attacked = max(int(((groups == 0) | (groups == 2)).sum()), int(((groups == 1) | (groups == 3)).sum()))
-        return run_bounded(lambda: compute_bounded(b, footprint), bounds, n, device,
-                           lambda: optimizer.zero_grad(set_to_none=True), fits, say, attacked=attacked)
+        return run_bounded(
+            lambda: compute_bounded(b, footprint),
+            bounds,
+            n,
+            device,
+            lambda: optimizer.zero_grad(set_to_none=True),
+            fits,
+            say,
+            attacked=attacked,
+        )
 
     def compute_bounded(b: tr.Batch, footprint) -> torch.Tensor:
         x = b.x.to(device, non_blocking=True)
@@ -331,9 +365,19 @@ def _train(cfg: Config, classifier_path: Path | None, out: Path | None, ctx: dis
         gen = tr.batch_generator(device, seed, b.epoch, b.index, 2)
         with autocast():
             plan = plan_for(b.global_size)
-            x_in = tr.make_balanced_batch(attacked_classifier, x, y, plan.slice(b.lo, b.hi), cfg.attacks, gen,
-                                          global_plan=plan, offset=b.lo, eps_scale=eps_scale, chunk=bounds.attack_chunk)
-        noise = torch.randn((b.global_size, fjoint), generator=gen, device=device)[b.lo:b.hi]
+            x_in = tr.make_balanced_batch(
+                attacked_classifier,
+                x,
+                y,
+                plan.slice(b.lo, b.hi),
+                cfg.attacks,
+                gen,
+                global_plan=plan,
+                offset=b.lo,
+                eps_scale=eps_scale,
+                chunk=bounds.attack_chunk,
+            )
+        noise = torch.randn((b.global_size, fjoint), generator=gen, device=device)[b.lo : b.hi]
 
         def step(part: slice) -> torch.Tensor:
             with autocast():
@@ -345,8 +389,13 @@ def _train(cfg: Config, classifier_path: Path | None, out: Path | None, ctx: dis
             return torch.stack([loss.total.detach(), loss.bce.detach(), loss.kl.detach()]).double()
 
         # Every rank cuts its rows into the same number of micro-batches (SyncBatchNorm, DDP: bounds.pieces).
-        sums = tr.accumulate(n, bounds.micro_batch, step, step_module.no_sync if ctx.distributed else None,  # type: ignore[arg-type]
-                             parts=pieces(b.global_size, ctx.world_size, bounds.micro_batch))
+        sums = tr.accumulate(
+            n,
+            bounds.micro_batch,
+            step,
+            step_module.no_sync if ctx.distributed else None,  # type: ignore[arg-type]
+            parts=pieces(b.global_size, ctx.world_size, bounds.micro_batch),
+        )
         return torch.cat([sums, torch.tensor([float(n)], device=device, dtype=torch.float64)])
 
     def update() -> None:
@@ -361,8 +410,14 @@ def _train(cfg: Config, classifier_path: Path | None, out: Path | None, ctx: dis
         rng = tr.gather_rng(ctx)
         if ctx.is_main:
             tr.save_training_state(
-                run_dir / CHECKPOINT, kind=KIND, position=position, model=purifier, optimizer=optimizer,
-                config_toml=config_to_toml(cfg), rng=rng, epoch_sums=epoch_sums,
+                run_dir / CHECKPOINT,
+                kind=KIND,
+                position=position,
+                model=purifier,
+                optimizer=optimizer,
+                config_toml=config_to_toml(cfg),
+                rng=rng,
+                epoch_sums=epoch_sums,
                 extra={"seed": seed, "world_size": ctx.world_size, "global_batch": t.batch_size},
             )
         distributed.barrier(ctx)
@@ -374,12 +429,25 @@ def _train(cfg: Config, classifier_path: Path | None, out: Path | None, ctx: dis
         elif metrics.exists():
             metrics.unlink()
     spec = tr.LoopSpec(
-        ctx=ctx, dataset=dataset, global_batch=t.batch_size, epochs=t.epochs, seed=seed, sums=SUMS,
-        title=f"purifier ({cfg.name})", num_workers=cfg.data.num_workers, checkpoint_every=t.checkpoint_every,
-        metrics_path=metrics if ctx.is_main else None, drop_last=t.drop_last,
+        ctx=ctx,
+        dataset=dataset,
+        global_batch=t.batch_size,
+        epochs=t.epochs,
+        seed=seed,
+        sums=SUMS,
+        title=f"purifier ({cfg.name})",
+        num_workers=cfg.data.num_workers,
+        checkpoint_every=t.checkpoint_every,
+        metrics_path=metrics if ctx.is_main else None,
+        drop_last=t.drop_last,
     )
-    records = tr.run_loop(spec, tr.LoopHooks(start_epoch, compute, update, display, save), start,
-                          state.epoch_sums if state is not None else None, console=console)
+    records = tr.run_loop(
+        spec,
+        tr.LoopHooks(start_epoch, compute, update, display, save),
+        start,
+        state.epoch_sums if state is not None else None,
+        console=console,
+    )
 
     if ctx.is_main:
         # The slow weights are the trained purifier (Lookahead); the bundle drops the input and joint
@@ -394,7 +462,9 @@ def _train(cfg: Config, classifier_path: Path | None, out: Path | None, ctx: dis
 
 def _started_since(since: float) -> Path | None:
     """The run under ./runs whose checkpoint was written since ``since`` (a relaunched job without --out)."""
-    runs = [p for p in ckpt.RUNS_ROOT.glob("*") if (p / CHECKPOINT).is_file() and (p / CHECKPOINT).stat().st_mtime >= since]
+    runs = [
+        p for p in ckpt.RUNS_ROOT.glob("*") if (p / CHECKPOINT).is_file() and (p / CHECKPOINT).stat().st_mtime >= since
+    ]
     return max(runs, key=lambda p: (p / CHECKPOINT).stat().st_mtime) if runs else None
 
 
@@ -410,18 +480,50 @@ def _plot(run_dir: Path) -> None:
 
 
 def cli(
-    preset: Annotated[Optional[str], typer.Option("--preset", "-p", help="Preset name or .toml (not needed with --resume).")] = None,
-    classifier: Annotated[Optional[Path], typer.Option("--classifier", help="Classifier weights (.safetensors, .pt, .pth), a published model's name (carso pull --list), or a source: robustbench:NAME, torchvision:NAME, timm:NAME, python:package.module:factory (imports and runs that module of yours).")] = None,
-    classifier_weights: Annotated[Optional[Path], typer.Option("--classifier-weights", help="Weights for a torchvision:/timm:/python: --classifier (safetensors, or .pt read with weights_only=True).")] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", help="Run directory (default runs/<preset>-<timestamp>).")] = None,
-    epochs: Annotated[Optional[int], typer.Option("--epochs", min=1, help="Epochs (overrides training.epochs; with --resume, extends the run).")] = None,
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size", min=1, help="Global batch size (split across processes).")] = None,
+    preset: Annotated[
+        str | None, typer.Option("--preset", "-p", help="Preset name or .toml (not needed with --resume).")
+    ] = None,
+    classifier: Annotated[
+        Path | None,
+        typer.Option(
+            "--classifier",
+            help=(
+                "Classifier weights (.safetensors, .pt, .pth), a published model's name (carso pull --list), or a "
+                "source: robustbench:NAME, torchvision:NAME, timm:NAME, python:package.module:factory (imports and "
+                "runs that module of yours)."
+            ),
+        ),
+    ] = None,
+    classifier_weights: Annotated[
+        Path | None,
+        typer.Option(
+            "--classifier-weights",
+            help=(
+                "Weights for a torchvision:/timm:/python: --classifier (safetensors, or .pt read with "
+                "weights_only=True)."
+            ),
+        ),
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Run directory (default runs/<preset>-<timestamp>).")
+    ] = None,
+    epochs: Annotated[
+        int | None,
+        typer.Option("--epochs", min=1, help="Epochs (overrides training.epochs; with --resume, extends the run)."),
+    ] = None,
+    batch_size: Annotated[
+        int | None, typer.Option("--batch-size", min=1, help="Global batch size (split across processes).")
+    ] = None,
     gpus: GpusOpt = 1,
     device: DeviceOpt = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out (default: the latest) from its last checkpoint.")] = False,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue the run in --out (default: the latest) from its last checkpoint.")
+    ] = False,
     data_root: DataRootOpt = Path("data"),
     seed: SeedOpt = 0,
-    bf16: Annotated[Optional[bool], typer.Option("--bf16/--no-bf16", help="bfloat16 autocast on CUDA (default: the preset's).")] = None,
+    bf16: Annotated[
+        bool | None, typer.Option("--bf16/--no-bf16", help="bfloat16 autocast on CUDA (default: the preset's).")
+    ] = None,
     set_: SetOpt = None,
     attack_chunk: AttackChunkOpt = None,
     micro_batch: MicroBatchOpt = None,
@@ -438,8 +540,20 @@ def cli(
         set_ = [*(set_ or []), f"training.compile={compile_}"]
     if distributed.should_relaunch(gpus):
         distributed.check_gpus(gpus, device)
-        argv = distributed.relaunch_argv("train-purifier", preset=preset, classifier=classifier, out=out, epochs=epochs, batch_size=batch_size,
-                              gpus=gpus, device=device, resume=resume, data_root=data_root, seed=seed, set=set_)
+        argv = distributed.relaunch_argv(
+            "train-purifier",
+            preset=preset,
+            classifier=classifier,
+            out=out,
+            epochs=epochs,
+            batch_size=batch_size,
+            gpus=gpus,
+            device=device,
+            resume=resume,
+            data_root=data_root,
+            seed=seed,
+            set=set_,
+        )
         if bf16 is not None:
             argv.append("--bf16" if bf16 else "--no-bf16")
         started = time.time()
@@ -459,8 +573,18 @@ def cli(
         if preset is None:
             raise CarsoError("--preset is required (or --resume to continue a run)")
         cfg = load_preset(preset, set_, **{"training.epochs": epochs, "training.batch_size": batch_size})
-    result = run(cfg, classifier, out, device=resolve_device(device), resume=resume, data_root=data_root,
-                 seed=seed, bf16=bf16, console=console, preset=preset if resume else None)
+    result = run(
+        cfg,
+        classifier,
+        out,
+        device=resolve_device(device),
+        resume=resume,
+        data_root=data_root,
+        seed=seed,
+        bf16=bf16,
+        console=console,
+        preset=preset if resume else None,
+    )
     if int(os.environ.get("RANK", "0")) != 0:
         return
     if result.complete is not None:
@@ -468,6 +592,10 @@ def cli(
         return
     last = result.records[-1] if result.records else {}
     summary = ", ".join(f"{k} {last[k]:.4g}" for k in ("loss", "bce", "kl") if k in last)
-    console.print(f"purifier trained: {result.run / ckpt.PURIFIER_FILE}" + (f" (last epoch: {summary})" if summary else ""),
-                  soft_wrap=True, highlight=False, markup=False)
+    console.print(
+        f"purifier trained: {result.run / ckpt.PURIFIER_FILE}" + (f" (last epoch: {summary})" if summary else ""),
+        soft_wrap=True,
+        highlight=False,
+        markup=False,
+    )
     console.print(str(result.run), soft_wrap=True, highlight=False, markup=False)

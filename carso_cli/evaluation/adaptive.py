@@ -114,8 +114,14 @@ class Candidates:
 
 
 def run_candidates(
-    name: str, model: nn.Module, classifier: nn.Module, x: torch.Tensor, y: torch.Tensor, idx: list[int],
-    s: EvalSettings, device: torch.device,
+    name: str,
+    model: nn.Module,
+    classifier: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    idx: list[int],
+    s: EvalSettings,
+    device: torch.device,
 ) -> Candidates:
     """Every adversarial point of one attack on the examples ``idx``; only ``randaa`` keeps a verdict.
 
@@ -126,36 +132,63 @@ def run_candidates(
     seed = example_seed(s.seed, "carso" if name == "randaa" else name, idx[0], bits=31)
     if name == "randaa":
         with surface(model, paper_surface(s.aggregation)):  # exactly ``--attack autoattack``
-            res = autoattack_flags(model, x, y, eps=s.eps, version="rand", seed=seed, device=device,
-                                   steps=s.aa_steps, eot=s.aa_eot)
+            res = autoattack_flags(
+                model, x, y, eps=s.eps, version="rand", seed=seed, device=device, steps=s.aa_steps, eot=s.aa_eot
+            )
         return Candidates(res.candidates, res.sources, res.flags, res.warnings, res.x_adv)
     if name in ("randaa-logsum", "transfer-logit"):
         with surface(model, LOGSUM_SURFACE if name == "randaa-logsum" else "logit"):
-            res = sub_attack_points(model, x, y, eps=s.eps, attacks=["apgd-ce", "apgd-dlr"], seed=seed,
-                                    device=device, steps=s.aa_steps, eot=s.aa_eot)
+            res = sub_attack_points(
+                model,
+                x,
+                y,
+                eps=s.eps,
+                attacks=["apgd-ce", "apgd-dlr"],
+                seed=seed,
+                device=device,
+                steps=s.aa_steps,
+                eot=s.aa_eot,
+            )
         return Candidates(res.candidates, res.sources, None, res.warnings)
     if name == "pgd-eot-logsum":
         with surface(model, LOGSUM_SURFACE):
-            x_adv = pgd_eot_examples(model, x, y, idx, eps=s.eps, steps=s.pgd_steps, step_size=s.pgd_step_size,
-                                     eot=s.pgd_eot, seed=s.seed, restarts=int(s.restarts or 1),
-                                     normalise=bool(s.eot_normalise), keep_best=True)
+            x_adv = pgd_eot_examples(
+                model,
+                x,
+                y,
+                idx,
+                eps=s.eps,
+                steps=s.pgd_steps,
+                step_size=s.pgd_step_size,
+                eot=s.pgd_eot,
+                seed=s.seed,
+                restarts=int(s.restarts or 1),
+                normalise=bool(s.eot_normalise),
+                keep_best=True,
+            )
         return Candidates(x_adv[None], ["pgd-eot"])
     if name == "transfer-classifier":
         # The classifier is deterministic: EoT is pointless, APGD-CE + APGD-DLR as in randAA.
-        res = sub_attack_points(classifier, x, y, eps=s.eps, attacks=["apgd-ce", "apgd-dlr"], seed=seed,
-                                device=device, steps=s.aa_steps)
+        res = sub_attack_points(
+            classifier, x, y, eps=s.eps, attacks=["apgd-ce", "apgd-dlr"], seed=seed, device=device, steps=s.aa_steps
+        )
         return Candidates(res.candidates, res.sources, None, res.warnings)
     if name == "square":
         # Square's margin on log S: the paper's decision, with margins on the logits' scale.
         with surface(model, LOGSUM_SURFACE):
-            res = sub_attack_points(model, x, y, eps=s.eps, attacks=["square"], seed=seed, device=device,
-                                    square_queries=s.square_queries)
+            res = sub_attack_points(
+                model, x, y, eps=s.eps, attacks=["square"], seed=seed, device=device, square_queries=s.square_queries
+            )
         return Candidates(res.candidates, res.sources, None, res.warnings)
     raise ValueError(f"unknown adaptive attack '{name}'")
 
 
 def judge_candidates(
-    judge: nn.Module, c: Candidates, y: torch.Tensor, idx: list[int], s: EvalSettings,
+    judge: nn.Module,
+    c: Candidates,
+    y: torch.Tensor,
+    idx: list[int],
+    s: EvalSettings,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(survived (b,) bool, first breaking candidate (b,) long or -1, repeats (repeats, b) bool).
 
@@ -167,8 +200,7 @@ def judge_candidates(
     reps_all = None
     for points in c.points:
         reps = draw_flags(judge, points, y, idx, s.seed, STREAM_ADV_REPEATS, s.repeats)
-        single = (c.verdict.bool() if c.verdict is not None
-                  else draw_flags(judge, points, y, idx, s.seed, STREAM_ADV)[0])
+        single = c.verdict.bool() if c.verdict is not None else draw_flags(judge, points, y, idx, s.seed, STREAM_ADV)[0]
         ok.append(single & reps.all(dim=0))
         reps_all = reps if reps_all is None else reps_all & reps
     survived_k = torch.stack(ok)  # (K, b)
@@ -184,8 +216,15 @@ def judge_candidates(
 
 
 def adaptive_attack(
-    model: nn.Module, judge: nn.Module, classifier: nn.Module, x: torch.Tensor, y: torch.Tensor,
-    indices: Sequence[int], clean: torch.Tensor, s: EvalSettings, device: torch.device,
+    model: nn.Module,
+    judge: nn.Module,
+    classifier: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    indices: Sequence[int],
+    clean: torch.Tensor,
+    s: EvalSettings,
+    device: torch.device,
 ) -> AdaptiveResult:
     """Run ``attacks_of(s)`` in order on the examples still robust; ``model`` is attacked, ``judge`` decides.
 
@@ -199,8 +238,14 @@ def adaptive_attack(
     for k, name in enumerate(attacks_of(s)):
         # randAA runs on the whole batch, exactly as ``--attack autoattack``: same seeds, same flags.
         rows = torch.arange(b) if k == 0 else alive.nonzero().flatten()
-        out = AttackOutcome(name, torch.full((b,), NOT_ATTACKED, dtype=torch.long), x.detach().clone()[None],
-                            x.detach().clone(), ["none"], torch.full((b,), -1, dtype=torch.long))
+        out = AttackOutcome(
+            name,
+            torch.full((b,), NOT_ATTACKED, dtype=torch.long),
+            x.detach().clone()[None],
+            x.detach().clone(),
+            ["none"],
+            torch.full((b,), -1, dtype=torch.long),
+        )
         if rows.numel():
             t0 = time.time()
             sub = [idx[int(r)] for r in rows]
@@ -243,20 +288,22 @@ def adaptive_summary(flags: dict[str, list[Any]], wall_s: dict[str, float]) -> d
         if v is None:
             continue
         survived = sum(1 for f in v if f == 1)
-        attacks.append({
-            "attack": name,
-            "title": TITLES[name],
-            "attacked": sum(1 for f in v if f != NOT_ATTACKED),
-            "broken_first": sum(1 for f in v if f == 0),
-            # Every example still robust is attacked, so its survivors are those of all attacks so far.
-            "robust_after": survived,
-            "wall_s": round(wall_s.get(name, 0.0), 3),
-            "flags_key": flag_key(name),
-        })
+        attacks.append(
+            {
+                "attack": name,
+                "title": TITLES[name],
+                "attacked": sum(1 for f in v if f != NOT_ATTACKED),
+                "broken_first": sum(1 for f in v if f == 0),
+                # Every example still robust is attacked, so its survivors are those of all attacks so far.
+                "robust_after": survived,
+                "wall_s": round(wall_s.get(name, 0.0), 3),
+                "flags_key": flag_key(name),
+            }
+        )
     worst = flags["carso_adaptive"]
     return {
         "attacks": attacks,
         "worst_case": {"correct": int(sum(worst)), "total": total, "accuracy": sum(worst) / max(total, 1)},
         "decision": "robust only if the example survives every attack: the single draw (randAA: the "
-                    "library's verdict) and all --repeats re-classifications right",
+        "library's verdict) and all --repeats re-classifications right",
     }

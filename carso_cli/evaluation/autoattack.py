@@ -54,8 +54,9 @@ class AutoAttackResult:
     def point(self) -> torch.Tensor:
         """(B, C, H, W): the library's adversarial example where it found one, else the first candidate."""
         broken = ~self.flags.to(self.x_adv.device)
-        return torch.where(broken.view(-1, *[1] * (self.x_adv.dim() - 1)), self.x_adv,
-                           self.candidates[0].to(self.x_adv.device))
+        return torch.where(
+            broken.view(-1, *[1] * (self.x_adv.dim() - 1)), self.x_adv, self.candidates[0].to(self.x_adv.device)
+        )
 
 
 def _set_apgd_iterations(apgd: Any, steps: int) -> None:
@@ -68,8 +69,16 @@ def _set_apgd_iterations(apgd: Any, steps: int) -> None:
 
 
 def make_autoattack(
-    model: nn.Module, *, eps: float, version: str, seed: int, device: torch.device, steps: int = 100,
-    eot: int = 20, square_queries: int = 5000, attacks: Sequence[str] | None = None,
+    model: nn.Module,
+    *,
+    eps: float,
+    version: str,
+    seed: int,
+    device: torch.device,
+    steps: int = 100,
+    eot: int = 20,
+    square_queries: int = 5000,
+    attacks: Sequence[str] | None = None,
 ) -> Any:
     """A pyautoattack ``AutoAttack`` with the paper's settings (section 5.1), steps/EoT/queries overridable.
 
@@ -155,8 +164,17 @@ class _PointRecorder:
 
 
 def autoattack_flags(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, version: str, seed: int,
-    device: torch.device, steps: int = 100, eot: int = 20, square_queries: int = 5000,
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    eps: float,
+    version: str,
+    seed: int,
+    device: torch.device,
+    steps: int = 100,
+    eot: int = 20,
+    square_queries: int = 5000,
     attacks: Sequence[str] | None = None,
 ) -> AutoAttackResult:
     """Run pyautoattack's ``run_standard_evaluation`` on one batch (already on ``device``).
@@ -165,8 +183,17 @@ def autoattack_flags(
     library re-seeds it with ``seed`` before every attack. As in the library, a sub-attack runs only on
     the examples the earlier ones did not fool (by its single draw); every sub-attack's point is kept.
     """
-    aa = make_autoattack(model, eps=eps, version=version, seed=seed, device=device, steps=steps, eot=eot,
-                         square_queries=square_queries, attacks=attacks)
+    aa = make_autoattack(
+        model,
+        eps=eps,
+        version=version,
+        seed=seed,
+        device=device,
+        steps=steps,
+        eot=eot,
+        square_queries=square_queries,
+        attacks=attacks,
+    )
     recorder = _PointRecorder(x)
     recorder.wrap_apgd(aa.apgd)
     recorder.wrap_square(aa.square)
@@ -180,8 +207,17 @@ def autoattack_flags(
 
 
 def sub_attack_points(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, attacks: Sequence[str], seed: int,
-    device: torch.device, steps: int = 100, eot: int = 1, square_queries: int = 5000,
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    eps: float,
+    attacks: Sequence[str],
+    seed: int,
+    device: torch.device,
+    steps: int = 100,
+    eot: int = 1,
+    square_queries: int = 5000,
 ) -> AutoAttackResult:
     """Each of ``attacks`` ("apgd-ce", "apgd-dlr", "square") run once on *every* example, independently.
 
@@ -192,8 +228,17 @@ def sub_attack_points(
     re-seeded with ``seed`` before each). ``flags`` (information only): the attacked surface was right
     on every sub-attack's point; ``x_adv``: the candidate of the first sub-attack that fooled it.
     """
-    aa = make_autoattack(model, eps=eps, version="custom", seed=seed, device=device, steps=steps, eot=eot,
-                         square_queries=square_queries, attacks=list(attacks))
+    aa = make_autoattack(
+        model,
+        eps=eps,
+        version="custom",
+        seed=seed,
+        device=device,
+        steps=steps,
+        eot=eot,
+        square_queries=square_queries,
+        attacks=list(attacks),
+    )
     aa.apgd.eot_iter = eot
     recorder = _PointRecorder(x)
     recorder.wrap_apgd(aa.apgd)
@@ -217,8 +262,11 @@ def sub_attack_points(
     with torch.no_grad():
         right = torch.stack([model(c.to(device)).argmax(dim=-1) == yf for c in candidates]).cpu()  # (K, B)
     first = (~right).long().argmax(dim=0)  # the first sub-attack that fooled the surface (0 if none did)
-    x_adv = torch.where(right.all(dim=0).view(-1, *[1] * (x.dim() - 1)).to(x.device), x.detach(),
-                        candidates[first, torch.arange(x.shape[0])].to(x.device))
+    x_adv = torch.where(
+        right.all(dim=0).view(-1, *[1] * (x.dim() - 1)).to(x.device),
+        x.detach(),
+        candidates[first, torch.arange(x.shape[0])].to(x.device),
+    )
     return AutoAttackResult(right.all(dim=0), x_adv, candidates, sources, warnings)
 
 
@@ -278,8 +326,9 @@ class _Counter(logging.Handler):
 
 
 @contextlib.contextmanager
-def library_logging(console: Any | None, level: int = logging.DEBUG, prefix: str = "auto-attack: ",
-                    log_path: Path | None = None) -> Iterator[dict[str, int]]:
+def library_logging(
+    console: Any | None, level: int = logging.DEBUG, prefix: str = "auto-attack: ", log_path: Path | None = None
+) -> Iterator[dict[str, int]]:
     """Show pyautoattack's log (progress at DEBUG, its checks at WARNING) through ``console``.
 
     With ``log_path``: the whole log is appended to that file and only the warnings reach the console

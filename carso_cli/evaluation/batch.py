@@ -64,8 +64,14 @@ def _flags(t: torch.Tensor) -> list[int]:
 
 
 def evaluate_batch(
-    classifier: nn.Module, carso: nn.Module | None, x: torch.Tensor, y: torch.Tensor, indices: range,
-    settings: EvalSettings, device: torch.device, on_call: Callable[[], None] | None = None,
+    classifier: nn.Module,
+    carso: nn.Module | None,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    indices: range,
+    settings: EvalSettings,
+    device: torch.device,
+    on_call: Callable[[], None] | None = None,
     adversarial: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """Every flag of one batch. x (B, C, H, W) and y (B,) on ``device``; returns JSON-ready lists.
@@ -95,16 +101,33 @@ def evaluate_batch(
         clean = classifier_flags(classifier, x, y)
         out["classifier_clean"] = _flags(clean)
         if s.attack in ("autoattack", "adaptive"):
-            res = autoattack_flags(counted_classifier, x, y, eps=s.eps, version="standard",
-                                   seed=example_seed(s.seed, "classifier", idx[0], bits=31),
-                                   device=device, steps=s.aa_steps, square_queries=s.square_queries)
+            res = autoattack_flags(
+                counted_classifier,
+                x,
+                y,
+                eps=s.eps,
+                version="standard",
+                seed=example_seed(s.seed, "classifier", idx[0], bits=31),
+                device=device,
+                steps=s.aa_steps,
+                square_queries=s.square_queries,
+            )
             out["classifier_aa"] = _flags(res.flags & clean)
             keep["classifier_aa"] = res.x_adv.cpu()
             warnings += [f"classifier: {w}" for w in res.warnings]
         elif s.attack == "pgd-eot":
             # The classifier is deterministic: one EoT iteration is the same attack, 20× cheaper.
-            x_adv = pgd_eot_examples(counted_classifier, x, y, idx, eps=s.eps, steps=s.pgd_steps,
-                                     step_size=s.pgd_step_size, eot=1, seed=s.seed)
+            x_adv = pgd_eot_examples(
+                counted_classifier,
+                x,
+                y,
+                idx,
+                eps=s.eps,
+                steps=s.pgd_steps,
+                step_size=s.pgd_step_size,
+                eot=1,
+                seed=s.seed,
+            )
             out["classifier_pgd_eot"] = _flags(classifier_flags(classifier, x_adv, y) & clean)
             keep["classifier_pgd_eot"] = x_adv.cpu()
     if "carso" in s.targets and carso is not None and counted_carso is not None:
@@ -117,18 +140,36 @@ def evaluate_batch(
             # The paper's protocol: randAA on the surface the authors' AutoAttack saw (their float32
             # lexsemble for dexp). The library's z come from the global RNG: not the seeded sampler.
             with surface(counted_carso, paper_surface(s.aggregation)):
-                res = autoattack_flags(counted_carso, x, y, eps=s.eps, version="rand",
-                                       seed=example_seed(s.seed, "carso", idx[0], bits=31),
-                                       device=device, steps=s.aa_steps, eot=s.aa_eot)
+                res = autoattack_flags(
+                    counted_carso,
+                    x,
+                    y,
+                    eps=s.eps,
+                    version="rand",
+                    seed=example_seed(s.seed, "carso", idx[0], bits=31),
+                    device=device,
+                    steps=s.aa_steps,
+                    eot=s.aa_eot,
+                )
             out["carso_randaa_library"] = _flags(res.flags)
             out["carso_randaa"] = _flags(res.flags & clean)
             x_adv, key = res.candidates, "carso_randaa"
             keep[key] = x_final = res.point
             warnings += [f"carso: {w}" for w in res.warnings]
         elif s.attack == "pgd-eot":
-            x_adv = pgd_eot_examples(counted_carso, x, y, idx, eps=s.eps, steps=s.pgd_steps,
-                                     step_size=s.pgd_step_size, eot=s.pgd_eot, seed=s.seed,
-                                     restarts=int(s.restarts or 1), normalise=bool(s.eot_normalise))
+            x_adv = pgd_eot_examples(
+                counted_carso,
+                x,
+                y,
+                idx,
+                eps=s.eps,
+                steps=s.pgd_steps,
+                step_size=s.pgd_step_size,
+                eot=s.pgd_eot,
+                seed=s.seed,
+                restarts=int(s.restarts or 1),
+                normalise=bool(s.eot_normalise),
+            )
             single = draw_flags(carso, x_adv, y, idx, s.seed, STREAM_ADV)[0]
             out["carso_pgd_eot"] = _flags(single & clean)
             key = "carso_pgd_eot"
@@ -150,12 +191,14 @@ def evaluate_batch(
             keep["carso_randaa"] = first.point.cpu()
             keep["carso_adaptive"] = x_final = result.worst
             if s.indicators:  # attack-failure indicators, on the evaluation's first s.indicator_examples
-                out["indicators"] = batch_indicators(counted_carso, carso, counted_classifier, x, y, idx, result,
-                                                     clean, s, device)
+                out["indicators"] = batch_indicators(
+                    counted_carso, carso, counted_classifier, x, y, idx, result, clean, s, device
+                )
         if x_adv is not None:
             # Re-classification: a draw is right only if it is right on every candidate of the attack.
-            reps = torch.stack([draw_flags(carso, c, y, idx, s.seed, STREAM_ADV_REPEATS, s.repeats)
-                                for c in x_adv]).all(dim=0)
+            reps = torch.stack(
+                [draw_flags(carso, c, y, idx, s.seed, STREAM_ADV_REPEATS, s.repeats) for c in x_adv]
+            ).all(dim=0)
             out[f"{key}_repeats"] = [_flags(r) for r in reps]
         # Saturation of each surface's CE gradient, at the clean and the final adversarial point.
         points = {"clean": x} if x_final is None else {"clean": x, "adversarial": x_final}

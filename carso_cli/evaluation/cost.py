@@ -74,7 +74,7 @@ def indicator_passes(s: EvalSettings, carso_passes: float) -> float:
 
 def probe_seconds(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     """Seconds for one forward+backward of ``model`` on ``x`` (after one warm-up)."""
-    for i in range(2):
+    for _i in range(2):
         if x.device.type == "cuda":
             torch.cuda.synchronize(x.device)
         t0 = time.perf_counter()
@@ -86,8 +86,13 @@ def probe_seconds(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def estimate_seconds(
-    classifier: nn.Module, carso: nn.Module | None, x: torch.Tensor, y: torch.Tensor, s: EvalSettings,
-    num_classes: int, world_size: int = 1,
+    classifier: nn.Module,
+    carso: nn.Module | None,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    s: EvalSettings,
+    num_classes: int,
+    world_size: int = 1,
 ) -> float:
     """A rough wall-time estimate of the whole evaluation, from timing one pass on ``x``."""
     n_carso, n_classifier = passes_per_example(s, num_classes)

@@ -23,9 +23,20 @@ from carso_cli.evaluation.seeding import (
 
 
 def pgd_eot_examples(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, indices: Sequence[int], *, eps: float, steps: int,
-    step_size: float, eot: int, seed: int, callback: Callable[..., Any] | None = None, restarts: int = 1,
-    normalise: bool = False, keep_best: bool = False,
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    indices: Sequence[int],
+    *,
+    eps: float,
+    steps: int,
+    step_size: float,
+    eot: int,
+    seed: int,
+    callback: Callable[..., Any] | None = None,
+    restarts: int = 1,
+    normalise: bool = False,
+    keep_best: bool = False,
 ) -> torch.Tensor:
     """Adversarial examples (B, C, H, W) by the PGD+EoT pipeline of Lee & Kim 2024 (Table 14).
 
@@ -45,8 +56,21 @@ def pgd_eot_examples(
     with seeded_latents(model, sampler):
         for r in range(restarts):
             noise = start_noise(x, indices, seed, r) if r > 0 else None
-            x_adv, loss = pgd_eot(model, x, y, eps, steps, step_size, eot, random_start=r > 0, callback=callback,
-                                  keep_best=track, normalise=normalise, start_noise=noise, return_loss=True)
+            x_adv, loss = pgd_eot(
+                model,
+                x,
+                y,
+                eps,
+                steps,
+                step_size,
+                eot,
+                random_start=r > 0,
+                callback=callback,
+                keep_best=track,
+                normalise=normalise,
+                start_noise=noise,
+                return_loss=True,
+            )
             if best_x is None or best_loss is None or loss is None:
                 best_x, best_loss = x_adv, loss
                 continue
@@ -59,8 +83,12 @@ def pgd_eot_examples(
 
 def start_noise(x: torch.Tensor, indices: Sequence[int], seed: int, restart: int) -> torch.Tensor:
     """Uniform [0, 1) draws (B, C, H, W) of a random start, per example from (seed, "start", restart, index)."""
-    rows = [np.random.Generator(np.random.Philox(key=example_seed(seed, "start", restart, int(i), bits=128)))
-            .random(tuple(x.shape[1:]), dtype=np.float32) for i in indices]
+    rows = [
+        np.random.Generator(np.random.Philox(key=example_seed(seed, "start", restart, int(i), bits=128))).random(
+            tuple(x.shape[1:]), dtype=np.float32
+        )
+        for i in indices
+    ]
     return torch.from_numpy(np.stack(rows)).to(x.device, x.dtype)
 
 
@@ -79,8 +107,11 @@ class GradientStats:
         return GradientStats(*(a + b for a, b in zip(astuple(self), astuple(other))))
 
     def to_json(self) -> dict[str, Any]:
-        return {**asdict(self), "bad_entry_fraction": self.bad_entry_fraction,
-                "bad_gradient_fraction": self.bad_gradient_fraction}
+        return {
+            **asdict(self),
+            "bad_entry_fraction": self.bad_entry_fraction,
+            "bad_gradient_fraction": self.bad_gradient_fraction,
+        }
 
     @property
     def bad_entry_fraction(self) -> float:
@@ -107,7 +138,11 @@ LOSSES = {
 
 
 def input_gradient(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss: str = "ce", return_scores: bool = False,
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    loss: str = "ce",
+    return_scores: bool = False,
 ) -> Any:
     """∇ₓ Σ loss(model(x), y): (B, C, H, W) — "ce" or "dlr", the losses of randAA's two APGD runs.
 
@@ -129,7 +164,13 @@ def label_rank(scores: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def gradient_health(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, indices: Sequence[int], *, draws: int, seed: int,
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    indices: Sequence[int],
+    *,
+    draws: int,
+    seed: int,
     loss: str = "ce",
 ) -> GradientStats:
     """Count zero / non-finite gradient entries and useless gradients over ``draws`` stochastic draws.
@@ -157,8 +198,9 @@ def gradient_health(
     return stats
 
 
-def eot_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, sampler: ExampleSeededSampler,
-                 eot: int, loss: str = "ce") -> torch.Tensor:
+def eot_gradient(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, sampler: ExampleSeededSampler, eot: int, loss: str = "ce"
+) -> torch.Tensor:
     """Mean input gradient over ``eot`` draws (the EoT estimate). (B, C, H, W)."""
     total = torch.zeros_like(x)
     with seeded_latents(model, sampler):
@@ -168,7 +210,13 @@ def eot_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, sampler: Ex
 
 
 def eot_agreement(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, indices: Sequence[int], *, eot: int, seed: int,
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    indices: Sequence[int],
+    *,
+    eot: int,
+    seed: int,
     loss: str = "ce",
 ) -> torch.Tensor:
     """Cosine (B,) between two independent EoT gradient estimates of each example (0 if one is zero)."""

@@ -83,8 +83,12 @@ class _Indicator:
     """Counts summed over batches (``+``); settings fields are kept. ``status``: pass / fail / n/a."""
 
     def __add__(self, other: Any) -> Any:
-        kw = {f.name: getattr(self, f.name) if f.metadata.get("setting") else getattr(self, f.name) + getattr(
-            other, f.name) for f in fields(self)}  # type: ignore[arg-type]
+        kw = {
+            f.name: getattr(self, f.name)
+            if f.metadata.get("setting")
+            else getattr(self, f.name) + getattr(other, f.name)
+            for f in fields(self)
+        }  # type: ignore[arg-type]
         return type(self)(**kw)
 
     @property
@@ -223,7 +227,10 @@ class EotNoise(_Indicator):
 
 
 INDICATOR_TYPES: dict[str, type[_Indicator]] = {
-    "reproduction": Reproduction, "unbounded": Unbounded, "convergence": Convergence, "transfer": Transfer,
+    "reproduction": Reproduction,
+    "unbounded": Unbounded,
+    "convergence": Convergence,
+    "transfer": Transfer,
     "eot_noise": EotNoise,
 }
 
@@ -232,13 +239,15 @@ INDICATOR_TYPES: dict[str, type[_Indicator]] = {
 # The indicators, each on one batch
 # --------------------------------------------------------------------------------------------------
 
+
 def as_stack(points: torch.Tensor) -> torch.Tensor:
     """Candidate points as a stack (K, B, C, H, W): one point per example (B, C, H, W) is K = 1."""
     return points if points.dim() == 5 else points.unsqueeze(0)
 
 
-def decision(judge: nn.Module, points: torch.Tensor, y: torch.Tensor, indices: Sequence[int], seed: int,
-             repeats: int) -> tuple[torch.Tensor, torch.Tensor]:
+def decision(
+    judge: nn.Module, points: torch.Tensor, y: torch.Tensor, indices: Sequence[int], seed: int, repeats: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The evaluation's rule on ``points`` (B, C, H, W), or on every candidate of a stack (K, B, C, H, W):
     (robust (B,) bool — one draw and all repeats right on every candidate, per-draw accuracy (B,) over
     those 1 + repeats seeded draws on the worst candidate)."""
@@ -254,9 +263,17 @@ def decision(judge: nn.Module, points: torch.Tensor, y: torch.Tensor, indices: S
     return robust, accuracy
 
 
-def judge_reproduction(judge: nn.Module, points: torch.Tensor, y: torch.Tensor, indices: Sequence[int],
-                       broken: torch.Tensor, *, seed: int, repeats: int,
-                       library_flags: torch.Tensor | None = None) -> Reproduction:
+def judge_reproduction(
+    judge: nn.Module,
+    points: torch.Tensor,
+    y: torch.Tensor,
+    indices: Sequence[int],
+    broken: torch.Tensor,
+    *,
+    seed: int,
+    repeats: int,
+    library_flags: torch.Tensor | None = None,
+) -> Reproduction:
     """Re-judge every break (``broken`` (B,) bool) on its stored point (B, C, H, W) with the decision's draws.
 
     ``library_flags`` (B,) bool, randAA only: the library's verdict, which counts a break by itself.
@@ -274,9 +291,18 @@ def judge_reproduction(judge: nn.Module, points: torch.Tensor, y: torch.Tensor, 
     return out
 
 
-def unbounded_attack(judge: nn.Module, attack: AttackFn, x: torch.Tensor, y: torch.Tensor,
-                     indices: Sequence[int], *, seed: int, repeats: int, eps: float = UNBOUNDED_EPS,
-                     tolerance: float = UNBOUNDED_TOLERANCE) -> Unbounded:
+def unbounded_attack(
+    judge: nn.Module,
+    attack: AttackFn,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    indices: Sequence[int],
+    *,
+    seed: int,
+    repeats: int,
+    eps: float = UNBOUNDED_EPS,
+    tolerance: float = UNBOUNDED_TOLERANCE,
+) -> Unbounded:
     """Run ``attack`` (set to ε = ``eps``) on clean-correct examples x (B, C, H, W); count its survivors."""
     if not len(indices):
         return Unbounded(eps=eps, tolerance=tolerance)
@@ -284,8 +310,9 @@ def unbounded_attack(judge: nn.Module, attack: AttackFn, x: torch.Tensor, y: tor
     return Unbounded(attacked=len(indices), survived=int(robust.sum()), eps=eps, tolerance=tolerance)
 
 
-def mean_dlr(judge: nn.Module, points: torch.Tensor, y: torch.Tensor, indices: Sequence[int], *, seed: int,
-             draws: int) -> tuple[torch.Tensor, torch.Tensor]:
+def mean_dlr(
+    judge: nn.Module, points: torch.Tensor, y: torch.Tensor, indices: Sequence[int], *, seed: int, draws: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """EoT mean (B,) of the DLR loss of the judge's scores over ``draws`` seeded draws, and its variance (B,).
 
     For a stack of candidates (K, B, C, H, W) the attack's best candidate per example counts (highest mean).
@@ -302,8 +329,9 @@ def mean_dlr(judge: nn.Module, points: torch.Tensor, y: torch.Tensor, indices: S
     return best_mean, best_var
 
 
-def _mean_dlr(judge: nn.Module, points: torch.Tensor, y: torch.Tensor, indices: Sequence[int], *, seed: int,
-              draws: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _mean_dlr(
+    judge: nn.Module, points: torch.Tensor, y: torch.Tensor, indices: Sequence[int], *, seed: int, draws: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     sampler = ExampleSeededSampler(seed, STREAM_GRADIENTS).bind(indices)
     with torch.no_grad(), seeded_latents(judge, sampler):
         values = torch.stack([dlr_loss(judge(points).double(), y).cpu() for _ in range(draws)])
@@ -312,9 +340,19 @@ def _mean_dlr(judge: nn.Module, points: torch.Tensor, y: torch.Tensor, indices: 
     return values.mean(dim=0), var
 
 
-def non_convergence(judge: nn.Module, doubled: AttackFn, x: torch.Tensor, points: torch.Tensor, y: torch.Tensor,
-                    indices: Sequence[int], survived: torch.Tensor, *, seed: int, repeats: int,
-                    draws: int = EOT_DRAWS) -> Convergence:
+def non_convergence(
+    judge: nn.Module,
+    doubled: AttackFn,
+    x: torch.Tensor,
+    points: torch.Tensor,
+    y: torch.Tensor,
+    indices: Sequence[int],
+    survived: torch.Tensor,
+    *,
+    seed: int,
+    repeats: int,
+    draws: int = EOT_DRAWS,
+) -> Convergence:
     """Attack the survivors again with the doubled budget (``doubled``) and compare with their ``points``.
 
     x, points (B, C, H, W): the clean examples and the attack's points; ``survived`` (B,) bool, B = the
@@ -359,8 +397,17 @@ def implied_eot(rho: float, target: float = EOT_TARGET_COSINE) -> float:
     return max(1.0, target * (1.0 - rho) / (rho * (1.0 - target)))
 
 
-def eot_noise(model: nn.Module, x: torch.Tensor, y: torch.Tensor, indices: Sequence[int], *, eot: int, seed: int,
-              losses: Sequence[str] = ("ce",), draws: int = EOT_DRAWS) -> EotNoise:
+def eot_noise(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    indices: Sequence[int],
+    *,
+    eot: int,
+    seed: int,
+    losses: Sequence[str] = ("ce",),
+    draws: int = EOT_DRAWS,
+) -> EotNoise:
     """ρ of ``draws`` single-draw input gradients per example and loss, pooled; ``eot``: the attack's EoT."""
     out = EotNoise(eot=eot)
     if not len(indices):
@@ -386,26 +433,43 @@ def transfer_beats_whitebox(flags: dict[str, list[int]]) -> dict[str, Transfer]:
     if not white:
         return {}
     left = torch.stack(white).eq(1).all(dim=0)
-    return {name: Transfer(examples=len(v), broken=int((torch.tensor(v).eq(0) & left).sum()))
-            for name, v in flags.items() if name in TRANSFERS}
+    return {
+        name: Transfer(examples=len(v), broken=int((torch.tensor(v).eq(0) & left).sum()))
+        for name, v in flags.items()
+        if name in TRANSFERS
+    }
 
 
 # --------------------------------------------------------------------------------------------------
 # Wiring: every indicator of every attack of one adaptive batch, and their summary over batches
 # --------------------------------------------------------------------------------------------------
 
+
 def unbounded_settings(s: EvalSettings, eps: float = UNBOUNDED_EPS) -> EvalSettings:
     """Large ε, reduced budget: ≤ 10 steps, ≤ 5 EoT, ≤ 500 queries; PGD steps of 2.5 ε / steps (Madry)."""
     steps = min(s.pgd_steps, 10)
-    return dataclasses.replace(s, eps=eps, aa_steps=min(s.aa_steps, 10), aa_eot=min(s.aa_eot, 5), pgd_steps=steps,
-                               pgd_eot=min(s.pgd_eot, 5), pgd_step_size=2.5 * eps / steps,
-                               square_queries=min(s.square_queries, 500))
+    return dataclasses.replace(
+        s,
+        eps=eps,
+        aa_steps=min(s.aa_steps, 10),
+        aa_eot=min(s.aa_eot, 5),
+        pgd_steps=steps,
+        pgd_eot=min(s.pgd_eot, 5),
+        pgd_step_size=2.5 * eps / steps,
+        square_queries=min(s.square_queries, 500),
+    )
 
 
 def doubled_settings(s: EvalSettings) -> EvalSettings:
     """2× steps and 2× EoT (and 2× Square queries)."""
-    return dataclasses.replace(s, aa_steps=2 * s.aa_steps, aa_eot=2 * s.aa_eot, pgd_steps=2 * s.pgd_steps,
-                               pgd_eot=2 * s.pgd_eot, square_queries=2 * s.square_queries)
+    return dataclasses.replace(
+        s,
+        aa_steps=2 * s.aa_steps,
+        aa_eot=2 * s.aa_eot,
+        pgd_steps=2 * s.pgd_steps,
+        pgd_eot=2 * s.pgd_eot,
+        square_queries=2 * s.square_queries,
+    )
 
 
 def attack_fn(name: str, model: nn.Module, classifier: nn.Module, s: EvalSettings, device: torch.device) -> AttackFn:
@@ -417,9 +481,18 @@ def attack_fn(name: str, model: nn.Module, classifier: nn.Module, s: EvalSetting
     return attack
 
 
-def batch_indicators(model: nn.Module, judge: nn.Module, classifier: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                     indices: Sequence[int], result: Any, clean: torch.Tensor, s: EvalSettings,
-                     device: torch.device) -> dict[str, Any]:
+def batch_indicators(
+    model: nn.Module,
+    judge: nn.Module,
+    classifier: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    indices: Sequence[int],
+    result: Any,
+    clean: torch.Tensor,
+    s: EvalSettings,
+    device: torch.device,
+) -> dict[str, Any]:
     """Every indicator but ``transfer`` for every attack of one batch's ``AdaptiveResult``; JSON (raw counts).
 
     ``model`` is attacked, ``judge`` decides (as in ``adaptive_attack``); the subset is the clean-correct
@@ -443,14 +516,39 @@ def batch_indicators(model: nn.Module, judge: nn.Module, classifier: nn.Module, 
 
     for a in result.attacks:
         ind: dict[str, _Indicator] = {
-            "reproduction": timed("reproduction", judge_reproduction, judge, a.point, y, idx, a.flags == 0,
-                                  repeats=s.repeats, library_flags=a.library_flags),
-            "unbounded": timed("unbounded", unbounded_attack, judge, attack_fn(a.name, model, classifier, big, device),
-                               xs, ys, sub, repeats=s.repeats),
-            "convergence": timed("convergence", non_convergence, judge,
-                                 attack_fn(a.name, model, classifier, double, device), xs,
-                                 a.candidates[:, dev.to(a.candidates.device)], ys, sub, a.flags[rows] == 1,
-                                 repeats=s.repeats),
+            "reproduction": timed(
+                "reproduction",
+                judge_reproduction,
+                judge,
+                a.point,
+                y,
+                idx,
+                a.flags == 0,
+                repeats=s.repeats,
+                library_flags=a.library_flags,
+            ),
+            "unbounded": timed(
+                "unbounded",
+                unbounded_attack,
+                judge,
+                attack_fn(a.name, model, classifier, big, device),
+                xs,
+                ys,
+                sub,
+                repeats=s.repeats,
+            ),
+            "convergence": timed(
+                "convergence",
+                non_convergence,
+                judge,
+                attack_fn(a.name, model, classifier, double, device),
+                xs,
+                a.candidates[:, dev.to(a.candidates.device)],
+                ys,
+                sub,
+                a.flags[rows] == 1,
+                repeats=s.repeats,
+            ),
         }
         if a.name in GRADIENT_SURFACES:
             aggregation, losses = GRADIENT_SURFACES[a.name]
@@ -460,12 +558,16 @@ def batch_indicators(model: nn.Module, judge: nn.Module, classifier: nn.Module, 
             with surface(model, aggregation) if aggregation else contextlib.nullcontext():
                 ind["eot_noise"] = timed("eot_noise", eot_noise, model, xs, ys, sub, eot=eot, losses=losses)
         out[a.name] = {k: asdict(v) for k, v in ind.items()}
-    return {"attacks": out, "wall_s": round(time.time() - t0, 3),
-            "cost_s": {k: round(v, 3) for k, v in cost.items() if k != "transfer"}}
+    return {
+        "attacks": out,
+        "wall_s": round(time.time() - t0, 3),
+        "cost_s": {k: round(v, 3) for k, v in cost.items() if k != "transfer"},
+    }
 
 
-def indicators_summary(parts: Sequence[dict[str, Any] | None], flags: dict[str, list[int]],
-                       adaptive_wall_s: float, examples: int) -> dict[str, Any] | None:
+def indicators_summary(
+    parts: Sequence[dict[str, Any] | None], flags: dict[str, list[int]], adaptive_wall_s: float, examples: int
+) -> dict[str, Any] | None:
     """results.json's ``indicators`` block from the batches' ``batch_indicators`` and the merged flags.
 
     ``flags``: attack → per-example flags (for ``transfer``); ``adaptive_wall_s``: the adaptive attacks'
@@ -489,8 +591,9 @@ def indicators_summary(parts: Sequence[dict[str, Any] | None], flags: dict[str, 
         for key, seconds in (p.get("cost_s") or {}).items():
             cost[key] = round(cost.get(key, 0.0) + seconds, 3)
     attacks = {name: {key: row[key].to_json() for key in INDICATOR_TYPES if key in row} for name, row in merged.items()}
-    failed = [f"{name}: {key}" for name, row in merged.items() for key in INDICATOR_TYPES
-              if key in row and row[key].failed]
+    failed = [
+        f"{name}: {key}" for name, row in merged.items() for key in INDICATOR_TYPES if key in row and row[key].failed
+    ]
     return {
         "attacks": attacks,
         "failed": failed,
@@ -500,6 +603,5 @@ def indicators_summary(parts: Sequence[dict[str, Any] | None], flags: dict[str, 
         "adaptive_wall_s": round(adaptive_wall_s, 3),
         "relative_cost": wall / adaptive_wall_s if adaptive_wall_s > 0 else None,
         "meaning": "Pintor et al. 2022: a failed indicator means the attack may have failed silently on this "
-                   "model; its robust examples are then weak evidence (see README, 'Adaptive evaluation')",
+        "model; its robust examples are then weak evidence (see README, 'Adaptive evaluation')",
     }
-

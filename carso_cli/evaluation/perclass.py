@@ -54,18 +54,21 @@ def per_class(flags: dict[str, list[Any]], labels: Sequence[int], names: Sequenc
     for c in sorted(by_class):
         idx = by_class[c]
         correct = {column: sum(1 for i in idx if flags[key][i] == 1) for column, key in columns}
-        rows.append({
-            "class": c,
-            "name": label(list(names) if names is not None else None, c),
-            "total": len(idx),
-            "correct": correct,
-            "accuracy": {column: k / len(idx) for column, k in correct.items()},
-        })
+        rows.append(
+            {
+                "class": c,
+                "name": label(list(names) if names is not None else None, c),
+                "total": len(idx),
+                "correct": correct,
+                "accuracy": {column: k / len(idx) for column, k in correct.items()},
+            }
+        )
     return {"columns": [column for column, _ in columns], "classes": rows}
 
 
-def per_class_section(records: Sequence[dict[str, Any]], flags: dict[str, list[Any]], run: Path | None,
-                      dataset: Any) -> dict[str, Any] | None:
+def per_class_section(
+    records: Sequence[dict[str, Any]], flags: dict[str, list[Any]], run: Path | None, dataset: Any
+) -> dict[str, Any] | None:
     """``results.json``'s ``per_class``: None when some batch's labels were not kept."""
     labels = labels_of(records)
     if labels is None:

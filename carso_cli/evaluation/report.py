@@ -46,8 +46,7 @@ def summarize(flags: dict[str, list[Any]]) -> tuple[dict[str, Any], dict[str, An
     for column, key in COLUMNS:
         if key in flags:
             v = flags[key]
-            metrics[column] = {"key": key, "correct": int(sum(v)), "total": len(v),
-                               "accuracy": sum(v) / max(len(v), 1)}
+            metrics[column] = {"key": key, "correct": int(sum(v)), "total": len(v), "accuracy": sum(v) / max(len(v), 1)}
     report: dict[str, Any] = {}
     for name, key in (("clean", "carso_clean"), ("randAA", "carso_randaa"), ("PGD+EoT", "carso_pgd_eot")):
         reps = flags.get(f"{key}_repeats")

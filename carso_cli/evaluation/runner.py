@@ -20,8 +20,8 @@ from carso_cli.evaluation.adaptive import ATTACKS, adaptive_summary, flag_key
 from carso_cli.evaluation.autoattack import AUTOATTACK_LOG, library_logging
 from carso_cli.evaluation.batch import Autocast, evaluate_batch, load_examples
 from carso_cli.evaluation.cost import expected_calls
-from carso_cli.evaluation.perclass import per_class_section
 from carso_cli.evaluation.indicators import indicators_summary
+from carso_cli.evaluation.perclass import per_class_section
 from carso_cli.evaluation.report import library_versions, merge_records, summarize
 from carso_cli.evaluation.saturation import saturation_summary
 from carso_cli.evaluation.settings import EvalSettings, batch_ranges
@@ -49,8 +49,10 @@ def collect_adversarial(store: ResultsStore, results: dict[str, Any]) -> dict[st
     for k in range(results["batches"]):
         path = adversarial_path(store, k)
         if not path.is_file():
-            raise CarsoError(f"the adversarial examples of batch {k} were not kept (that batch was computed without "
-                             "--save-adversarial): rerun with another --name")
+            raise CarsoError(
+                f"the adversarial examples of batch {k} were not kept (that batch was computed without "
+                "--save-adversarial): rerun with another --name"
+            )
         parts.append(ckpt.load_tensors(path)[0])
     names = [n for n in parts[0] if n != "y" and n in results["flags"]]
     flags = results["flags"]
@@ -106,9 +108,13 @@ def evaluate(
         model = Autocast(carso, device)
     n_mine = sum(len(batches[k]) for k in mine)
     start = time.monotonic()
-    task = progress.add_task("evaluation: examples", total=n_mine,
-                             deadline=start + estimate_s if estimate_s is not None else None) \
-        if progress is not None else None
+    task = (
+        progress.add_task(
+            "evaluation: examples", total=n_mine, deadline=start + estimate_s if estimate_s is not None else None
+        )
+        if progress is not None
+        else None
+    )
     calls = progress.add_task("forward passes", total=None, visible=False) if progress is not None else None
     records: list[dict[str, Any]] = []
     computed = resumed = 0
@@ -122,16 +128,28 @@ def evaluate(
                 x, y = load_examples(dataset, rng)
                 x, y = x.to(device), y.to(device)
                 if progress is not None:
-                    progress.reset(calls, total=expected_calls(s), visible=True,
-                                   description=f"batch {k + 1}/{len(batches)} — forward passes")
+                    progress.reset(
+                        calls,
+                        total=expected_calls(s),
+                        visible=True,
+                        description=f"batch {k + 1}/{len(batches)} — forward passes",
+                    )
                 tick = (lambda: progress.advance(calls)) if progress is not None else None
                 t0 = time.time()
                 adversarial: dict[str, torch.Tensor] | None = {} if keep_adversarial else None
                 flags = evaluate_batch(classifier, model, x, y, rng, s, device, on_call=tick, adversarial=adversarial)
                 if adversarial:
                     ckpt.save_tensors(adversarial_path(store, k), {"y": y.cpu(), **adversarial})
-                record = {"batch": k, "start": rng.start, "stop": rng.stop, "settings": store.settings,
-                          "flags": flags, "labels": y.tolist(), "wall_s": round(time.time() - t0, 3), "rank": ctx.rank}
+                record = {
+                    "batch": k,
+                    "start": rng.start,
+                    "stop": rng.stop,
+                    "settings": store.settings,
+                    "flags": flags,
+                    "labels": y.tolist(),
+                    "wall_s": round(time.time() - t0, 3),
+                    "rank": ctx.rank,
+                }
                 store.save(k, record)
                 computed += 1
                 indicator_s = (flags.get("indicators") or {}).get("wall_s", 0.0)
@@ -141,7 +159,7 @@ def evaluate(
             records.append(record)
             if progress is not None:
                 progress.advance(task, len(rng))
-                left = sum(len(batches[j]) for j in mine[mine.index(k) + 1:])
+                left = sum(len(batches[j]) for j in mine[mine.index(k) + 1 :])
                 progress.update(task, deadline=_deadline(batch_seconds, left, progress.tasks[task].fields["deadline"]))
     if progress is not None:
         progress.update(calls, visible=False)
@@ -168,7 +186,9 @@ def evaluate(
         "indicators": indicators_summary(
             [r["flags"].get("indicators") for r in all_records],
             {a: flags[flag_key(a)] for a in ATTACKS if flag_key(a) in flags},
-            sum(_wall_per_attack(all_records).values()), s.indicator_examples),
+            sum(_wall_per_attack(all_records).values()),
+            s.indicator_examples,
+        ),
         "flags": flags,
         "library_warnings": warnings,
         "autoattack_log": {"file": AUTOATTACK_LOG, **log_counts} if log_counts["lines"] else None,

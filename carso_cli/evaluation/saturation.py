@@ -78,8 +78,9 @@ def surfaces_of(aggregation: str) -> list[str]:
     return list(dict.fromkeys([aggregation, *SURFACES, paper_surface(aggregation)]))
 
 
-def saturated_flags(model: nn.Module, x: torch.Tensor, y: torch.Tensor, indices: Sequence[int], *,
-                    seed: int) -> torch.Tensor:
+def saturated_flags(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, indices: Sequence[int], *, seed: int
+) -> torch.Tensor:
     """(B,) int8 codes of the CE input gradient of one seeded draw: 0 healthy, 1 useless, 2 non-finite.
 
     The float32 gradient (what an attack gets) is compared with the one whose aggregation and loss are
@@ -121,6 +122,7 @@ def gradient_pair(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[t
 
             def head(lg: torch.Tensor) -> torch.Tensor:
                 return lg[0]
+
         scores = head(logits)
         scores = scores if scores.dtype == torch.float64 else scores.float()
         (d32,) = torch.autograd.grad(F.cross_entropy(scores, y, reduction="sum"), logits, retain_graph=True)
@@ -144,15 +146,23 @@ def saturation_summary(flags: dict[str, list[Any]], threshold: float) -> dict[st
     for key, v in flags.items():
         if not key.startswith("saturation_"):
             continue
-        name, point = key[len("saturation_"):].rsplit("_", 1)
+        name, point = key[len("saturation_") :].rsplit("_", 1)
         entry = out.setdefault(name, {})
         useless = sum(1 for f in v if f)
-        entry[point] = {"saturated": useless, "nonfinite": sum(1 for f in v if f == NONFINITE), "total": len(v),
-                        "fraction": useless / max(len(v), 1)}
+        entry[point] = {
+            "saturated": useless,
+            "nonfinite": sum(1 for f in v if f == NONFINITE),
+            "total": len(v),
+            "fraction": useless / max(len(v), 1),
+        }
     if not out:
         return None
     flagged = sorted(name for name, e in out.items() if max(p["fraction"] for p in e.values()) > threshold)
-    return {"surfaces": out, "threshold": threshold, "flagged": flagged,
-            "meaning": "fraction of examples whose CE input gradient (one draw) is numerically useless: "
-                       "non-finite, zero, or at cosine < 0.5 with its float64 recomputation; "
-                       "nonfinite counts the NaN/inf ones"}
+    return {
+        "surfaces": out,
+        "threshold": threshold,
+        "flagged": flagged,
+        "meaning": "fraction of examples whose CE input gradient (one draw) is numerically useless: "
+        "non-finite, zero, or at cosine < 0.5 with its float64 recomputation; "
+        "nonfinite counts the NaN/inf ones",
+    }

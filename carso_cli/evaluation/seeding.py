@@ -118,7 +118,12 @@ def classifier_flags(classifier: nn.Module, x: torch.Tensor, y: torch.Tensor) ->
 
 
 def draw_flags(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, indices: Sequence[int], seed: int, stream: int,
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    indices: Sequence[int],
+    seed: int,
+    stream: int,
     repeats: int = 1,
 ) -> torch.Tensor:
     """Correctness (repeats, B) of ``repeats`` stochastic forwards; row r uses the r-th z of each example's

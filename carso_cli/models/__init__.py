@@ -68,15 +68,18 @@ def check_representation(cfg: Config, layers: list[str], shapes: list[tuple[int,
     p = cfg.purifier
     for name, shape in zip(layers, shapes):
         if len(shape) != 3:
-            raise ConfigError(f"layer '{name}' outputs {tuple(shape)} per example, not an image-shaped C×H×W tensor: "
-                              "choose convolutional layers (carso info --preset P lists them)")
+            raise ConfigError(
+                f"layer '{name}' outputs {tuple(shape)} per example, not an image-shaped C×H×W tensor: "
+                "choose convolutional layers (carso info --preset P lists them)"
+            )
     features = representation_features(shapes, p.layerwise_depth)
     if features * p.fcrepr > p.max_fc_parameters:
         raise ConfigError(
             f"the representation ({len(layers)} layers, {sum(c * h * w for c, h, w in shapes):,} values) encodes to "
             f"{features:,} features: the FC encoder {features:,} × fcrepr {p.fcrepr} = {features * p.fcrepr:,} "
             f"weights exceeds purifier.max_fc_parameters = {p.max_fc_parameters:,}; choose fewer or smaller layers "
-            f"(--set purifier.layers=[...]) or raise the limit (--set purifier.max_fc_parameters=N)")
+            f"(--set purifier.layers=[...]) or raise the limit (--set purifier.max_fc_parameters=N)"
+        )
 
 
 def purifier_spec_for(cfg: Config, classifier: nn.Module | None = None) -> PurifierSpec:
@@ -136,8 +139,9 @@ class LoadedRun:
     classifier: nn.Module
     purifier: Purifier
 
-    def carso(self, samples: int | None = None, aggregation: str | None = None,
-              final_classifier: nn.Module | None = None) -> CARSO:
+    def carso(
+        self, samples: int | None = None, aggregation: str | None = None, final_classifier: nn.Module | None = None
+    ) -> CARSO:
         """The frozen, eval-mode CARSO model of this run."""
         model = CARSO(
             self.classifier,
@@ -161,8 +165,13 @@ def load_run(run: str | Path | None = None, device: str | torch.device = "cpu") 
     return LoadedRun(run_dir, cfg, classifier, purifier)
 
 
-def write_run(run_dir: str | Path, cfg: Config, classifier: nn.Module | str | Path, purifier: Purifier,
-              class_names: Sequence[str] | None = None) -> Path:
+def write_run(
+    run_dir: str | Path,
+    cfg: Config,
+    classifier: nn.Module | str | Path,
+    purifier: Purifier,
+    class_names: Sequence[str] | None = None,
+) -> Path:
     """Write a complete run directory: resolved config, classifier weights, purifier inference bundle.
 
     ``classifier`` is a module (its weights are copied into the run) or a path to a weights file

@@ -100,4 +100,3 @@ def set_eval_frozen(*modules: nn.Module | None) -> None:
         module.eval()
         for p in module.parameters():
             p.requires_grad_(False)
-

@@ -107,7 +107,9 @@ class ConditionEncoder(nn.Module):
                 )
             chans = [c, *layerwise_channels(c, spec.layerwise_depth)]
             self.layerwise.append(
-                nn.Sequential(*[_conv_block(chans[k], chans[k + 1], 1, 0, spec.leaky_slope) for k in range(spec.layerwise_depth)])
+                nn.Sequential(
+                    *[_conv_block(chans[k], chans[k + 1], 1, 0, spec.leaky_slope) for k in range(spec.layerwise_depth)]
+                )
             )
             side_h, side_w = h - 2 * spec.layerwise_depth, w - 2 * spec.layerwise_depth
             features += chans[-1] * side_h * side_w
@@ -215,9 +217,7 @@ class Purifier(nn.Module):
         z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)  # reparameterisation trick
         return self.decoder(z, c), mu, logvar
 
-    def sample(
-        self, representation: Sequence[torch.Tensor], z: torch.Tensor
-    ) -> torch.Tensor:
+    def sample(self, representation: Sequence[torch.Tensor], z: torch.Tensor) -> torch.Tensor:
         """Decoder-only inference.
 
         Args:
@@ -234,10 +234,7 @@ class Purifier(nn.Module):
 
     def inference_state_dict(self) -> dict[str, torch.Tensor]:
         """The parts that inference keeps: condition encoder and decoder."""
-        return {
-            k: v for k, v in self.state_dict().items()
-            if k.startswith(("condition_encoder.", "decoder."))
-        }
+        return {k: v for k, v in self.state_dict().items() if k.startswith(("condition_encoder.", "decoder."))}
 
 
 def spec_from_config(cfg, layers: list[str], layer_shapes: Sequence[Sequence[int]]) -> PurifierSpec:

@@ -56,8 +56,9 @@ def _match(model: nn.Module, pattern: str) -> list[str]:
     return names
 
 
-def resolve_layers(model: nn.Module, spec: str | Sequence[str], input_shape: Sequence[int] | None = None,
-                   min_side: int = 0) -> list[str]:
+def resolve_layers(
+    model: nn.Module, spec: str | Sequence[str], input_shape: Sequence[int] | None = None, min_side: int = 0
+) -> list[str]:
     """Layer names from a preset's ``purifier.layers``, validated.
 
     ``spec``: ``"auto"`` (``auto_layers``: needs ``input_shape``, (C, H, W); layers not larger than
@@ -70,7 +71,9 @@ def resolve_layers(model: nn.Module, spec: str | Sequence[str], input_shape: Seq
     if isinstance(spec, str):
         rule = spec.removeprefix("rule:")
         if rule not in LAYER_RULES:
-            raise ConfigError(f"unknown layer rule '{spec}' (rules: auto, {', '.join('rule:' + r for r in LAYER_RULES)})")
+            raise ConfigError(
+                f"unknown layer rule '{spec}' (rules: auto, {', '.join('rule:' + r for r in LAYER_RULES)})"
+            )
         layers = [n for n in module_names(model) if LAYER_RULES[rule](n)]
         if not layers:
             raise ConfigError(f"layer rule '{spec}' selects no layer of this classifier")
@@ -115,8 +118,11 @@ def _conv_count(module: nn.Module) -> int:
 def _is_stage(module: nn.Module) -> bool:
     """A Sequential / ModuleList whose children are all blocks (submodules with two convolutions or more)."""
     children = list(module.children())
-    return isinstance(module, (nn.Sequential, nn.ModuleList)) and bool(children) and all(
-        not isinstance(c, nn.Conv2d) and _conv_count(c) >= 2 for c in children)
+    return (
+        isinstance(module, (nn.Sequential, nn.ModuleList))
+        and bool(children)
+        and all(not isinstance(c, nn.Conv2d) and _conv_count(c) >= 2 for c in children)
+    )
 
 
 def residual_stages(model: nn.Module) -> list[tuple[str, list[str]]]:
@@ -174,9 +180,11 @@ def auto_layers(model: nn.Module, input_shape: Sequence[int], min_side: int = 0)
     shapes = {c.name: c for c in candidates(model, input_shape)}
     stages = residual_stages(model)
     if not stages:
-        raise ConfigError("purifier.layers = 'auto' found no residual stages in this classifier (Sequential / "
-                          "ModuleList of blocks with convolutions): list the layers or patterns instead "
-                          "(carso info --preset P lists them)")
+        raise ConfigError(
+            "purifier.layers = 'auto' found no residual stages in this classifier (Sequential / "
+            "ModuleList of blocks with convolutions): list the layers or patterns instead "
+            "(carso info --preset P lists them)"
+        )
     modules = dict(model.named_modules())
     chosen: list[str] = []
     for _, blocks in stages:
@@ -194,8 +202,10 @@ def auto_layers(model: nn.Module, input_shape: Sequence[int], min_side: int = 0)
                     chosen.append(full)
     layers = [n for n in chosen if min(shapes[n].shape[-2:]) > min_side]
     if not layers:
-        raise ConfigError(f"purifier.layers = 'auto' found no layer larger than {min_side}×{min_side} "
-                          "(the layerwise encoder's minimum): list the layers instead")
+        raise ConfigError(
+            f"purifier.layers = 'auto' found no layer larger than {min_side}×{min_side} "
+            "(the layerwise encoder's minimum): list the layers instead"
+        )
     return layers
 
 
@@ -245,9 +255,7 @@ def execution_order(model: nn.Module, layers: Sequence[str], input_shape: Sequen
     """``layers`` sorted by when they run in a forward pass of one (1, *input_shape) input."""
     order: list[str] = []
     modules = dict(model.named_modules())
-    handles = [
-        modules[name].register_forward_hook(lambda *_a, _n=name: order.append(_n)) for name in layers
-    ]
+    handles = [modules[name].register_forward_hook(lambda *_a, _n=name: order.append(_n)) for name in layers]
     try:
         with torch.no_grad():
             model(torch.zeros(1, *input_shape, device=_device_of(model)))
@@ -257,9 +265,7 @@ def execution_order(model: nn.Module, layers: Sequence[str], input_shape: Sequen
     return order
 
 
-def representation_shapes(
-    model: nn.Module, layers: Sequence[str], input_shape: Sequence[int]
-) -> list[tuple[int, ...]]:
+def representation_shapes(model: nn.Module, layers: Sequence[str], input_shape: Sequence[int]) -> list[tuple[int, ...]]:
     """Per-layer (C, H, W) of the representation for inputs of ``input_shape`` (C, H, W).
 
     Runs on the meta device when the model is there (no memory, no compute), else on a 1-image batch.

@@ -80,8 +80,9 @@ def is_source(value: str | Path | None) -> bool:
     return text.partition(":")[0] in SOURCE_KINDS and not Path(text).exists()
 
 
-def option_sets(sets: list[str] | None, classifier: str | Path | None, weights: Path | None
-                ) -> tuple[list[str] | None, str | Path | None]:
+def option_sets(
+    sets: list[str] | None, classifier: str | Path | None, weights: Path | None
+) -> tuple[list[str] | None, str | Path | None]:
     """``--classifier`` / ``--classifier-weights`` as (``--set`` overrides, the weights' path or name).
 
     ``--classifier SOURCE`` sets ``classifier.architecture`` (so the run records it, and a relaunch or a
@@ -144,13 +145,16 @@ def robustbench_entry(cfg: Config, name: str) -> tuple[str, str, dict[str, Any]]
     _, model_dicts, enums = robustbench_modules()
     dataset = cfg.classifier.robustbench_dataset or cfg.data.dataset
     if dataset not in ROBUSTBENCH_DATASETS:
-        raise ConfigError(f"robustbench:{name}: RobustBench has no dataset '{dataset}' "
-                          f"(set classifier.robustbench_dataset to one of {', '.join(ROBUSTBENCH_DATASETS)})")
+        raise ConfigError(
+            f"robustbench:{name}: RobustBench has no dataset '{dataset}' "
+            f"(set classifier.robustbench_dataset to one of {', '.join(ROBUSTBENCH_DATASETS)})"
+        )
     threats = {t.value: t for t in model_dicts[enums.BenchmarkDataset(dataset)]}
     threat = cfg.classifier.threat_model
     if threat not in threats:
-        raise ConfigError(_nearest(threat, list(threats), f"RobustBench threat model for {dataset}")
-                          + " (classifier.threat_model)")
+        raise ConfigError(
+            _nearest(threat, list(threats), f"RobustBench threat model for {dataset}") + " (classifier.threat_model)"
+        )
     models = model_dicts[enums.BenchmarkDataset(dataset)][threats[threat]]
     if name not in models:
         raise ConfigError(_nearest(name, list(models), f"RobustBench model ({dataset}, {threat})"))
@@ -232,7 +236,9 @@ def _normalise_input(module: nn.Module, args: tuple) -> tuple:
 
 def add_normalisation(model: nn.Module, mean: Sequence[float], std: Sequence[float]) -> nn.Module:
     """Normalise inputs inside ``model`` (non-persistent buffers: the weights files do not hold them)."""
-    model.register_buffer("carso_mean", torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+    model.register_buffer(
+        "carso_mean", torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1), persistent=False
+    )
     model.register_buffer("carso_std", torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
     model.register_forward_pre_hook(_normalise_input)
     return model
@@ -274,8 +280,10 @@ def check_output(model: nn.Module, cfg: Config, what: str) -> None:
         model.train(was_training)
     got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
     if got != (2, d.num_classes):
-        raise ConfigError(f"{what} gives {got} for a batch of 2 {d.channels}×{d.image_size}×{d.image_size} "
-                          f"images, not (2, {d.num_classes}) = (N, data.num_classes)")
+        raise ConfigError(
+            f"{what} gives {got} for a batch of 2 {d.channels}×{d.image_size}×{d.image_size} "
+            f"images, not (2, {d.num_classes}) = (N, data.num_classes)"
+        )
 
 
 def build(cfg: Config, check: bool = True) -> nn.Module:
@@ -324,8 +332,9 @@ def _robustbench_load(cfg: Config, name: str) -> tuple[nn.Module, Path | None]:
         model = utils.load_model(name, model_dir=cfg.classifier.robustbench_dir, dataset=dataset, threat_model=threat)
     except Exception as err:  # noqa: BLE001 - its download (gdown), torch.load, load_state_dict: many types
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"robustbench:{name}: RobustBench's loader failed ({first}); its cache: "
-                              f"{robustbench_file(cfg, name)}") from None
+        raise CheckpointError(
+            f"robustbench:{name}: RobustBench's loader failed ({first}); its cache: {robustbench_file(cfg, name)}"
+        ) from None
     file = robustbench_file(cfg, name)
     return model, file if file.is_file() else None
 
@@ -341,7 +350,9 @@ def load(cfg: Config, weights: str | Path | None, device: str | torch.device = "
     if weights is None and source.kind == "robustbench":
         model, file = _robustbench_load(cfg, source.name)
         if cfg.classifier.small_stem:
-            raise ConfigError("classifier.small_stem does not apply to RobustBench models (their weights fit their stem)")
+            raise ConfigError(
+                "classifier.small_stem does not apply to RobustBench models (their weights fit their stem)"
+            )
         stats = added_normalisation(cfg)
         if stats is not None:
             add_normalisation(model, *stats)
@@ -366,9 +377,13 @@ _DATA_KEYS = ("dataset", "image_size", "channels", "num_classes", "mean", "std")
 def metadata(cfg: Config, weights_sha256: str | None = None) -> dict[str, str]:
     """The safetensors header of a run's classifier copy: everything that rebuilds it without the preset."""
     data = {k: getattr(cfg.data, k) for k in _DATA_KEYS}
-    return {"format": FORMAT, "format_version": str(FORMAT_VERSION),
-            "classifier": json.dumps(dataclasses.asdict(cfg.classifier)), "data": json.dumps(data),
-            "weights_sha256": weights_sha256 or ""}
+    return {
+        "format": FORMAT,
+        "format_version": str(FORMAT_VERSION),
+        "classifier": json.dumps(dataclasses.asdict(cfg.classifier)),
+        "data": json.dumps(data),
+        "weights_sha256": weights_sha256 or "",
+    }
 
 
 def config_from_metadata(meta: dict[str, str], source: str) -> Config | None:
@@ -376,11 +391,14 @@ def config_from_metadata(meta: dict[str, str], source: str) -> Config | None:
     if "classifier" not in meta:
         return None
     if int(meta.get("format_version", "0")) > FORMAT_VERSION:
-        raise CheckpointError(f"{source} has classifier format {meta['format_version']}; this carso reads up to "
-                              f"{FORMAT_VERSION}: upgrade carso")
+        raise CheckpointError(
+            f"{source} has classifier format {meta['format_version']}; this carso reads up to "
+            f"{FORMAT_VERSION}: upgrade carso"
+        )
     try:
-        return Config(classifier=ClassifierConfig(**json.loads(meta["classifier"])),
-                      data=DataConfig(**json.loads(meta["data"])))
+        return Config(
+            classifier=ClassifierConfig(**json.loads(meta["classifier"])), data=DataConfig(**json.loads(meta["data"]))
+        )
     except (KeyError, TypeError, ValueError) as err:
         raise CheckpointError(f"{source}: damaged classifier header ({err})") from None
 
@@ -428,4 +446,3 @@ def describe(cfg: Config) -> str:
         norm = "none (classifier.normalize = 'none')"
     stem = ", small-image stem" if c.small_stem else ""
     return f"classifier {name}{stem}; inputs in [0, 1], normalisation: {norm}"
-

@@ -10,8 +10,13 @@ import torch
 from carso_cli.memory import split
 
 
-def accumulate(n: int, micro: int | None, step: Callable[[slice], torch.Tensor],
-               no_sync: Callable[[], AbstractContextManager] | None = None, parts: int | None = None) -> torch.Tensor:
+def accumulate(
+    n: int,
+    micro: int | None,
+    step: Callable[[slice], torch.Tensor],
+    no_sync: Callable[[], AbstractContextManager] | None = None,
+    parts: int | None = None,
+) -> torch.Tensor:
     """``step(rows)`` (forward + backward of a loss *summed* over ``rows``) over micro-batches; the sum.
 
     Gradients add up across the calls, so for a summed loss the accumulated gradient is the whole

@@ -136,8 +136,9 @@ def make_balanced_batch(
     fgsm_idx = torch.nonzero((groups == 0) | (groups == 2)).flatten()
     pgd_idx = torch.nonzero(is_pgd).flatten()
     if fgsm_idx.numel():
-        x_in[fgsm_idx] = atk.in_chunks(atk.fgsm, chunk, classifier, x[fgsm_idx], y[fgsm_idx],
-                                       strengths[groups[fgsm_idx]])
+        x_in[fgsm_idx] = atk.in_chunks(
+            atk.fgsm, chunk, classifier, x[fgsm_idx], y[fgsm_idx], strengths[groups[fgsm_idx]]
+        )
     if global_plan is None:
         global_plan, offset = plan, 0
     global_pgd = (global_plan.groups == 1) | (global_plan.groups == 3)
@@ -150,10 +151,19 @@ def make_balanced_batch(
             # One draw for the PGD examples of the global batch, as attacks.pgd draws it; ours are rows
             # before … before+n of it (the PGD examples of earlier ranks come first).
             noise = torch.rand((total, *x.shape[1:]), generator=generator, device=device, dtype=x.dtype)
-            noise = noise[before:before + pgd_idx.numel()]
-        x_in[pgd_idx] = atk.in_chunks(atk.pgd, chunk, classifier, x[pgd_idx], y[pgd_idx], strengths[groups[pgd_idx]],
-                                      attacks.pgd_steps, attacks.pgd_step_size, random_start=noise is not None,
-                                      start_noise=noise)
+            noise = noise[before : before + pgd_idx.numel()]
+        x_in[pgd_idx] = atk.in_chunks(
+            atk.pgd,
+            chunk,
+            classifier,
+            x[pgd_idx],
+            y[pgd_idx],
+            strengths[groups[pgd_idx]],
+            attacks.pgd_steps,
+            attacks.pgd_step_size,
+            random_start=noise is not None,
+            start_noise=noise,
+        )
     elif attacks.pgd_random_start and bool(global_pgd.any()):
         # Keep the generator in step with the other ranks (they drew the global PGD noise).
         device = generator.device if generator is not None else x.device

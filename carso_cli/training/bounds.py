@@ -86,9 +86,16 @@ class Bounds:
         return None if self.micro in (None, "auto") else int(self.micro)  # type: ignore[arg-type]
 
 
-def run_bounded(step: Callable[[], T], bounds: Bounds, n: int, device: torch.device, reset: Callable[[], None],
-                fits: Callable[[], dict[str, int] | None], say: Callable[[str], None],
-                attacked: int | None = None) -> T:
+def run_bounded(
+    step: Callable[[], T],
+    bounds: Bounds,
+    n: int,
+    device: torch.device,
+    reset: Callable[[], None],
+    fits: Callable[[], dict[str, int] | None],
+    say: Callable[[str], None],
+    attacked: int | None = None,
+) -> T:
     """``step()``; on out-of-memory: halve "auto" bounds and retry once (``say`` tells the user; the halved
     bounds stay for the batches after), else — or when the retry fails too — one
     line (``CarsoError``) with the per-process batch ``n``, the bounds in use, the peak and ``fits()``.
@@ -108,8 +115,11 @@ def run_bounded(step: Callable[[], T], bounds: Bounds, n: int, device: torch.dev
             torch.cuda.empty_cache()
         if attempt == 1 or not bounds.halve_auto(n, attacked):
             suggestion = fits() if device.type == "cuda" else None
-            raise CarsoError(memory.out_of_memory_message(device, n, bounds.attack_chunk, bounds.micro_batch,
-                                                          suggestion))
-        say(f"out of GPU memory: 'auto' halved to --attack-chunk {bounds.chunk} --micro-batch {bounds.micro}, "
-            "retrying the batch once")
+            raise CarsoError(
+                memory.out_of_memory_message(device, n, bounds.attack_chunk, bounds.micro_batch, suggestion)
+            )
+        say(
+            f"out of GPU memory: 'auto' halved to --attack-chunk {bounds.chunk} --micro-batch {bounds.micro}, "
+            "retrying the batch once"
+        )
     raise AssertionError("unreachable")

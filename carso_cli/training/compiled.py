@@ -46,8 +46,10 @@ class CompiledOrEager:
         out = self.module(*args, **kwargs)  # raises the real error if there is one
         self.compiled = None
         first = (str(failure).strip().splitlines() or [type(failure).__name__])[0][:200]
-        self.say(f"torch.compile ({self.backend}) failed for the {self.what} ({type(failure).__name__}: {first}); "
-                 "continuing without it")
+        self.say(
+            f"torch.compile ({self.backend}) failed for the {self.what} ({type(failure).__name__}: {first}); "
+            "continuing without it"
+        )
         return out
 
 
@@ -62,5 +64,7 @@ def check_backend(backend: str) -> None:
         return
     known = torch.compiler.list_backends(exclude_tags=())
     if backend not in known:
-        raise ConfigError(f"training.compile = {backend!r}: not a torch.compile backend here; use 'off' or one of "
-                          f"{', '.join(sorted(known))}")
+        raise ConfigError(
+            f"training.compile = {backend!r}: not a torch.compile backend here; use 'off' or one of "
+            f"{', '.join(sorted(known))}"
+        )

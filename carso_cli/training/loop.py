@@ -20,7 +20,6 @@ from carso_cli.training.randomness import derived_seed, epoch_batches
 from carso_cli.training.signals import StopSignal
 from carso_cli.training.state import Position
 
-
 # Third key of the epoch-level random streams: -1 the data order (``epoch_batches``), -2 the loader's
 # worker seeds, -3 the augmentation of each example (keyed further by its dataset index). Step-level
 # streams use a batch index (>= 0) there instead.
@@ -40,7 +39,6 @@ class _ListSampler(torch.utils.data.Sampler[int]):
 
     def __len__(self) -> int:
         return len(self.indices)
-
 
 
 @dataclass
@@ -110,8 +108,16 @@ def _loader(spec: LoopSpec, batches: list[torch.Tensor], start: int, lo: int, hi
 
     indices = [int(i) for b in batches[start:] for i in b[lo:hi]]
     examples = SeededExamples(spec.dataset, functools.partial(derived_seed, spec.seed, epoch, AUGMENTATION_STREAM))
-    return make_loader(examples, hi - lo, shuffle=False, device=spec.ctx.device, num_workers=spec.num_workers,
-                       seed=derived_seed(spec.seed, epoch, -2), drop_last=False, sampler=_ListSampler(indices))
+    return make_loader(
+        examples,
+        hi - lo,
+        shuffle=False,
+        device=spec.ctx.device,
+        num_workers=spec.num_workers,
+        seed=derived_seed(spec.seed, epoch, -2),
+        drop_last=False,
+        sampler=_ListSampler(indices),
+    )
 
 
 def _epoch_batches(spec: LoopSpec, epoch: int) -> list[torch.Tensor]:
@@ -134,8 +140,9 @@ def local_batches(spec: LoopSpec, epoch: int, start: int = 0) -> Iterator[Batch]
             yield Batch(epoch, len(full), x, y, part.start, part.stop, len(last))
 
 
-def run_loop(spec: LoopSpec, hooks: LoopHooks, start: Position, carried_sums: list[float] | None = None,
-             console: Any = None) -> list[dict[str, Any]]:
+def run_loop(
+    spec: LoopSpec, hooks: LoopHooks, start: Position, carried_sums: list[float] | None = None, console: Any = None
+) -> list[dict[str, Any]]:
     """Run epochs ``start.epoch … spec.epochs-1`` (from batch ``start.batch`` in the first one).
 
     Per batch: ``compute`` (forward, backward), one all-reduce of [sums…, stop flag], a finiteness check
@@ -149,7 +156,9 @@ def run_loop(spec: LoopSpec, hooks: LoopHooks, start: Position, carried_sums: li
     progress = _progress(spec.ctx, console)
     batches_per_epoch = len(_epoch_batches(spec, 0))  # the same number every epoch
     with StopSignal() as stop, progress:
-        epochs_task = progress.add_task(escape(f"{spec.title}: epochs"), total=spec.epochs, completed=start.epoch, info="")
+        epochs_task = progress.add_task(
+            escape(f"{spec.title}: epochs"), total=spec.epochs, completed=start.epoch, info=""
+        )
         for epoch in range(start.epoch, spec.epochs):
             first = start.batch if epoch == start.epoch else 0
             schedule = hooks.start_epoch(epoch)
@@ -185,7 +194,9 @@ def _check_sizes(spec: LoopSpec) -> None:
             f"the training set has {n} examples, fewer than one batch of {spec.global_batch}: lower the batch size"
         )
     if spec.global_batch < spec.ctx.world_size:
-        raise TrainingError(f"a global batch of {spec.global_batch} cannot be split across {spec.ctx.world_size} processes")
+        raise TrainingError(
+            f"a global batch of {spec.global_batch} cannot be split across {spec.ctx.world_size} processes"
+        )
 
 
 def _progress(ctx: DistContext, console: Any) -> Any:
@@ -198,9 +209,17 @@ def _progress(ctx: DistContext, console: Any) -> Any:
         TimeRemainingColumn,
     )
 
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=console,
-                    disable=not ctx.is_main, transient=False)
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[info]}"),
+        console=console,
+        disable=not ctx.is_main,
+        transient=False,
+    )
 
 
 def _step(spec: LoopSpec, hooks: LoopHooks, batch: Batch, stop_requested: bool) -> tuple[torch.Tensor, bool]:
@@ -222,8 +241,9 @@ def _step(spec: LoopSpec, hooks: LoopHooks, batch: Batch, stop_requested: bool) 
     return step_sums, stop_now
 
 
-def _save_and_stop(hooks: LoopHooks, position: Position, batches_per_epoch: int, sums: torch.Tensor,
-                   signal_name: str | None) -> None:
+def _save_and_stop(
+    hooks: LoopHooks, position: Position, batches_per_epoch: int, sums: torch.Tensor, signal_name: str | None
+) -> None:
     """Write a consistent checkpoint at ``position`` (the next batch to run) and raise ``TrainingInterrupted``."""
     if position.batch == batches_per_epoch:
         position = Position(position.epoch + 1, 0)
@@ -236,11 +256,26 @@ def _save_and_stop(hooks: LoopHooks, position: Position, batches_per_epoch: int,
     )
 
 
-def _finish_epoch(spec: LoopSpec, hooks: LoopHooks, epoch: int, sums: torch.Tensor, schedule: dict[str, float],
-                  t0: float, images: int, batches: int, records: list[dict[str, Any]]) -> None:
+def _finish_epoch(
+    spec: LoopSpec,
+    hooks: LoopHooks,
+    epoch: int,
+    sums: torch.Tensor,
+    schedule: dict[str, float],
+    t0: float,
+    images: int,
+    batches: int,
+    records: list[dict[str, Any]],
+) -> None:
     elapsed = time.perf_counter() - t0
-    record = {"epoch": epoch, **hooks.display(sums.tolist()), **schedule, "batches": batches,
-              "images_per_s": images / max(elapsed, 1e-9), "time_s": elapsed}
+    record = {
+        "epoch": epoch,
+        **hooks.display(sums.tolist()),
+        **schedule,
+        "batches": batches,
+        "images_per_s": images / max(elapsed, 1e-9),
+        "time_s": elapsed,
+    }
     records.append(record)
     if spec.ctx.is_main and spec.metrics_path is not None:
         append_metrics(spec.metrics_path, record)

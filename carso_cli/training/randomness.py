@@ -27,8 +27,9 @@ def batch_generator(device: torch.device, *keys: int) -> torch.Generator:
     return gen
 
 
-def epoch_batches(n_examples: int, global_batch: int, seed: int, epoch: int, drop_last: bool = True,
-                  min_last: int = 1) -> list[torch.Tensor]:
+def epoch_batches(
+    n_examples: int, global_batch: int, seed: int, epoch: int, drop_last: bool = True, min_last: int = 1
+) -> list[torch.Tensor]:
     """The shuffled global batches of an epoch (dataset indices).
 
     The last partial batch is dropped (``training.drop_last``, the default), or kept when it has at least
@@ -36,9 +37,9 @@ def epoch_batches(n_examples: int, global_batch: int, seed: int, epoch: int, dro
     """
     perm = torch.randperm(n_examples, generator=batch_generator(torch.device("cpu"), seed, epoch, -1))
     count = n_examples // global_batch
-    batches = [perm[i * global_batch:(i + 1) * global_batch] for i in range(count)]
+    batches = [perm[i * global_batch : (i + 1) * global_batch] for i in range(count)]
     if not drop_last and n_examples - count * global_batch >= max(1, min_last):
-        batches.append(perm[count * global_batch:])
+        batches.append(perm[count * global_batch :])
     return batches
 
 
@@ -68,11 +69,14 @@ def restore_rng(tensors: dict[str, torch.Tensor], extra: dict[str, Any]) -> None
     random.setstate((py[0], tuple(py[1:]), extra.get("python_gauss")))
     npv = tensors["numpy"].view(torch.int64).tolist()
     np.random.set_state(
-        (extra.get("numpy_name", "MT19937"), np.array(npv[:-2], dtype=np.uint32), npv[-2], npv[-1],
-         extra.get("numpy_cached", 0.0))
+        (
+            extra.get("numpy_name", "MT19937"),
+            np.array(npv[:-2], dtype=np.uint32),
+            npv[-2],
+            npv[-1],
+            extra.get("numpy_cached", 0.0),
+        )
     )
-
-
 
 
 def gather_rng(ctx: DistContext) -> list[tuple[dict[str, torch.Tensor], dict[str, Any]]]:
@@ -80,7 +84,6 @@ def gather_rng(ctx: DistContext) -> list[tuple[dict[str, torch.Tensor], dict[str
     mine = capture_rng()
     everything = gather_objects(mine, ctx)
     return list(everything) if everything is not None else []
-
 
 
 def seed_everything(seed: int, rank: int = 0) -> None:

@@ -11,10 +11,10 @@ def lr_at_epoch(t: TrainingConfig, epoch: int) -> float:
     """Learning rate for epoch ``epoch``, in the preset's ``training.schedule`` form."""
     plateau, final = resolved_lrs(t)
     if t.schedule == "code":
-        return code_lr_at_epoch(t.initial_lr, plateau, final, t.warmup_epochs, t.plateau_epochs, t.annealing_epochs,
-                                epoch)
-    return paper_lr_at_epoch(t.initial_lr, plateau, final, t.warmup_epochs, t.plateau_epochs, t.annealing_epochs,
-                             epoch)
+        return code_lr_at_epoch(
+            t.initial_lr, plateau, final, t.warmup_epochs, t.plateau_epochs, t.annealing_epochs, epoch
+        )
+    return paper_lr_at_epoch(t.initial_lr, plateau, final, t.warmup_epochs, t.plateau_epochs, t.annealing_epochs, epoch)
 
 
 def paper_lr_at_epoch(initial: float, plateau: float, final: float, w: int, p: int, a: int, epoch: int) -> float:

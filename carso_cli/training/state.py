@@ -39,13 +39,12 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], info: dict[str, Any],
     head = f"{prefix}.state."
     for name, value in tensors.items():
         if name.startswith(head):
-            pid, key = name[len(head):].split(".", 1)
+            pid, key = name[len(head) :].split(".", 1)
             state.setdefault(int(pid), {})[key] = value
     for pid, entry in info.get("scalars", {}).items():
         state.setdefault(int(pid), {}).update(entry)
     groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in info["param_groups"]]
     return {"state": state, "param_groups": groups}
-
 
 
 @dataclass
@@ -123,14 +122,18 @@ def load_training_state(path: str | Path, kind: str) -> TrainingState:
         raise CheckpointError(f"{path} is not a carso training checkpoint")
     version = int(meta.get("format_version", "0"))
     if version > STATE_FORMAT_VERSION:
-        raise CheckpointError(f"{path} has training-state format {version}; this carso reads up to {STATE_FORMAT_VERSION}")
+        raise CheckpointError(
+            f"{path} has training-state format {version}; this carso reads up to {STATE_FORMAT_VERSION}"
+        )
     if meta.get("kind") != kind:
         raise CheckpointError(f"{path} is a {meta.get('kind')} training checkpoint, not a {kind} one")
     info = json.loads(meta["state"])
-    model = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    model = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
     inner = _unflatten_optimizer(tensors, info["optimizer"], "optim")
     if "lookahead" in info:
-        slow = [tensors[f"lookahead.slow.{i}"] for i in range(sum(1 for k in tensors if k.startswith("lookahead.slow.")))]
+        slow = [
+            tensors[f"lookahead.slow.{i}"] for i in range(sum(1 for k in tensors if k.startswith("lookahead.slow.")))
+        ]
         optimizer: dict[str, Any] = {"optimizer": inner, "slow_flat": slow, **info["lookahead"]}
     else:
         optimizer = inner
@@ -176,12 +179,16 @@ def finished_run(checkpoint: Path, final: Path, epochs: int, where: Path) -> str
     meta = ckpt.read_metadata(checkpoint)
     trained, batch = int(meta.get("epoch", 0)), int(meta.get("batch", 0))
     if trained > epochs or (trained == epochs and batch > 0):
-        raise ConfigError(f"{where} already trained {trained} epochs, more than the {epochs} asked for; "
-                          f"pass --epochs N (N > {trained}) to extend it")
+        raise ConfigError(
+            f"{where} already trained {trained} epochs, more than the {epochs} asked for; "
+            f"pass --epochs N (N > {trained}) to extend it"
+        )
     if trained < epochs or not final.is_file() or final.stat().st_mtime_ns < checkpoint.stat().st_mtime_ns:
         return None
-    return (f"{where} is complete: {epochs} of {epochs} epochs trained, {final.name} written; nothing to do "
-            f"(--resume --epochs N with N > {epochs} extends it)")
+    return (
+        f"{where} is complete: {epochs} of {epochs} epochs trained, {final.name} written; nothing to do "
+        f"(--resume --epochs N with N > {epochs} extends it)"
+    )
 
 
 def load_optimizer_state(optimizer: Lookahead | torch.optim.Optimizer, state: dict[str, Any]) -> None:
@@ -191,14 +198,13 @@ def load_optimizer_state(optimizer: Lookahead | torch.optim.Optimizer, state: di
             raise CheckpointError("the checkpoint has no Lookahead state")
         slow, flat, i = [], state["slow_flat"], 0
         for slows in optimizer.slow:
-            slow.append(flat[i:i + len(slows)])
+            slow.append(flat[i : i + len(slows)])
             i += len(slows)
         if i != len(flat):
             raise CheckpointError("the checkpoint's Lookahead slow weights do not match the model")
         optimizer.load_state_dict({"optimizer": state["optimizer"], "slow": slow, "counter": state["counter"]})
     else:
         optimizer.load_state_dict(state)
-
 
 
 def restore_rank_rng(state: TrainingState, ctx: DistContext) -> None:
