@@ -34,6 +34,7 @@ from rich.markup import escape
 from carso_cli import checkpoint as ckpt
 from carso_cli.commands._common import PresetOpt, SetOpt, load_preset
 from carso_cli.config import Config
+from carso_cli.display import count_parameters
 from carso_cli.errors import CheckpointError
 from carso_cli.models import Purifier, WideResNet, build_classifier, build_purifier, write_run
 
@@ -261,10 +262,6 @@ class ConvertResult:
     parameters: dict[str, int]  # "classifier", "condition_encoder", "decoder" → count
 
 
-def _count(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
 def run(
     kind: ConversionKind,
     cfg: Config,
@@ -305,9 +302,9 @@ def run(
         layers=len(purifier.spec.layers),
         files=files,
         parameters={
-            "classifier": _count(model),
-            "condition_encoder": _count(purifier.condition_encoder),
-            "decoder": _count(purifier.decoder),
+            "classifier": count_parameters(model),
+            "condition_encoder": count_parameters(purifier.condition_encoder),
+            "decoder": count_parameters(purifier.decoder),
         },
     )
 

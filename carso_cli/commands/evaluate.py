@@ -35,6 +35,7 @@ from carso_cli.commands._common import (
     resolve_device,
 )
 from carso_cli.config import parse_eps
+from carso_cli.display import accuracy_cell, format_eps
 from carso_cli.errors import CarsoError
 from carso_cli.progress import progress_bar
 
@@ -61,12 +62,6 @@ class Target(str, Enum):
 class Precision(str, Enum):
     float32 = "float32"
     bfloat16 = "bfloat16"
-
-
-def format_eps(eps: float) -> str:
-    """8/255 when ε is a multiple of 1/255, else the float."""
-    k = round(eps * 255)
-    return f"{k}/255" if abs(k / 255 - eps) < 1e-9 else f"{eps:g}"
 
 
 def build_settings(
@@ -386,12 +381,6 @@ def _print_estimate(
     return seconds
 
 
-def _pct(m: dict[str, Any] | None) -> str:
-    if m is None:
-        return "—"
-    return f"{100 * m['accuracy']:.2f}% ({m['correct']}/{m['total']})"
-
-
 def render(results: dict[str, Any], console: Console) -> None:
     """Table 2's columns (with C/adaptive and the saturation column) and, for CARSO, the detail tables."""
     s = results["settings"]
@@ -403,7 +392,7 @@ def render(results: dict[str, Any], console: Console) -> None:
     t = Table(title=f"accuracy (Table 2) — ε = {format_eps(s['eps'])}, {results['n_examples']} examples")
     for c in columns:  # a header is never cut (at 80 columns "C/adaptive" became "C/adapti…"): cells wrap instead
         t.add_column(c, justify="right", min_width=len(c))
-    cells = [_pct(metrics.get(c)) for c in columns]
+    cells = [accuracy_cell(metrics.get(c)) for c in columns]
     if saturation:  # the paper's surface (or the model's own): the worst of the clean and adversarial points
         name = next(iter(saturation["surfaces"]))
         worst = max(p["fraction"] for p in saturation["surfaces"][name].values())

@@ -37,8 +37,8 @@ from carso_cli.commands._common import (
     load_preset,
     resolve_device,
 )
-from carso_cli.commands.evaluate import format_eps
 from carso_cli.config import Config, load_config, parse_eps
+from carso_cli.display import format_eps
 from carso_cli.errors import CarsoError
 from carso_cli.models.representation import (
     execution_order,

@@ -14,6 +14,7 @@ from rich.table import Table
 
 from carso_cli.commands._common import PresetOpt, SetOpt, load_preset
 from carso_cli.config import Config, config_to_dict, eps_scale
+from carso_cli.display import count_parameters
 from carso_cli.models import Purifier, build_classifier, purifier_spec_for, sources
 from carso_cli.models.representation import candidates
 
@@ -24,10 +25,6 @@ class ModuleSize:
     shape: str
     parameters: int
     used_at_inference: bool
-
-
-def _count(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
 
 
 def _classifier_name(cfg: Config) -> str:
@@ -48,34 +45,37 @@ def run(cfg: Config) -> tuple[list[ModuleSize], list[tuple[str, tuple[int, ...]]
         ModuleSize(
             f"classifier ({_classifier_name(cfg)})",
             f"{cfg.data.channels}×{cfg.data.image_size}×{cfg.data.image_size} → {cfg.data.num_classes}",
-            _count(classifier),
+            count_parameters(classifier),
             True,
         ),
         ModuleSize(
             "purifier.input_encoder (Table 6)",
             f"→ {purifier.input_encoder.out_features}",
-            _count(purifier.input_encoder),
+            count_parameters(purifier.input_encoder),
             False,
         ),
         ModuleSize(
             f"purifier.condition_encoder.layerwise ×{len(spec.layers)} (Tables 8/9)",
             f"→ {enc.in_features}",
-            sum(_count(m) for m in enc.layerwise),
+            sum(count_parameters(m) for m in enc.layerwise),
             True,
         ),
         ModuleSize(
-            "purifier.condition_encoder.fc (Table 10)", f"{enc.in_features} → {spec.fcrepr}", _count(enc.fc), True
+            "purifier.condition_encoder.fc (Table 10)",
+            f"{enc.in_features} → {spec.fcrepr}",
+            count_parameters(enc.fc),
+            True,
         ),
         ModuleSize(
             "purifier.joint_encoder (Table 11)",
             f"{purifier.input_encoder.out_features}+{spec.fcrepr} → 2×{spec.fjoint}",
-            _count(purifier.joint_encoder),
+            count_parameters(purifier.joint_encoder),
             False,
         ),
         ModuleSize(
             "purifier.decoder (Tables 12/13)",
             f"{spec.fjoint}+{spec.fcrepr} → {spec.channels}×{spec.image_size}×{spec.image_size}",
-            _count(purifier.decoder),
+            count_parameters(purifier.decoder),
             True,
         ),
     ]

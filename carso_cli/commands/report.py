@@ -19,6 +19,7 @@ from typing import Annotated, Any
 
 import typer
 
+from carso_cli.display import format_eps, percent
 from carso_cli.errors import CarsoError
 
 # Table 2's columns (AT = the adversarially-trained classifier alone, C = CARSO), then PGD+EoT (Table 14).
@@ -130,17 +131,6 @@ def columns_of(rows: list[Row]) -> list[str]:
     return [c for c in TABLE2 if c in seen] + list(dict.fromkeys(c for c in seen if c not in TABLE2))
 
 
-def format_eps(eps: float | None) -> str:
-    if eps is None:
-        return ""
-    k = round(eps * 255)
-    return f"{k}/255" if abs(k / 255 - eps) < 1e-9 else f"{eps:g}"
-
-
-def _pct(a: float | None) -> str:
-    return "" if a is None else f"{100 * a:.2f}"
-
-
 def table_cells(rows: list[Row]) -> tuple[list[str], list[list[str]]]:
     cols = columns_of(rows)
     header = ["run", "ε", "n", *cols]
@@ -149,7 +139,7 @@ def table_cells(rows: list[Row]) -> tuple[list[str], list[list[str]]]:
             r.run,
             format_eps(r.eps),
             "" if r.n_examples is None else str(r.n_examples),
-            *[_pct(r.cells.get(c)) for c in cols],
+            *[percent(r.cells.get(c)) for c in cols],
         ]
         for r in rows
     ]
@@ -220,8 +210,8 @@ def robustbench_entry(row: Row) -> tuple[dict[str, Any], list[str]]:
     known: dict[str, Any] = {
         "dataset": data.get("dataset"),
         "eps": format_eps(row.eps) or None,
-        "clean_acc": _pct(row.cells.get("C/Cl")) or None,
-        "autoattack_acc": _pct(row.cells.get("C/randAA")) or None,
+        "clean_acc": percent(row.cells.get("C/Cl")) or None,
+        "autoattack_acc": percent(row.cells.get("C/randAA")) or None,
         "architecture": (
             f"WideResNet-{net['depth']}-{net['width']} + CARSO purifier" if "depth" in net and "width" in net else None
         ),
