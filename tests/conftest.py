@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -93,3 +94,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _mutation_from_environment() -> Iterator[None]:
+    """``CARSO_MUTATION=attack:kind`` (tests/mutations.py) mutates the adaptive evaluation for every test
+    of the session, to list the tests that catch that mutation (in-process evaluations only: a test that
+    runs ``carso`` in a subprocess does not see it)."""
+    text = os.environ.get("CARSO_MUTATION")
+    if not text:
+        yield
+        return
+    import mutations
+
+    with pytest.MonkeyPatch.context() as mp:
+        mutations.apply(mp, *mutations.parse(text))
+        yield

@@ -4,78 +4,15 @@ the authors' float32 surface. Toy models with known answers; each test failed be
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 import torch.nn.functional as F
 from torch import nn
+from toys import EPS, SHAPE, Fn, ToyCARSO, mean_pixel, run_adaptive, toy_settings
 
 from carso_cli import evaluation as ev
 from carso_cli.aggregation import aggregate, dexp_aggregate
 from carso_cli.attacks import pgd_eot
-from carso_cli.evaluation import adaptive
 from carso_cli.evaluation.gradients import dlr_loss
-from carso_cli.models.carso import CARSO, standard_normal_sampler
-
-EPS = 8 / 255
-SHAPE = (1, 8, 8)  # 64 pixels: a random start moves the mean pixel by ~ε/14, an ε step by ε
-
-
-class ToyCARSO(CARSO):
-    """A CARSO whose reconstruction logits (N, B, C) are a given function of x (no purifier)."""
-
-    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], aggregation: str = "dexp") -> None:
-        nn.Module.__init__(self)
-        self.fn = fn
-        self.samples = 2
-        self.aggregation = aggregation
-        self.latent_sampler = standard_normal_sampler
-        self.keep_reconstructions = False
-        self.final_classifier = None
-
-    def reconstruction_logits(self, x: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
-        return self.fn(x)
-
-
-class Fn(nn.Module):
-    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        super().__init__()
-        self.fn = fn
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fn(x)
-
-
-def _mean(x: torch.Tensor) -> torch.Tensor:
-    return x.flatten(1).mean(dim=1)
-
-
-def _settings(**kw: object) -> ev.EvalSettings:
-    base: dict[str, object] = {
-        "attack": "adaptive",
-        "targets": ["carso"],
-        "n_examples": 4,
-        "batch_size": 4,
-        "samples": 2,
-        "repeats": 2,
-        "aa_steps": 5,
-        "aa_eot": 1,
-        "pgd_steps": 5,
-        "pgd_eot": 1,
-        "eps": EPS,
-        "square_queries": 20,
-    }
-    base.update(kw)
-    return ev.EvalSettings(**base)  # type: ignore[arg-type]
-
-
-def _run(model: nn.Module, classifier: nn.Module, s: ev.EvalSettings, n: int = 4) -> adaptive.AdaptiveResult:
-    x = torch.full((n, *SHAPE), 0.5)
-    y = torch.zeros(n, dtype=torch.long)
-    clean = ev.draw_flags(model, x, y, range(n), s.seed, ev.STREAM_CLEAN)[0]
-    assert clean.all()
-    return adaptive.adaptive_attack(model, model, classifier, x, y, range(n), clean, s, torch.device("cpu"))
-
 
 # --------------------------------------------------------------------------------------------------
 # Fault 1: the logit-averaged CARSO disagrees with the paper's; only the evaluated model may judge
@@ -85,7 +22,7 @@ def _run(model: nn.Module, classifier: nn.Module, s: ev.EvalSettings, n: int = 4
 def _disagreeing_logits(x: torch.Tensor) -> torch.Tensor:
     """Two reconstructions: dexp says class 0 (S = e⁴+e⁻⁴ vs 1+e³), logit averaging says class 1 (0 vs 1.5),
     everywhere in the ε-ball (the x-term moves a logit by at most 0.1·ε)."""
-    m = _mean(x)[:, None] - 0.5
+    m = mean_pixel(x)[:, None] - 0.5
     r1 = torch.tensor([4.0, 0.0, -10.0]) + 0.1 * m * torch.tensor([1.0, -1.0, 0.0])
     r2 = torch.tensor([-4.0, 3.0, -10.0]) + 0.1 * m * torch.tensor([1.0, -1.0, 0.0])
     return torch.stack([r1.expand(x.shape[0], 3), r2.expand(x.shape[0], 3)])
@@ -97,8 +34,8 @@ def test_toy_where_logit_averaging_disagrees_counts_no_break() -> None:
     with ev.surface(toy, "logit"):
         assert (toy(x).argmax(-1) == 1).all()  # the transfer source is wrong on every example …
     assert (toy(x).argmax(-1) == 0).all()  # … the evaluated model right
-    classifier = Fn(lambda x: torch.tensor([10.0, 0.0, 0.0]) + 0.1 * _mean(x)[:, None])
-    result = _run(toy, classifier, _settings(square=True))
+    classifier = Fn(lambda x: torch.tensor([10.0, 0.0, 0.0]) + 0.1 * mean_pixel(x)[:, None])
+    result = run_adaptive(toy, classifier, toy_settings(square=True))
     assert result.robust.all()
     for outcome in result.attacks:
         assert not (outcome.flags == 0).any(), f"{outcome.name} counted a break the evaluated model does not make"
@@ -114,7 +51,7 @@ THRESHOLD = 0.5 + EPS / 2
 def _fragile_logits(x: torch.Tensor) -> torch.Tensor:
     """Right (class 0) while the mean pixel stays below 0.5 + ε/2, wrong beyond; no gradient (detached), so
     the white-box attacks on it cannot move and a random start stays ~7σ inside."""
-    m = _mean(x).detach()
+    m = mean_pixel(x).detach()
     l1 = 100.0 * (m - THRESHOLD)
     logits = torch.stack([torch.zeros_like(m), l1, torch.full_like(m, -5.0)], dim=1) + 0.0 * x.flatten(1).sum(1, True)
     return torch.stack([logits, logits])
@@ -122,14 +59,14 @@ def _fragile_logits(x: torch.Tensor) -> torch.Tensor:
 
 def _resisting_classifier(x: torch.Tensor) -> torch.Tensor:
     """Class 0 by a margin of ≥ 6.6 in the whole ball, but both CE and DLR increase with the mean pixel."""
-    m = _mean(x)
+    m = mean_pixel(x)
     return torch.stack([torch.full_like(m, 12.0), 10.0 * m, torch.zeros_like(m)], dim=1)
 
 
 def test_transfer_point_is_tried_where_its_source_resists() -> None:
     toy = ToyCARSO(_fragile_logits)
     classifier = Fn(_resisting_classifier)
-    result = _run(toy, classifier, _settings())
+    result = run_adaptive(toy, classifier, toy_settings())
     flags = {o.name: o.flags for o in result.attacks}
     assert (flags["randaa"] == 1).all() and (flags["pgd-eot-logsum"] == 1).all()
     assert (flags["transfer-classifier"] == 0).all(), flags  # the source resists; its point breaks CARSO
@@ -155,7 +92,7 @@ def test_apgd_keeps_every_sub_attacks_highest_loss_point() -> None:
     candidates = res.candidates.reshape(-1, *x.shape)
     assert candidates.shape[0] == 2  # one point per sub-attack, not one per example
     for k in range(2):
-        moved = _mean(candidates[k]) - 0.5
+        moved = mean_pixel(candidates[k]) - 0.5
         assert (moved > EPS / 2).all(), (k, moved)  # APGD's highest-loss point, not the input
 
 
@@ -166,7 +103,7 @@ def test_apgd_keeps_every_sub_attacks_highest_loss_point() -> None:
 
 def test_pgd_eot_returns_the_best_iterate_not_the_last() -> None:
     # The loss is periodic along the mean pixel: sign steps of α overshoot its maximum and oscillate.
-    model = Fn(lambda x: torch.stack([torch.zeros(x.shape[0]), 3.0 * torch.sin(200.0 * _mean(x))], dim=1))
+    model = Fn(lambda x: torch.stack([torch.zeros(x.shape[0]), 3.0 * torch.sin(200.0 * mean_pixel(x))], dim=1))
     x = torch.full((2, *SHAPE), 0.5)
     y = torch.zeros(2, dtype=torch.long)
     seen: list[torch.Tensor] = []
@@ -189,14 +126,14 @@ def test_eot_normalise_lets_every_draw_count_equally() -> None:
         k = calls["n"] % 4
         calls["n"] += 1
         scale = -1e6 if k == 0 else 1.0
-        return torch.stack([torch.zeros(x.shape[0]), scale * (_mean(x) - 0.5)], dim=1)
+        return torch.stack([torch.zeros(x.shape[0]), scale * (mean_pixel(x) - 0.5)], dim=1)
 
     x = torch.full((1, *SHAPE), 0.5)
     y = torch.zeros(1, dtype=torch.long)
     raw = pgd_eot(Fn(stochastic), x, y, EPS, 1, EPS, 4)
     calls["n"] = 0
     normalised = pgd_eot(Fn(stochastic), x, y, EPS, 1, EPS, 4, normalise=True)
-    assert _mean(raw) < 0.5 < _mean(normalised)
+    assert mean_pixel(raw) < 0.5 < mean_pixel(normalised)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -249,7 +186,7 @@ def test_authors_surface_is_lexsemble_in_float32_and_goes_infinite() -> None:
     assert out[0, 0] == float("inf") and out.argmax(-1).item() == 0
     x = torch.full((2, *SHAPE), 0.5)
     toy = ToyCARSO(
-        lambda x: (confident[:, :1] + 0.1 * _mean(x)[None, :, None]).expand(2, x.shape[0], 3),
+        lambda x: (confident[:, :1] + 0.1 * mean_pixel(x)[None, :, None]).expand(2, x.shape[0], 3),
         aggregation="dexp-authors",
     )
     flags = ev.saturated_flags(toy, x, torch.zeros(2, dtype=torch.long), range(2), seed=0)
@@ -270,7 +207,7 @@ def test_paper_protocol_attacks_the_authors_surface(monkeypatch) -> None:
         return original(model, *args, **kwargs)
 
     monkeypatch.setattr(batch, "autoattack_flags", spy)
-    s = _settings(attack="autoattack")
+    s = toy_settings(attack="autoattack")
     x = torch.full((2, *SHAPE), 0.5)
     out = ev.evaluate_batch(
         Fn(_resisting_classifier), toy, x, torch.zeros(2, dtype=torch.long), range(2), s, torch.device("cpu")
