@@ -3,7 +3,7 @@ flipped, or its candidates judged by the logit-averaged CARSO must make a named 
 
 The catchers run on toy CARSOs with known answers (``toys.py``), so the 18 mutations cost seconds.
 ``CARSO_MUTATION=attack:kind pytest …`` installs one mutation for a whole session, to list every test
-of the suite that catches it (the table in docs/EVALUATION.md's "Mutation tests")."""
+of the suite that catches it (README, "Adaptive evaluation", "Mutation tests")."""
 
 from __future__ import annotations
 
