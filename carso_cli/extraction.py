@@ -157,6 +157,30 @@ def run(
     dev = torch.device(device)
     cfg, model, source, run_path = load_source(run_dir, cfg, classifier, dev)
     class_names = run_class_names(run_path, cfg, data_root)  # index-aligned with ``labels``; None: unknown
+    names, shapes = _layers(model, cfg, layers)
+    shape = (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
+    eps_value = None if attack == "none" else (cfg.attacks.eps if eps is None else parse_eps(eps, "--eps"))
+    dataset = build_dataset(cfg, split, root=str(data_root), augment=False)
+    n = len(dataset) if n_examples is None else min(n_examples, len(dataset))
+    if console is not None:
+        size = _file_size(n, shapes, shape, dtype, attacked=attack != "none")
+        said = f" ε = {format_eps(eps_value)}" if eps_value is not None else ""
+        console.print(
+            f"[bold]carso extract[/] {escape(str(source))} — {n} {split} examples, {len(names)} layers, "
+            f"attack {attack}{said}, ≈ {size / 2**20:.1f} MiB ({dtype})",
+            highlight=False,
+        )
+    got = _collect(model, names, dataset, n, batch_size, attack, eps_value, cfg, seed, dtype, dev)
+    rows, tensors = _tensors(got, names, shapes, attacked=attack != "none")
+    facts = {"source": source, "preset": cfg.name, "split": split, "n": n, "attack": attack, "dtype": dtype}
+    metadata = _metadata(facts, names, eps_value, seed, rows, class_names)
+    ckpt.save_tensors(out, tensors, metadata)
+    adversarial_accuracy = got.adversarial_correct / n if attack != "none" else None
+    return ExtractResult(out, n, rows, attack, eps_value, out.stat().st_size, got.correct / n, adversarial_accuracy)
+
+
+def _layers(model: torch.nn.Module, cfg: Config, layers: list[str] | str | None) -> tuple[list[str], list[Any]]:
+    """The model frozen in eval mode; (layer names in execution order, their (C, H, W) shapes)."""
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -165,38 +189,32 @@ def run(
         model, cfg.purifier.layers if layers is None else layers, shape, min_side=2 * cfg.purifier.layerwise_depth
     )  # unknown → clear error
     names = execution_order(model, names, shape)
-    shapes = representation_shapes(model, names, shape)
-    eps_value = None if attack == "none" else (cfg.attacks.eps if eps is None else parse_eps(eps, "--eps"))
-    dataset = build_dataset(cfg, split, root=str(data_root), augment=False)
-    n = len(dataset) if n_examples is None else min(n_examples, len(dataset))
-    if console is not None:
-        size = _file_size(n, shapes, shape, dtype, attacked=attack != "none")
-        console.print(
-            f"[bold]carso extract[/] {escape(str(source))} — {n} {split} examples, {len(names)} layers, attack {attack}"
-            + (f" ε = {format_eps(eps_value)}" if eps_value is not None else "")
-            + f", ≈ {size / 2**20:.1f} MiB ({dtype})",
-            highlight=False,
-        )
-    got = _collect(model, names, dataset, n, batch_size, attack, eps_value, cfg, seed, dtype, dev)
-    rows, tensors = _tensors(got, names, shapes, attacked=attack != "none")
-    metadata = {
+    return names, representation_shapes(model, names, shape)
+
+
+def _metadata(
+    facts: dict[str, Any],
+    names: list[str],
+    eps: float | None,
+    seed: int,
+    rows: list[LayerRow],
+    class_names: list[str] | None,
+) -> dict[str, str]:
+    """The file's metadata (strings, as safetensors keeps them): see the module's docstring."""
+    return {
         "format": "carso-representation/1",
-        "source": source,
-        "preset": cfg.name,
-        "split": split,
-        "n": str(n),
+        "source": facts["source"],
+        "preset": facts["preset"],
+        "split": facts["split"],
+        "n": str(facts["n"]),
         "layers": json.dumps(names),
-        "attack": attack,
-        "eps": "" if eps_value is None else repr(eps_value),
-        "dtype": dtype,
+        "attack": facts["attack"],
+        "eps": "" if eps is None else repr(eps),
+        "dtype": facts["dtype"],
         "seed": str(seed),
         "relative_change": json.dumps({r.name: r.relative_change for r in rows}),
+        **({"class_names": json.dumps(class_names)} if class_names is not None else {}),
     }
-    if class_names is not None:
-        metadata["class_names"] = json.dumps(class_names)
-    ckpt.save_tensors(out, tensors, metadata)
-    adversarial_accuracy = got.adversarial_correct / n if attack != "none" else None
-    return ExtractResult(out, n, rows, attack, eps_value, out.stat().st_size, got.correct / n, adversarial_accuracy)
 
 
 def _file_size(n: int, shapes: list[Any], shape: tuple[int, int, int], dtype: str, attacked: bool) -> int:

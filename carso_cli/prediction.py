@@ -124,19 +124,7 @@ def run(
     paths = collect_images(inputs)
     model = api.load(run_dir, samples=samples, aggregation=aggregation, device=device)
     cfg = model.config
-    # Decode everything first: an unreadable file stops the command before any compute.
-    images: list[InputImage] = [load_image(p, cfg.data.image_size, cfg.data.channels) for p in paths]
-    for img in images:
-        for note in img.notes:
-            notify(f"{img.path}: {note}")
-    names = run_class_names(model.run_dir, cfg, data_root, notify)  # stored in the run, else the dataset's
-    truth = true_classes(paths, names, label_, cfg.data.num_classes)
-    if attack != "none" and any(t is None for t in truth):
-        missing = next(p for p, t in zip(paths, truth) if t is None)
-        raise CarsoError(
-            f"--attack {attack} needs each image's true class, and {missing} has none: give --label "
-            "CLASS, or keep the images in folders named after their classes (e.g. cat/1.png)"
-        )
+    images, names, truth = _read_inputs(paths, model, data_root, label_, attack, notify)
     model.keep_reconstructions = save_reconstructions is not None
     description = _description(model, classifier_only, seed, attack)
     seen = _Seen()
@@ -152,6 +140,32 @@ def run(
             save_reconstructions, seen, all_probs, names, truth, attack, cfg.attacks.eps, model, description
         )
     return PredictResult(model.run_dir, predictions, description, names, grid.path if grid is not None else None, grid)
+
+
+def _read_inputs(
+    paths: list[Path],
+    model: Any,
+    data_root: Path | None,
+    given: str | None,
+    attack: str,
+    notify: Callable[[str], None],
+) -> tuple[list[InputImage], list[str] | None, list[int | None]]:
+    """(the decoded images, the run's class names, each image's true class or None)."""
+    cfg = model.config
+    # Decode everything first: an unreadable file stops the command before any compute.
+    images: list[InputImage] = [load_image(p, cfg.data.image_size, cfg.data.channels) for p in paths]
+    for img in images:
+        for note in img.notes:
+            notify(f"{img.path}: {note}")
+    names = run_class_names(model.run_dir, cfg, data_root, notify)  # stored in the run, else the dataset's
+    truth = true_classes(paths, names, given, cfg.data.num_classes)
+    if attack != "none" and any(t is None for t in truth):
+        missing = next(p for p, t in zip(paths, truth) if t is None)
+        raise CarsoError(
+            f"--attack {attack} needs each image's true class, and {missing} has none: give --label "
+            "CLASS, or keep the images in folders named after their classes (e.g. cat/1.png)"
+        )
+    return images, names, truth
 
 
 def _description(model: Any, classifier_only: bool, seed: int, attack: str) -> str:

@@ -35,18 +35,28 @@ class Split(str, Enum):
     test = "test"
 
 
+ClassifierOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--classifier", help="Classifier weights (with --preset), or a published model's name (carso pull --list)."
+    ),
+]
+LayersOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--layers",
+        help=("Layer names, comma-separated or repeated, or rule:NAME (default: the preset's representation layers)."),
+    ),
+]
+
+
 def cli(
     out: Annotated[Path, typer.Option("--out", help="Output .safetensors file.")],
     run: RunOpt = None,
     preset: Annotated[
         str | None, typer.Option("--preset", "-p", help="Preset (with --classifier) instead of a run.")
     ] = None,
-    classifier: Annotated[
-        Path | None,
-        typer.Option(
-            "--classifier", help="Classifier weights (with --preset), or a published model's name (carso pull --list)."
-        ),
-    ] = None,
+    classifier: ClassifierOpt = None,
     set_: SetOpt = None,
     split: Annotated[Split, typer.Option("--split", help="Dataset split.")] = Split.test,
     n_examples: Annotated[int | None, typer.Option("--n-examples", help="First N examples of the split.")] = 256,
@@ -54,15 +64,7 @@ def cli(
         Perturbation, typer.Option("--attack", help="Perturb the inputs with FGSM or PGD (the preset's settings).")
     ] = Perturbation.none,
     eps: Annotated[str | None, typer.Option("--eps", help="ℓ∞ radius, e.g. 8/255 (default: the preset's).")] = None,
-    layers: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--layers",
-            help=(
-                "Layer names, comma-separated or repeated, or rule:NAME (default: the preset's representation layers)."
-            ),
-        ),
-    ] = None,
+    layers: LayersOpt = None,
     dtype: Annotated[
         str, typer.Option("--dtype", help="float32, float16 or bfloat16 for the representation tensors.")
     ] = "float32",

@@ -7,7 +7,7 @@ What is shown is computed by ``carso_cli.recipes``; this module parses the optio
 from __future__ import annotations
 
 import json
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.markup import escape
@@ -16,45 +16,48 @@ from rich.table import Table
 from carso_cli.commands._common import PresetOpt, SetOpt, load_preset
 from carso_cli.config import Config, config_to_dict
 from carso_cli.models import sources
-from carso_cli.recipes import candidate_layers, derived, diff, memory_estimate, module_sizes
+from carso_cli.recipes import ModuleSize, candidate_layers, derived, diff, memory_estimate, module_sizes
 from carso_cli.recipes import flat_keys as flat_keys  # noqa: PLC0414  (tests/test_recipes.py reads it here)
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the resolved preset and a 'derived' block as JSON.")]
+DiffOpt = Annotated[
+    str | None, typer.Option("--diff", metavar="PRESET", help="List the resolved keys that differ from this preset's.")
+]
+InfoGpusOpt = Annotated[
+    int,
+    typer.Option(
+        "--gpus",
+        min=1,
+        help="Processes (the per-process batch of derived.adversarial_per_attack and the memory estimate).",
+    ),
+]
+GpuMemoryOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--gpu-memory",
+        help=(
+            "A GPU's memory, e.g. 80GB or 80GiB: print the largest --attack-chunk / --micro-batch / eval batch "
+            "that fit it."
+        ),
+    ),
+]
+MemoryOpt = Annotated[
+    bool,
+    typer.Option(
+        "--memory/--no-memory",
+        help="Estimate peak GPU memory (measures activations on the CPU: a few seconds at full size).",
+    ),
+]
 
 
 def cli(
     preset: PresetOpt = "cifar10",
     set_: SetOpt = None,
-    as_json: Annotated[
-        bool, typer.Option("--json", help="Print the resolved preset and a 'derived' block as JSON.")
-    ] = False,
-    diff_with: Annotated[
-        str | None,
-        typer.Option("--diff", metavar="PRESET", help="List the resolved keys that differ from this preset's."),
-    ] = None,
-    gpus: Annotated[
-        int,
-        typer.Option(
-            "--gpus",
-            min=1,
-            help="Processes (the per-process batch of derived.adversarial_per_attack and the memory estimate).",
-        ),
-    ] = 1,
-    gpu_memory: Annotated[
-        str | None,
-        typer.Option(
-            "--gpu-memory",
-            help=(
-                "A GPU's memory, e.g. 80GB or 80GiB: print the largest --attack-chunk / --micro-batch / eval batch "
-                "that fit it."
-            ),
-        ),
-    ] = None,
-    show_memory: Annotated[
-        bool,
-        typer.Option(
-            "--memory/--no-memory",
-            help="Estimate peak GPU memory (measures activations on the CPU: a few seconds at full size).",
-        ),
-    ] = True,
+    as_json: JsonOpt = False,
+    diff_with: DiffOpt = None,
+    gpus: InfoGpusOpt = 1,
+    gpu_memory: GpuMemoryOpt = None,
+    show_memory: MemoryOpt = True,
 ) -> None:
     """Show a preset's modules, representation layers and parameter counts (nothing is trained)."""
     from carso_cli.cli import console
@@ -66,31 +69,13 @@ def cli(
         if as_json:
             typer.echo(json.dumps({k: [va, vb] for k, va, vb in rows}, indent=2))
             return
-        table = Table(title=f"{len(rows)} resolved keys differ")
-        table.add_column("key")
-        table.add_column(escape(cfg.name))
-        table.add_column(escape(other.name))
-        for k, va, vb in rows:
-            table.add_row(k, escape(json.dumps(va)), escape(json.dumps(vb)))
-        console.print(table)
+        console.print(diff_table(cfg, other, rows))
         return
     if as_json:
         typer.echo(json.dumps({**config_to_dict(cfg), "derived": derived(cfg, gpus)}, indent=2))
         return
     rows, layers = module_sizes(cfg)
-    table = Table(title=escape(f"carso info — preset '{cfg.name}' ({cfg.description})"))
-    table.add_column("module")
-    table.add_column("shape")
-    table.add_column("parameters", justify="right")
-    table.add_column("inference", justify="center")
-    for r in rows:
-        table.add_row(escape(r.name), r.shape, f"{r.parameters:,}", "✓" if r.used_at_inference else "training only")
-    purifier_total = sum(r.parameters for r in rows[1:])
-    inference_total = sum(r.parameters for r in rows[1:] if r.used_at_inference)
-    table.add_section()
-    table.add_row("purifier total", "", f"{purifier_total:,}", "")
-    table.add_row("purifier at inference", "", f"{inference_total:,}", "")
-    console.print(table)
+    console.print(module_table(cfg, rows))
     console.print(sources.describe(cfg), soft_wrap=True, highlight=False, markup=False)
     console.print(layer_table(cfg, layers))
     total = sum(c * h * w for _, (c, h, w) in layers)
@@ -103,6 +88,33 @@ def cli(
     )
     if show_memory or gpu_memory is not None:
         console.print(memory_table(cfg, gpus, gpu_memory))
+
+
+def diff_table(cfg: Config, other: Config, rows: list[tuple[str, Any, Any]]) -> Table:
+    table = Table(title=f"{len(rows)} resolved keys differ")
+    table.add_column("key")
+    table.add_column(escape(cfg.name))
+    table.add_column(escape(other.name))
+    for k, va, vb in rows:
+        table.add_row(k, escape(json.dumps(va)), escape(json.dumps(vb)))
+    return table
+
+
+def module_table(cfg: Config, rows: list[ModuleSize]) -> Table:
+    """The modules with their shapes and parameter counts, and the purifier's totals."""
+    table = Table(title=escape(f"carso info — preset '{cfg.name}' ({cfg.description})"))
+    table.add_column("module")
+    table.add_column("shape")
+    table.add_column("parameters", justify="right")
+    table.add_column("inference", justify="center")
+    for r in rows:
+        table.add_row(escape(r.name), r.shape, f"{r.parameters:,}", "✓" if r.used_at_inference else "training only")
+    purifier_total = sum(r.parameters for r in rows[1:])
+    inference_total = sum(r.parameters for r in rows[1:] if r.used_at_inference)
+    table.add_section()
+    table.add_row("purifier total", "", f"{purifier_total:,}", "")
+    table.add_row("purifier at inference", "", f"{inference_total:,}", "")
+    return table
 
 
 def layer_table(cfg: Config, layers: list[tuple[str, tuple[int, ...]]]) -> Table:

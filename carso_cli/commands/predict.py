@@ -24,16 +24,44 @@ from carso_cli.commands._common import (
 )
 from carso_cli.prediction import PredictAttack, PredictResult, run
 
+SamplesOpt = Annotated[
+    int | None,
+    typer.Option("--samples", min=0, help="Reconstructions per image (default: the run's; 0 = deterministic)."),
+]
+SaveReconstructionsOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--save-reconstructions",
+        help=(
+            "Write a captioned PNG grid: each input (≥ 128 px) beside its reconstructions, with the true class, "
+            "CARSO's and each reconstruction's class."
+        ),
+    ),
+]
+LabelOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--label",
+        help="Every image's true class (a name or a number); default: the image's "
+        "folder name when it is a class name. Shown in the grid and the JSON.",
+    ),
+]
+PredictAttackOpt = Annotated[
+    PredictAttack,
+    typer.Option(
+        "--attack",
+        help="pgd: attack each image first (PGD on the classifier at the "
+        "preset's ε) to see what purification does; needs the true class (--label or folder).",
+    ),
+]
+
 
 def cli(
     images: Annotated[
         list[Path], typer.Argument(help="Image files (PNG, JPEG, …) and/or folders of them.", show_default=False)
     ],
     run_dir: RunOpt = None,
-    samples: Annotated[
-        int | None,
-        typer.Option("--samples", min=0, help="Reconstructions per image (default: the run's; 0 = deterministic)."),
-    ] = None,
+    samples: SamplesOpt = None,
     top_k: Annotated[int, typer.Option("--top-k", min=1, help="Classes shown per image in the table.")] = 3,
     classifier_only: Annotated[
         bool, typer.Option("--classifier-only", help="The classifier's softmax alone, without the purifier.")
@@ -41,16 +69,7 @@ def cli(
     as_json: Annotated[
         bool, typer.Option("--json", help="Print one JSON array to stdout (notices go to stderr).")
     ] = False,
-    save_reconstructions: Annotated[
-        Path | None,
-        typer.Option(
-            "--save-reconstructions",
-            help=(
-                "Write a captioned PNG grid: each input (≥ 128 px) beside its reconstructions, with the true class, "
-                "CARSO's and each reconstruction's class."
-            ),
-        ),
-    ] = None,
+    save_reconstructions: SaveReconstructionsOpt = None,
     aggregation: Annotated[
         Aggregation | None, typer.Option("--aggregation", help=AGGREGATION_HELP + " (default: the run's).")
     ] = None,
@@ -58,22 +77,8 @@ def cli(
     device: DeviceOpt = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass.")] = 64,
     data_root: DataRootOpt = Path("data"),
-    label_: Annotated[
-        str | None,
-        typer.Option(
-            "--label",
-            help="Every image's true class (a name or a number); default: the image's "
-            "folder name when it is a class name. Shown in the grid and the JSON.",
-        ),
-    ] = None,
-    attack: Annotated[
-        PredictAttack,
-        typer.Option(
-            "--attack",
-            help="pgd: attack each image first (PGD on the classifier at the "
-            "preset's ε) to see what purification does; needs the true class (--label or folder).",
-        ),
-    ] = PredictAttack.none,
+    label_: LabelOpt = None,
+    attack: PredictAttackOpt = PredictAttack.none,
 ) -> None:
     """Classify images with a trained CARSO run and show the most likely classes."""
     from rich.markup import escape
