@@ -92,3 +92,19 @@ def test_the_walk_covers_the_library_and_skips_the_cli() -> None:
 def test_the_library_never_imports_the_cli() -> None:
     found = violations(library_modules())
     assert not found, "library modules import the CLI layer:\n" + "\n".join(found)
+
+
+def test_importing_the_whole_library_loads_no_cli_module() -> None:
+    """The same rule at run time: every library module imported, and neither the CLI nor a command is
+    loaded along with them (an import hidden behind ``importlib`` would show here)."""
+    import subprocess
+    import sys
+
+    names = [module_name(p) for p in library_modules()]
+    code = (
+        "import importlib, sys\n"
+        f"for name in {names!r}:\n    importlib.import_module(name)\n"
+        "print(sorted(m for m in sys.modules if m == 'carso_cli.cli' or m.startswith('carso_cli.commands')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300)
+    assert out.stdout.strip() == "[]", out.stdout
