@@ -34,11 +34,10 @@ def resolve(run_or_name: str | Path | None) -> Path | None:
     if path.exists() or len(path.parts) > 1 or str(run_or_name).startswith("."):
         return path
     from carso_cli import zoo
-    from carso_cli.commands import pull
 
     if str(run_or_name) not in zoo.entries():
         zoo.get(str(run_or_name))  # the zoo's error, with the closest names
-    pulled = pull.run(str(run_or_name))
+    pulled = zoo.pull(str(run_or_name))
     if pulled.run is None:
         raise CarsoError(
             f"{run_or_name} is a classifier without a published purifier: "

@@ -89,14 +89,15 @@ class RankDied(CarsoError):
         return CarsoError(f"{self}; {kept}; continue with: {shlex.join(['carso', *again])}")
 
 
-def relaunch(nproc: int, argv: Sequence[str] | None = None) -> int:
+def relaunch(nproc: int, argv: Sequence[str] | None = None, debug: bool = False) -> int:
     """Run ``carso ARGV`` under torchrun's launcher with ``nproc`` processes on this node; 0 once all succeed.
 
     The launcher (``torch.distributed.launcher.elastic_launch``, what ``torchrun --standalone`` runs)
     runs in this process, so that a failure comes back as data rather than torchrun's report: a rank
     that died without a word raises ``RankDied`` naming it and how it died; otherwise the first rank's
     own error line is raised as a ``CarsoError`` (printed once, not once per rank). Ctrl-C / SIGTERM
-    reach the launcher, which passes them on to the workers (they checkpoint and stop).
+    reach the launcher, which passes them on to the workers (they checkpoint and stop). ``debug``
+    (the CLI's ``--debug``) keeps the launcher's own warnings and failure report.
     """
     import logging
     import tempfile
@@ -105,8 +106,6 @@ def relaunch(nproc: int, argv: Sequence[str] | None = None) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import elastic_launch
     from torch.distributed.run import config_from_args, parse_args
-
-    from carso_cli.cli import debug_enabled
 
     args = list(sys.argv[1:] if argv is None else argv)
     # torchrun's argparse would read "--run" as an abbreviation of its own "--run-path": pass the
@@ -120,7 +119,7 @@ def relaunch(nproc: int, argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="carso-ranks-") as reports:
         os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
         os.environ[LAUNCHED_ENV] = reports  # the workers inherit the launcher's environment
-        if not debug_enabled():
+        if not debug:
             logging.disable(logging.ERROR)  # the launcher's own warnings and its failure report
         try:
             config, cmd, cmd_args = config_from_args(launch)
@@ -177,29 +176,85 @@ def report_failure(kind: str, text: str) -> bool:
     return True
 
 
-def relaunch_argv(command: str, **opts: Any) -> list[str]:
-    """``carso [--debug] COMMAND --opt value …`` rebuilt from parsed options, for ``relaunch``.
+def relaunch_argv(ctx: Any, **overrides: Any) -> list[str]:
+    """``carso [--debug] COMMAND --opt value …`` rebuilt from the running command's parsed parameters.
 
-    Built from the options rather than ``sys.argv`` so that it is right however the app was invoked.
-    ``None``/``False`` options are left out, ``True`` becomes a bare flag, lists repeat the flag, enums
-    give their value.
+    Args:
+        ctx: the command's click/Typer context (a ``ctx: typer.Context`` parameter of its ``cli``);
+            its parents give the global options (``--debug``).
+        overrides: values the command settled before relaunching (e.g. a default ``--out`` named
+            once for every rank), by parameter name; None leaves the parameter out.
+    Returns:
+        The arguments after ``carso``, for ``relaunch``.
+
+    Every parameter the user gave (on the command line or through the environment) is rebuilt from
+    its own declaration: the longest ``--`` spelling, ``--x`` / ``--no-x`` from the value of a
+    two-sided flag, one ``--opt value`` per item of a repeatable option, an enum's value. Parameters
+    left at their default are left out, so the workers compute the same default and the command that
+    a failure prints ("continue with: carso …") is the user's own; a one-sided flag such as
+    ``--resume`` has no spelling for its default anyway. Being built from the declarations rather
+    than a list of names, a new option (a new ``--x/--no-x`` included) reaches the workers untouched.
     """
-    from carso_cli.cli import debug_enabled
-
-    argv = ["--debug"] if debug_enabled() else []
-    argv.append(command)
-    for name, value in opts.items():
-        flag = "--" + name.replace("_", "-")
-        if value is None or value is False:
-            continue
-        if value is True:
-            argv.append(flag)
-        elif isinstance(value, list):
-            for v in value:
-                argv += [flag, str(v)]
-        else:
-            argv += [flag, str(getattr(value, "value", value))]
+    chain = []
+    while ctx is not None:
+        chain.insert(0, ctx)
+        ctx = ctx.parent
+    argv: list[str] = []
+    for depth, level in enumerate(chain):
+        if depth:  # the root's info_name is the program ("carso"), each level below it a command name
+            argv.append(level.info_name)
+        argv += _parameters_argv(level, overrides if depth == len(chain) - 1 else {})
     return argv
+
+
+def _parameters_argv(ctx: Any, overrides: dict[str, Any]) -> list[str]:
+    """One context's given parameters as command-line words (options first, then arguments)."""
+    options: list[str] = []
+    arguments: list[str] = []
+    for param in ctx.command.params:
+        name = param.name
+        if name in overrides:
+            value = overrides[name]
+        elif not param.expose_value or _source(ctx, name) in ("DEFAULT", "DEFAULT_MAP"):
+            continue
+        else:
+            value = ctx.params.get(name)
+        if value is None:
+            continue
+        if param.param_type_name == "argument":
+            arguments += [_word(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
+        else:
+            options += _option_words(param, value)
+    return options + (["--", *arguments] if any(a.startswith("-") for a in arguments) else arguments)
+
+
+def _source(ctx: Any, name: str) -> str | None:
+    source = ctx.get_parameter_source(name)
+    return None if source is None else source.name
+
+
+def _option_words(param: Any, value: Any) -> list[str]:
+    """``--opt value`` words for one option's parsed value."""
+    flag = max((o for o in param.opts if o.startswith("--")), key=len, default=param.opts[0])
+    if param.is_flag and param.is_bool_flag:
+        if value:
+            return [flag]
+        off = max(param.secondary_opts, key=len, default=None)
+        return [] if off is None else [off]  # a one-sided flag at its "off" state: nothing to say
+    if getattr(param, "count", False):
+        return [flag] * int(value)
+    words: list[str] = []
+    for item in list(value) if param.multiple else [value]:
+        parts = [_word(v) for v in item] if param.nargs > 1 else [_word(item)]
+        # "--opt=-3": a value that starts with "-" is never read as an option of its own.
+        words += [f"{flag}={parts[0]}"] if len(parts) == 1 and parts[0].startswith("-") else [flag, *parts]
+    return words
+
+
+def _word(value: Any) -> str:
+    """An enum's value, a path or a number as the command line spells it (``repr``: an exact float)."""
+    value = getattr(value, "value", value)
+    return repr(value) if isinstance(value, float) else str(value)
 
 
 def check_gpus(gpus: int, device: str | None) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import difflib
 import http.client
+import json
 import os
 import re
 import sys
@@ -33,7 +34,7 @@ from carso_cli.errors import CarsoError, reason
 ZOO_FILE = Path(__file__).resolve().parent / "zoo.toml"
 URL_ENV = "CARSO_ZOO_URL"
 CACHE_ENV = "CARSO_CACHE"
-# The authors' CARSOWrap submodules (commands/convert.py), in the order `convert reference` takes them.
+# The authors' CARSOWrap submodules (models/convert.py), in the order `convert reference` takes them.
 PURIFIER_ROLES = ("repr_compressors", "repr_fcn_compressor", "decoder")
 ROLES = ("classifier", *PURIFIER_ROLES)
 TIMEOUT_S = 30.0
@@ -302,6 +303,68 @@ def manual_hint(entry: ZooEntry) -> str:
         f"Manually: download {urls}, then run: carso convert reference --preset {entry.preset} {options} "
         f"--out runs/{entry.name}"
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# Pulling an entry into a run directory (carso pull, carso_cli.load("NAME"))
+# ----------------------------------------------------------------------------------------------
+
+RECORD_FILE = "zoo.json"
+
+
+@dataclass
+class PullResult:
+    entry: ZooEntry
+    files: dict[str, Fetched]
+    run: Path | None  # None: a classifier-only entry
+    up_to_date: bool = False
+
+
+def record_of(entry: ZooEntry, files: dict[str, Fetched]) -> dict[str, Any]:
+    """What ``zoo.json`` holds: the entry's name and preset, and each file's URL, size and sha256."""
+    return {
+        "name": entry.name,
+        "preset": entry.preset,
+        "files": {role: {"url": f.url, "bytes": f.bytes, "sha256": f.sha256} for role, f in files.items()},
+    }
+
+
+def _already_pulled(run: Path, record: dict[str, Any]) -> bool:
+    try:
+        return json.loads((run / RECORD_FILE).read_text()) == record and ckpt.is_run_dir(run)
+    except (OSError, ValueError):
+        return False
+
+
+def pull(
+    name: str, out: Path | None = None, cache: Path | None = None, force: bool = False, console: Any = None
+) -> PullResult:
+    """Download ``name``'s files and, for an entry with a purifier, write the run ``out`` (default runs/NAME).
+
+    The purifier parts are converted by exactly the code of ``carso convert reference``
+    (``carso_cli.models.convert``), with ``zoo.json`` recording each file's URL and sha256. The run is
+    written under its lock, and a failed conversion removes what it made. An entry without a published
+    purifier (Table 18's classifiers) is only downloaded: its path goes to ``--classifier``.
+    """
+    from carso_cli.config import load_config
+    from carso_cli.models import convert  # torch and the models: only once there is something to convert
+
+    entry = get(name)
+    files = fetch(entry, cache, console)
+    if not entry.has_purifier:
+        return PullResult(entry, files, None)
+    run_dir = Path(out) if out is not None else ckpt.RUNS_ROOT / entry.name
+    record = record_of(entry, files)
+    if not force and _already_pulled(run_dir, record):
+        return PullResult(entry, files, run_dir, up_to_date=True)
+    cfg = load_config(entry.preset)
+    made = not run_dir.exists()
+    with locking.hold(run_dir), ckpt.undo_on_failure(run_dir, made, keep=[]):
+        convert.run(
+            convert.ConversionKind.reference, cfg, *(files[role].path for role in ROLES), out=run_dir, force=force
+        )
+        ckpt.atomic_write_json(run_dir / RECORD_FILE, record)
+    return PullResult(entry, files, run_dir)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -18,9 +18,8 @@ from torch import nn
 from typer.testing import CliRunner
 
 from carso_cli.cli import app
-from carso_cli.commands import convert
 from carso_cli.config import Config, load_config
-from carso_cli.models import CARSO, build_classifier, load_run, purifier_spec_for
+from carso_cli.models import CARSO, build_classifier, convert, load_run, purifier_spec_for
 from carso_cli.models.purifier import DECODER_VARIANTS, Purifier, PurifierSpec, layerwise_channels
 from carso_cli.models.representation import forward_with_representation
 

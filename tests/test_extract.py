@@ -10,9 +10,9 @@ from typer.testing import CliRunner
 
 from carso_cli import checkpoint as ckpt
 from carso_cli.cli import app
-from carso_cli.commands.extract import relative_change
 from carso_cli.config import load_config
 from carso_cli.data import build_dataset
+from carso_cli.extraction import relative_change
 from carso_cli.models import load_classifier
 from carso_cli.models.representation import forward_with_representation
 

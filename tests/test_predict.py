@@ -12,10 +12,10 @@ from conftest import make_random_run
 from PIL import Image
 from typer.testing import CliRunner
 
+from carso_cli import prediction
+from carso_cli.api import example_latents
 from carso_cli.classnames import CIFAR10_CLASSES, CIFAR100_CLASSES, class_names, label
 from carso_cli.cli import app
-from carso_cli.commands import predict
-from carso_cli.commands.predict import example_latents
 from carso_cli.config import load_config
 from carso_cli.images import collect_images, load_image
 from carso_cli.models import load_run
@@ -162,7 +162,7 @@ def test_reconstruction_grid(tiny_run: Path, images: Path, tmp_path: Path, sampl
     )
     assert result.exit_code == 0, result.output
     assert [p.name for p in grid.parent.iterdir()] == ["grid.png"]  # no temporary file left
-    drawn = predict.run([images], tiny_run, samples=samples, save_reconstructions=grid).grid
+    drawn = prediction.run([images], tiny_run, samples=samples, save_reconstructions=grid).grid
     assert drawn is not None and drawn.scale == 4 and drawn.tile_px == 128  # 32×32 at 4×: ≥ 128 px each
     with Image.open(grid) as img:
         assert img.format == "PNG" and img.size == drawn.size
@@ -180,7 +180,7 @@ def test_grid_captions_name_the_true_class_carso_and_each_reconstruction(tmp_pat
     data = make_imagefolder(tmp_path / "pets")
     run = make_random_run(tmp_path / "run", imagefolder_cfg(data, {"inference.samples": 3}))
     files = [data / "val" / "cat" / "0.png", data / "val" / "dog" / "1.png"]
-    result = predict.run(files, run, save_reconstructions=tmp_path / "g.png")
+    result = prediction.run(files, run, save_reconstructions=tmp_path / "g.png")
     loaded = load_run(run)
     model = loaded.carso()
     x = torch.stack([load_image(p, 32).pixels for p in files]).float() / 255
@@ -194,7 +194,7 @@ def test_grid_captions_name_the_true_class_carso_and_each_reconstruction(tmp_pat
         assert [c[1] for c in caption[1:]] == [f"→ {('cat', 'dog')[int(k)]}" for k in logits[:, b].argmax(-1)]
 
     # --label overrides the folder; --attack pgd adds the attacked input and the classifier's classes.
-    attacked = predict.run(files[:1], run, save_reconstructions=tmp_path / "a.png", label_="dog", attack="pgd")
+    attacked = prediction.run(files[:1], run, save_reconstructions=tmp_path / "a.png", label_="dog", attack="pgd")
     pred = attacked.predictions[0]
     assert pred.true_label == "dog" and pred.attack is not None and pred.attack["name"] == "pgd"
     assert attacked.grid is not None

@@ -25,7 +25,6 @@ from typer.testing import CliRunner
 from carso_cli import checkpoint as ckpt
 from carso_cli import zoo
 from carso_cli.cli import app
-from carso_cli.commands import pull
 from carso_cli.config import load_config
 from carso_cli.errors import CarsoError
 
@@ -166,7 +165,7 @@ def test_pull_gives_the_run_convert_reference_gives(env: Path, server, published
     assert f"wrote {Path('runs') / 'smoke-ref'}" in result.output and "carso eval --run" in result.output
 
     # Cached under the same relative paths, complete, no partial files; sha256s recorded in the run.
-    record = json.loads((run / pull.RECORD_FILE).read_text())
+    record = json.loads((run / zoo.RECORD_FILE).read_text())
     assert record["name"] == "smoke-ref" and record["preset"] == "smoke"
     for role, src in files.items():
         cached = env / "cache" / FOLDER / src.name

@@ -535,6 +535,7 @@ INDICATOR_HINTS = {
 
 
 def cli(
+    ctx: typer.Context,
     run: RunOpt = None,
     attack: Annotated[
         Attack | None,
@@ -657,43 +658,15 @@ def cli(
     no_indicators: Annotated[bool, typer.Option("--no-indicators", help="Skip the attack-failure indicators.")] = False,
 ) -> None:
     """Clean and robust accuracy of the classifier and of CARSO (the paper's Table 2)."""
-    from carso_cli.cli import console
+    from carso_cli.cli import console, debug_enabled
 
     if adversarial is not None and gpus > 1:
         raise CarsoError("--adversarial runs in one process: drop --gpus")
     if distributed.should_relaunch(gpus):
         distributed.check_gpus(gpus, device)
-        argv = distributed.relaunch_argv(
-            "eval",
-            run=run,
-            attack=attack,
-            target=target,
-            eps=eps,
-            n_examples=n_examples,
-            batch_size=batch_size,
-            samples=samples,
-            aggregation=aggregation,
-            device=device,
-            seed=seed,
-            resume=resume,
-            repeats=repeats,
-            steps=steps,
-            eot=eot,
-            queries=queries,
-            name=name,
-            data_root=data_root,
-            precision=precision,
-            square=square,
-            saturation_threshold=saturation_threshold,
-            save_adversarial=save_adversarial,
-            restarts=restarts,
-            eot_normalise=True if eot_normalise else None,
-            no_eot_normalise=True if eot_normalise is False else None,
-            indicator_examples=indicator_examples,
-            no_indicators=no_indicators,
-        )
+        argv = distributed.relaunch_argv(ctx)  # every option as parsed, --no-x included
         try:
-            code = distributed.relaunch(gpus, argv)
+            code = distributed.relaunch(gpus, argv, debug=debug_enabled())
         except distributed.RankDied as died:  # an evaluation keeps every finished batch
             raise died.resumable("the finished batches are kept", argv) from None
         if code != 0:

@@ -430,6 +430,7 @@ def _train(
 
 
 def cli(
+    ctx: typer.Context,
     preset: Annotated[
         str | None, typer.Option("--preset", "-p", help="Preset name or .toml (not needed with --resume).")
     ] = None,
@@ -462,7 +463,7 @@ def cli(
     micro_batch: ClassifierMicroBatchOpt = None,
 ) -> None:
     """Train the preset's classifier (PGD adversarial or standard); prints the weights' path."""
-    from carso_cli.cli import console
+    from carso_cli.cli import console, debug_enabled
 
     set_ = memory_sets(set_, attack_chunk, micro_batch, section="classifier_training")
     explicit = {
@@ -474,24 +475,9 @@ def cli(
         distributed.check_gpus(gpus, device)
         if out is None and not resume and preset is not None:  # named here, for the line that says how to resume
             out = default_out(load_preset(preset, set_, **explicit))
-        argv = distributed.relaunch_argv(
-            "train-classifier",
-            preset=preset,
-            adversarial=adversarial,
-            out=out,
-            epochs=epochs,
-            batch_size=batch_size,
-            gpus=gpus,
-            device=device,
-            resume=resume,
-            data_root=data_root,
-            seed=seed,
-            set=set_,
-        )
-        if bf16 is not None:
-            argv.append("--bf16" if bf16 else "--no-bf16")
+        argv = distributed.relaunch_argv(ctx, out=out)  # every option as parsed, --no-x included
         try:
-            raise typer.Exit(distributed.relaunch(gpus, argv))
+            raise typer.Exit(distributed.relaunch(gpus, argv, debug=debug_enabled()))
         except distributed.RankDied as died:
             state = companion(out, "state.safetensors") if out is not None else None
             kept = ckpt.intact_checkpoint(state) if state is not None else None

@@ -480,6 +480,7 @@ def _plot(run_dir: Path) -> None:
 
 
 def cli(
+    ctx: typer.Context,
     preset: Annotated[
         str | None, typer.Option("--preset", "-p", help="Preset name or .toml (not needed with --resume).")
     ] = None,
@@ -531,7 +532,7 @@ def cli(
 ) -> None:
     """Train the purifier against a frozen classifier (adversarially-balanced batches, RAdam+Lookahead)."""
     from carso_cli import zoo
-    from carso_cli.cli import console
+    from carso_cli.cli import console, debug_enabled
 
     set_, classifier = sources.option_sets(set_, classifier, classifier_weights)  # a source sets the architecture
     classifier = zoo.resolve_weights(classifier)  # a path, or a published model's name (carso pull --list)
@@ -540,25 +541,10 @@ def cli(
         set_ = [*(set_ or []), f"training.compile={compile_}"]
     if distributed.should_relaunch(gpus):
         distributed.check_gpus(gpus, device)
-        argv = distributed.relaunch_argv(
-            "train-purifier",
-            preset=preset,
-            classifier=classifier,
-            out=out,
-            epochs=epochs,
-            batch_size=batch_size,
-            gpus=gpus,
-            device=device,
-            resume=resume,
-            data_root=data_root,
-            seed=seed,
-            set=set_,
-        )
-        if bf16 is not None:
-            argv.append("--bf16" if bf16 else "--no-bf16")
+        argv = distributed.relaunch_argv(ctx)  # every option as parsed, --no-x included
         started = time.time()
         try:
-            raise typer.Exit(distributed.relaunch(gpus, argv))
+            raise typer.Exit(distributed.relaunch(gpus, argv, debug=debug_enabled()))
         except distributed.RankDied as died:
             run_dir = out if out is not None else _started_since(started)
             if out is None and run_dir is not None:

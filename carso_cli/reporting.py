@@ -1,0 +1,219 @@
+"""Table 2's columns of several runs in one table, for a paper or a leaderboard: what ``carso report`` writes.
+
+Reads the ``results.json`` that ``carso eval`` writes under RUN/eval/*/ (read defensively: a results
+file of another version, a missing column or an ``adaptive`` block of any shape only leave cells
+empty), and writes Markdown, a LaTeX ``tabular`` (no package needed), CSV, or the ``model_info`` JSON
+entry of RobustBench's leaderboard files, with the fields carso cannot know left empty and named.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from carso_cli.display import format_eps, percent
+from carso_cli.errors import CarsoError
+
+# Table 2's columns (AT = the adversarially-trained classifier alone, C = CARSO), then PGD+EoT (Table 14).
+TABLE2 = ["AT/Cl", "C/Cl", "AT/AA", "C/randAA", "AT/PGD+EoT", "PGD+EoT"]
+# RobustBench's model_info fields, in its order; carso fills the ones it knows.
+ROBUSTBENCH_FIELDS = [
+    "name",
+    "link",
+    "authors",
+    "additional_data",
+    "number_forward_passes",
+    "dataset",
+    "venue",
+    "architecture",
+    "eps",
+    "clean_acc",
+    "reported",
+    "autoattack_acc",
+    "unreliable",
+    "footnote",
+]
+
+
+@dataclass
+class Row:
+    run: str
+    eps: float | None = None
+    n_examples: int | None = None
+    cells: dict[str, float] = field(default_factory=dict)  # column → accuracy in [0, 1]
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+def _results_files(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    if (path / "results.json").is_file():
+        return [path / "results.json"]
+    return sorted((path / "eval").glob("*/results.json"), key=lambda p: p.stat().st_mtime)
+
+
+def _accuracy(m: Any) -> float | None:
+    if isinstance(m, dict) and isinstance(m.get("accuracy"), (int, float)) and not isinstance(m["accuracy"], bool):
+        return float(m["accuracy"])
+    return None
+
+
+def _adaptive(block: Any) -> dict[str, float]:
+    """Columns of an ``adaptive`` block: its ``metrics`` (or itself) mapping names to {accuracy: …}."""
+    if not isinstance(block, dict):
+        return {}
+    metrics = block.get("metrics") if isinstance(block.get("metrics"), dict) else block
+    out = {}
+    for name, m in metrics.items():
+        acc = _accuracy(m)
+        if acc is not None:
+            out[name if str(name).startswith("adaptive") else f"adaptive/{name}"] = acc
+    return out
+
+
+def read_run(path: Path) -> Row:
+    """One row: every column found in the run's results files (with more examples, or newer, winning)."""
+    files = _results_files(path)
+    if not files:
+        raise CarsoError(f"{path}: no results (run `carso eval --run {path}` first)")
+    run_dir = path if path.is_dir() and (path / "eval").is_dir() else None
+    row = Row(path.name if path.is_dir() and run_dir else str(path))
+    best: dict[str, int] = {}
+    for f in files:
+        try:
+            r = json.loads(f.read_text())
+        except (OSError, ValueError) as err:
+            raise CarsoError(f"{f} is unreadable ({err})") from None
+        if not isinstance(r, dict):
+            continue
+        n = r.get("n_examples") if isinstance(r.get("n_examples"), int) else 0
+        columns = {c: a for c, m in (r.get("metrics") or {}).items() if (a := _accuracy(m)) is not None}
+        columns.update(_adaptive(r.get("adaptive")))
+        for c, a in columns.items():
+            if n >= best.get(c, -1):
+                best[c] = n
+                row.cells[c] = a
+        eps = (r.get("settings") or {}).get("eps")
+        if isinstance(eps, (int, float)):
+            row.eps = float(eps)
+        row.n_examples = max(row.n_examples or 0, n) or row.n_examples
+        if run_dir is None and r.get("run"):
+            run_dir = Path(r["run"])
+    if run_dir is not None and (run_dir / "config.toml").is_file():
+        try:
+            from carso_cli.config import tomllib
+
+            row.config = tomllib.loads((run_dir / "config.toml").read_text())
+        except (OSError, ValueError):
+            row.config = {}
+    return row
+
+
+def columns_of(rows: list[Row]) -> list[str]:
+    """Table 2's columns present in any row, in the paper's order, then the others (adaptive…) as found."""
+    seen = [c for r in rows for c in r.cells]
+    return [c for c in TABLE2 if c in seen] + list(dict.fromkeys(c for c in seen if c not in TABLE2))
+
+
+def table_cells(rows: list[Row]) -> tuple[list[str], list[list[str]]]:
+    cols = columns_of(rows)
+    header = ["run", "ε", "n", *cols]
+    body = [
+        [
+            r.run,
+            format_eps(r.eps),
+            "" if r.n_examples is None else str(r.n_examples),
+            *[percent(r.cells.get(c)) for c in cols],
+        ]
+        for r in rows
+    ]
+    return header, body
+
+
+def to_markdown(rows: list[Row]) -> str:
+    header, body = table_cells(rows)
+    esc = lambda s: s.replace("|", "\\|")  # noqa: E731
+    lines = [
+        "| " + " | ".join(esc(h) for h in header) + " |",
+        "|" + "|".join([":---"] * 3 + ["---:"] * (len(header) - 3)) + "|",
+    ]
+    lines += ["| " + " | ".join(esc(c) for c in r) + " |" for r in body]
+    return "\n".join(lines) + "\n"
+
+
+_TEX = {
+    "\\": r"\textbackslash{}",
+    "&": r"\&",
+    "%": r"\%",
+    "$": r"\$",
+    "#": r"\#",
+    "_": r"\_",
+    "{": r"\{",
+    "}": r"\}",
+    "~": r"\textasciitilde{}",
+    "^": r"\textasciicircum{}",
+    "ε": r"$\varepsilon$",
+}
+
+
+def tex_escape(text: str) -> str:
+    return "".join(_TEX.get(ch, ch) for ch in text)
+
+
+def to_latex(rows: list[Row]) -> str:
+    """A ``tabular`` with \\hline rules (compiles without extra packages); accuracies in %."""
+    header, body = table_cells(rows)
+    spec = "l" + "c" + "r" * (len(header) - 2)
+    lines = [
+        "% carso report: accuracy (%) per column of the paper's Table 2 (AT = classifier alone, C = CARSO)",
+        f"\\begin{{tabular}}{{{spec}}}",
+        "\\hline",
+        " & ".join(tex_escape(h) for h in header) + r" \\",
+        "\\hline",
+        *[" & ".join(tex_escape(c) for c in r) + r" \\" for r in body],
+        "\\hline",
+        "\\end{tabular}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(rows: list[Row]) -> str:
+    header, body = table_cells(rows)
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["run", "eps", "n", *header[3:]])
+    w.writerows(body)
+    return buf.getvalue()
+
+
+def robustbench_entry(row: Row) -> tuple[dict[str, Any], list[str]]:
+    """(model_info, the fields left for the user). CARSO's AutoAttack figure is randAA (section 5.1)."""
+    cfg = row.config
+    data = cfg.get("data", {}) if isinstance(cfg.get("data"), dict) else {}
+    net = cfg.get("classifier", {}) if isinstance(cfg.get("classifier"), dict) else {}
+    known: dict[str, Any] = {
+        "dataset": data.get("dataset"),
+        "eps": format_eps(row.eps) or None,
+        "clean_acc": percent(row.cells.get("C/Cl")) or None,
+        "autoattack_acc": percent(row.cells.get("C/randAA")) or None,
+        "architecture": (
+            f"WideResNet-{net['depth']}-{net['width']} + CARSO purifier" if "depth" in net and "width" in net else None
+        ),
+    }
+    entry = {k: known.get(k) if known.get(k) is not None else "" for k in ROBUSTBENCH_FIELDS}
+    missing = [k for k in ROBUSTBENCH_FIELDS if entry[k] == ""]
+    return entry, missing
+
+
+def robustbench_json(rows: list[Row]) -> tuple[str, dict[str, list[str]]]:
+    """(the JSON text: one entry, or one per run; run → the fields left for the user)."""
+    entries, missing = {}, {}
+    for r in rows:
+        entries[r.run], left = robustbench_entry(r)
+        if left:
+            missing[r.run] = left
+    return json.dumps(entries[rows[0].run] if len(rows) == 1 else entries, indent=2) + "\n", missing
