@@ -102,13 +102,6 @@ def _survivors(model: nn.Module, classifier: nn.Module, names: list[str], run: C
     return alive
 
 
-def _trap(model: nn.Module, classifier: nn.Module, attack: str, s: ev.EvalSettings) -> tuple[int, int]:
-    """(robust after today's attacks, robust after the new one) out of N."""
-    today = _survivors(model, classifier, TODAY, adaptive.run_candidates, s)
-    new = _survivors(model, classifier, [attack], stochastic_attacks.run_stochastic, s)
-    return int(today.sum()), int(new.sum())
-
-
 # --------------------------------------------------------------------------------------------------
 # The traps
 # --------------------------------------------------------------------------------------------------
@@ -199,14 +192,42 @@ POINTS = {  # the function behind each attack in stochastic_attacks, for the no-
 }
 
 
+# The sub-attacks that must break every example of their trap: the mechanism the trap was built for.
+BREAKERS = {
+    "representation": ["representation-away", "code-away"],
+    "apgd-t-eot": ["apgd-t:2"],  # the second target; the first is the decoy
+    "pgd-cw-eot": ["cw:2"],
+    "fixed-randomness": ["z0/apgd-ce", "z0/apgd-t"],  # z = 0 removes the latent noise
+    "selective-eot": ["selective-eot"],
+}
+
+
+def _broken_by(model: nn.Module, c: adaptive.Candidates, s: ev.EvalSettings) -> dict[str, torch.Tensor]:
+    """Per source, the examples (N,) bool its candidate breaks, judged by the model as evaluated."""
+    y, idx = torch.zeros(N, dtype=torch.long), list(range(N))
+    out = {}
+    for source, points in zip(c.sources, c.points):
+        survived, _, _ = adaptive.judge_candidates(model, adaptive.Candidates(points[None], [source]), y, idx, s)
+        out[source] = ~survived
+    return out
+
+
 @pytest.mark.parametrize("attack", list(TRAPS))
 def test_trap_needs_the_new_attack(attack: str, capsys) -> None:
     model, classifier = TRAPS[attack]()
-    today, new = _trap(model, classifier, attack, _settings())
+    s = _settings()
+    today = int(_survivors(model, classifier, TODAY, adaptive.run_candidates, s).sum())
+    x, y = torch.full((N, *SHAPE), 0.5), torch.zeros(N, dtype=torch.long)
+    by = _broken_by(
+        model, stochastic_attacks.run_stochastic(attack, model, classifier, x, y, list(range(N)), s, CPU), s
+    )
+    new = N - int(torch.stack(list(by.values())).any(dim=0).sum())  # robust: survived every candidate
+    counts = {source: int(b.sum()) for source, b in by.items()}
     with capsys.disabled():
-        print(f"\n{attack}: robust after today's attacks {today}/{N}, after {attack} {new}/{N}")
+        print(f"\n{attack}: robust after today's attacks {today}/{N}, after {attack} {new}/{N}; broken by {counts}")
     assert today == N, f"today's attacks already break {N - today} examples of the {attack} trap"
     assert new == 0, f"{attack} left {new} examples of its trap robust"
+    assert all(counts[source] == N for source in BREAKERS[attack]), counts
 
 
 @pytest.mark.parametrize("attack", list(TRAPS))
@@ -294,3 +315,16 @@ def test_every_attack_runs_on_a_real_carso(smoke_cfg) -> None:
         assert c.points.shape == (len(c.sources), *x.shape), name
         assert (c.points - x).abs().max() <= EPS + 1e-6 and c.points.min() >= 0 and c.points.max() <= 1, name
     assert carso.latent_sampler is standard_normal_sampler and carso.aggregation == "dexp"  # restored
+
+
+def test_the_untargeted_margin_follows_the_decoy() -> None:
+    """Why one run per target: on the decoy trap the untargeted CW margin goes to u = +1, where nothing breaks."""
+    from carso_cli.evaluation.targeted_eot import pgd_cw_eot_points
+
+    model = ToyCARSO(_decoy)
+    x, y = torch.full((N, *SHAPE), 0.5), torch.zeros(N, dtype=torch.long)
+    points, sources = pgd_cw_eot_points(
+        model, x, y, range(N), eps=EPS, steps=10, step_size=EPS / 4, eot=1, seed=0, n_targets=0, untargeted=True
+    )
+    assert sources == ["cw"] and torch.allclose(_u(points[0]), torch.ones(N))
+    assert (model(points[0]).argmax(-1) == 0).all()

@@ -2,20 +2,23 @@
 
 ``run_stochastic(name, model, classifier, x, y, idx, s, device) → Candidates`` (one point per
 sub-attack, no verdict): the points are judged afterwards by the model as evaluated
-(``adaptive.judge_candidates``), as every adaptive attack's. In the order cheap to dear:
+(``adaptive.judge_candidates``), as every adaptive attack's. In the order cheap to dear (CARSO
+forward+backward passes per example with the paper's budgets: 100 APGD steps, 20 EoT, 200 PGD steps,
+5000 Square queries, ``N_TARGETS`` = 3):
 
 1. ``representation`` — PGD on the classifier's representation as the purifier consumes it (the
    condition encoder's input and its code c): away from the clean input's, and towards that of an
-   example of the class APGD-T would target. Deterministic: no draws, no aggregation
-   (``representation_attack``).
-2. ``apgd-t-eot`` — the library's APGD-T with EoT on ``dexp-logsum``, one run per target class
-   (``targeted_eot``).
-3. ``pgd-cw-eot`` — PGD+EoT on the CW margin towards each target class, on ``dexp-logsum``
-   (``targeted_eot``).
-4. ``selective-eot`` — DiffHammer's selective EoT: ascend the draws already fooled or closest to it
-   (``selective_eot``).
-5. ``fixed-randomness`` — APGD-CE, APGD-T, FAB-T and Square on CARSO with z held fixed (z = 0, then one
-   seeded draw: common random numbers), judged on fresh draws (``fixed_randomness``).
+   example of the class APGD-T would target. Deterministic: no draws, no aggregation; classifier passes
+   only, 4 × 201 (``representation_attack``).
+2. ``fixed-randomness`` — APGD-CE, APGD-T, FAB-T and Square on CARSO with z held fixed (z = 0, then
+   one seeded draw: common random numbers), judged on fresh draws; no EoT: 2 × 700 passes and
+   2 × 5000 forwards (``fixed_randomness``).
+3. ``selective-eot`` — DiffHammer's selective EoT: ascend the draws already fooled or closest to it;
+   201 × 20 forwards and at most as many passes (``selective_eot``).
+4. ``apgd-t-eot`` — the library's APGD-T with EoT on ``dexp-logsum``, one run per target class,
+   3 × 100 × 20 passes (``targeted_eot``).
+5. ``pgd-cw-eot`` — PGD+EoT on the CW margin towards each target class, on ``dexp-logsum``,
+   3 × 201 × 20 passes (``targeted_eot``).
 
 Budgets come from ``EvalSettings``: the APGD/FAB steps and EoT of randAA (``aa_steps``, ``aa_eot``),
 PGD+EoT's (``pgd_steps``, ``pgd_step_size``, ``pgd_eot``), Square's queries; the number of target
@@ -36,13 +39,13 @@ from carso_cli.evaluation.selective_eot import selective_eot_points
 from carso_cli.evaluation.settings import EvalSettings
 from carso_cli.evaluation.targeted_eot import apgd_t_eot_points, pgd_cw_eot_points
 
-ATTACKS = ("representation", "apgd-t-eot", "pgd-cw-eot", "selective-eot", "fixed-randomness")
+ATTACKS = ("representation", "fixed-randomness", "selective-eot", "apgd-t-eot", "pgd-cw-eot")
 TITLES = {
     "representation": "representation: away / towards another class",
+    "fixed-randomness": "AutoAttack with z fixed (z = 0, common draws)",
+    "selective-eot": "selective EoT (DiffHammer) on the draws",
     "apgd-t-eot": "APGD-T (EoT) on dexp-logsum",
     "pgd-cw-eot": "PGD+EoT, CW margin, targeted, on dexp-logsum",
-    "selective-eot": "selective EoT (DiffHammer) on the draws",
-    "fixed-randomness": "AutoAttack with z fixed (z = 0, common draws)",
 }
 
 

@@ -11,8 +11,8 @@ target's final point is a candidate, judged afterwards by the model as evaluated
   not the judge), seeded like the library; the point it found misclassified, else its highest-loss one.
 - ``pgd_cw_eot_points``: PGD+EoT on the CW margin s_t − s_y (or max_{j≠y} s_j − s_y, untargeted):
   scale-free in the sense that matters on a peaked surface (the margin's gradient does not vanish where
-  cross-entropy's saturates), per-draw normalised gradients, best iterate, the same seeded draws per
-  example as ``pgd_eot_examples``.
+  cross-entropy's saturates), per-draw normalised gradients, best iterate, z seeded per example (its own
+  stream), the same draws for every target.
 """
 
 from __future__ import annotations
@@ -24,12 +24,9 @@ from torch import nn
 
 from carso_cli.evaluation.ascent import N_TARGETS, margin, sign_ascent, top_targets, unit
 from carso_cli.evaluation.autoattack import make_autoattack
-from carso_cli.evaluation.seeding import (
-    STREAM_ATTACK,
-    ExampleSeededSampler,
-    seed_everything,
-    seeded_latents,
-)
+from carso_cli.evaluation.seeding import ExampleSeededSampler, seed_everything, seeded_latents
+
+STREAM_CW = 21  # the CW attack's own z stream (seeding's streams are 0–7, selective EoT's 20)
 
 
 def _wide(scores: torch.Tensor) -> torch.Tensor:
@@ -110,7 +107,7 @@ def pgd_cw_eot_points(
     """(K, B, C, H, W) candidates of PGD+EoT on the CW margin: per target ("cw:1", …), and with
     ``untargeted`` first the untargeted margin ("cw"). From x, the best iterate by the EoT margin."""
     x = x.detach()
-    sampler = ExampleSeededSampler(seed, STREAM_ATTACK)
+    sampler = ExampleSeededSampler(seed, STREAM_CW)
     with seeded_latents(model, sampler.bind(idx)):
         targets = top_targets(mean_scores(model, x, eot), y, n_targets)
     runs: list[tuple[str, torch.Tensor | None]] = [("cw", None)] if untargeted else []
