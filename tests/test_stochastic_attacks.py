@@ -269,25 +269,19 @@ def test_fixed_latents_are_the_same_for_every_call_and_subset() -> None:
 
 
 def test_representation_toward_moves_to_the_target_classes_example() -> None:
-    from carso_cli.evaluation.representation_attack import features, representation_points
+    from carso_cli.evaluation.representation_attack import representation_points
+
+    class Ranking(BlindClassifier):  # class 0 first, then 1: the target of class 0 is 1, of class 1 is 0
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.tensor([5.0, 4.0, 0.0, 0.0]) + 0.0 * self.feat(x)
 
     model = QuantisedCARSO()
-    model.classifier = Fn(lambda x: torch.tensor([5.0, 0.0, 0.0, 0.0]) + 0.0 * x.flatten(1)[:, :4])
-    model.classifier.feat = Representation()
-
-    def classifier(x: torch.Tensor) -> torch.Tensor:  # the target of class 0 is 1, of class 1 is 0
-        f = model.classifier.feat(x)
-        return torch.tensor([5.0, 4.0, 0.0, 0.0]) + 0.0 * f
-
-    model.classifier.fn = classifier
-    x = torch.stack([torch.full(SHAPE, 0.5), torch.full(SHAPE, 0.5 + 0.5 * EPS)])
-    y = torch.tensor([0, 1])
-    points, sources = representation_points(model, x, y, [0, 1], _settings(), spaces=["representation"])
-    assert sources == ["representation-away", "representation-toward"]
-    toward = points[1]
-    assert torch.allclose(_u(toward), torch.tensor([0.5, 0.0]), atol=1e-4)  # each reaches the other's u
-    with torch.no_grad():
-        assert features(model, toward, "code")[1][0].shape == (2, 1)
+    model.classifier = Ranking()
+    x = torch.stack([torch.full(SHAPE, 0.5), torch.full(SHAPE, 0.5 + 0.5 * EPS)])  # u = 0 and u = 0.5
+    points, sources = representation_points(model, x, torch.tensor([0, 1]), [0, 1], _settings())
+    assert sources == ["representation-away", "representation-toward", "code-away", "code-toward"]
+    for toward in (points[1], points[3]):
+        assert torch.allclose(_u(toward), torch.tensor([0.5, 0.0]), atol=1e-3)  # each reaches the other's u
 
 
 def test_every_attack_runs_on_a_real_carso(smoke_cfg) -> None:
@@ -328,3 +322,13 @@ def test_the_untargeted_margin_follows_the_decoy() -> None:
     )
     assert sources == ["cw"] and torch.allclose(_u(points[0]), torch.ones(N))
     assert (model(points[0]).argmax(-1) == 0).all()
+
+
+def test_selective_eot_without_its_selection_is_plain_eot_and_misses(monkeypatch) -> None:
+    """The selection is what breaks trap 4: ascending every draw's margin (plain EoT) leaves it robust."""
+    from carso_cli.evaluation import selective_eot
+
+    monkeypatch.setattr(selective_eot, "selection", lambda m, select=0.0: torch.ones_like(m, dtype=torch.bool))
+    model, classifier = TRAPS["selective-eot"]()
+    survivors = _survivors(model, classifier, ["selective-eot"], stochastic_attacks.run_stochastic, _settings())
+    assert survivors.all()
