@@ -184,3 +184,24 @@ def test_every_bound_is_checked_naming_the_key(override: str) -> None:
     with pytest.raises(ConfigError) as err:
         load_config("smoke", {key: value})
     assert f"'{key}'" in str(err.value)
+
+
+def test_options_reach_the_config_as_parsed_overrides() -> None:
+    """``--attack-chunk`` / ``--micro-batch`` are parsed once, into overrides beside ``--set`` and the options
+    that stand for a key; the config holds the parsed values, and a bad option is named as the option."""
+    from carso_cli.commands._common import memory_overrides, option_overrides
+
+    overrides = option_overrides(
+        ["training.epochs=2"], **memory_overrides("AUTO", "8"), **{"training.batch_size": 32, "training.compile": None}
+    )
+    assert overrides == {
+        "training.epochs": 2,
+        "training.attack_chunk": "auto",
+        "training.micro_batch": 8,
+        "training.batch_size": 32,
+    }
+    t = load_config("smoke", overrides).training
+    assert (t.epochs, t.batch_size, t.attack_chunk, t.micro_batch, t.compile) == (2, 32, "auto", 8, "off")
+    assert memory_overrides(None, "0", section="classifier_training") == {"classifier_training.micro_batch": 0}
+    with pytest.raises(Exception, match="--micro-batch: expected a number of examples or 'auto', got 'lots'"):
+        memory_overrides(None, "lots")

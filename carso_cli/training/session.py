@@ -24,7 +24,7 @@ import dataclasses
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -90,6 +90,18 @@ class Options:
 
     def __post_init__(self) -> None:
         self.data_root = Path(self.data_root)
+
+
+class Steps(Protocol):
+    """A training's own part of the loop (``LoopHooks``): the session supplies ``update`` and ``save``."""
+
+    sums: list[str]  # names of the per-batch sums ``compute`` returns; the last one is the example count
+
+    def start_epoch(self, epoch: int) -> dict[str, float]: ...  # set the epoch's LR (β); what to log
+
+    def compute(self, batch: Batch) -> torch.Tensor: ...  # forward and backward; the local sums (float64)
+
+    def display(self, sums: list[float]) -> dict[str, float]: ...  # per-example metrics from the sums
 
 
 def saved_config(path: Path, overrides: dict[str, Any], missing: str) -> Config:
@@ -263,12 +275,11 @@ class Session:
 
     # -- the loop -----------------------------------------------------------------------------------
 
-    def loop(self, dataset: torch.utils.data.Dataset, model: nn.Module, optimizer: Any, steps: Any, **spec: Any) -> Any:
-        """Train from ``self.start`` to the end; returns the epochs' records.
-
-        ``steps``: ``start_epoch(epoch)``, ``compute(batch)``, ``display(sums)`` and ``sums`` (names), the
-        training's own part of ``LoopHooks``; ``spec``: the rest of ``LoopSpec`` (title, drop_last …).
-        """
+    def loop(
+        self, dataset: torch.utils.data.Dataset, model: nn.Module, optimizer: Any, steps: Steps, **spec: Any
+    ) -> list[dict[str, Any]]:
+        """Train from ``self.start`` to the end (``run_loop``); returns the epochs' records. ``spec``: the
+        rest of ``LoopSpec`` (title, drop_last …)."""
         ctx, files = self.ctx, self.run_files
         if ctx.is_main:  # the epochs being redone are written again
             if self.opts.resume:
