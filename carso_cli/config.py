@@ -384,9 +384,9 @@ def load_config(name_or_path: str | Path, overrides: dict[str, Any] | None = Non
     path = resolve_preset_path(name_or_path)
     data = preset_data(path)
     cfg = _build(Config, data, "", str(path))
+    validate(cfg, str(path))  # first alone: a problem of the preset is reported against its file
     if overrides:
-        apply_overrides(cfg, overrides)
-    validate(cfg, str(path))
+        apply_overrides(cfg, overrides)  # (validated again, as "command line")
     return cfg
 
 
