@@ -5,7 +5,8 @@ against the classifier), the classifier's representation of it, the purifier's V
 summed BCE to the *clean* image plus β·KL — optimised by RAdam inside Lookahead with the per-epoch
 LR schedule of Table 16. Runs in one process or under torchrun (DDP + SyncBatchNorm, the preset's batch
 being the global one); every random draw depends on (seed, epoch, batch) only, so N processes
-compute what one does and a resumed run ends where an uninterrupted one ends.
+compute what one does and a resumed run ends where an uninterrupted one ends. The training itself is
+``carso_cli.training.purifier`` (its run: ``training.session``); this module turns options into a config.
 
 Several GPUs: ``--gpus N`` re-runs the command under torchrun. Several nodes: start torchrun yourself on
 every node, e.g. ``torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:29500
