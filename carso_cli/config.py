@@ -336,12 +336,6 @@ def resolve_preset_path(name_or_path: str | Path) -> Path:
     return candidate
 
 
-def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> Config:
-    cfg = _build(Config, data, "", source)
-    validate(cfg, source)
-    return cfg
-
-
 def _read_toml(path: Path) -> dict[str, Any]:
     try:
         return tomllib.loads(path.read_text(encoding="utf-8"))
@@ -390,9 +384,9 @@ def load_config(name_or_path: str | Path, overrides: dict[str, Any] | None = Non
     path = resolve_preset_path(name_or_path)
     data = preset_data(path)
     cfg = _build(Config, data, "", str(path))
+    validate(cfg, str(path))  # first alone: a problem of the preset is reported against its file
     if overrides:
-        apply_overrides(cfg, overrides)
-    validate(cfg, str(path))
+        apply_overrides(cfg, overrides)  # (validated again, as "command line")
     return cfg
 
 
@@ -431,80 +425,15 @@ def apply_overrides(cfg: Config, overrides: dict[str, Any], source: str = "comma
 
 
 def validate(cfg: Config, source: str) -> None:
-    """Cross-field checks: the values a typo in a number would otherwise turn into a crash."""
+    """Check every key (``config_checks``: the bounds of each number, the choices of each string, the
+    relations between keys), so that a typo is reported against its key rather than as a crash later.
 
-    def bad(key: str, why: str) -> ConfigError:
-        return ConfigError(f"{source}: '{key}' {why}")
+    Raises:
+        ConfigError: ``SOURCE: 'KEY' why``.
+    """
+    from carso_cli.config_checks import check  # (it reads this module's schema)
 
-    d = cfg.data
-    if not (d.dataset in DATASETS or d.dataset.startswith("imagefolder:")):
-        raise bad("data.dataset", f"must be one of {', '.join(DATASETS)} or imagefolder:PATH, got {d.dataset!r}")
-    if len(d.mean) != d.channels or len(d.std) != d.channels:
-        raise bad("data.mean/std", f"need {d.channels} values each (one per channel)")
-    if any(s <= 0 for s in d.std):
-        raise bad("data.std", "must be positive")
-    if d.num_classes < 2:
-        raise bad("data.num_classes", "must be at least 2")
-    c = cfg.classifier
-    why = source_problem(c.architecture)
-    if why:
-        raise bad("classifier.architecture", why)
-    if c.normalize not in NORMALIZE:
-        raise bad("classifier.normalize", f"must be one of {', '.join(NORMALIZE)}")
-    if c.activation not in ACTIVATIONS:
-        raise bad("classifier.activation", f"must be one of {', '.join(ACTIVATIONS)}")
-    if (c.depth - 4) % 6 != 0 or c.depth < 10:
-        raise bad("classifier.depth", "must be 6·n + 4 with n ≥ 1 (e.g. 10, 16, 28, 34, 70)")
-    p = cfg.purifier
-    if p.decoder not in DECODERS:
-        raise bad("purifier.decoder", f"must be one of {', '.join(DECODERS)}")
-    if int(p.decoder.split("x")[0]) != d.image_size:
-        raise bad("purifier.decoder", f"{p.decoder} does not produce {d.image_size}×{d.image_size} images")
-    if len(p.decoder_channels) != 5:
-        raise bad("purifier.decoder_channels", "needs 5 values (Linear output channels, then 4 blocks)")
-    if len(p.input_encoder_channels) != 2:
-        raise bad("purifier.input_encoder_channels", "needs 2 values (Table 6)")
-    if p.layerwise_depth < 1:
-        raise bad("purifier.layerwise_depth", "must be at least 1")
-    if isinstance(p.layers, str) and not (p.layers == "auto" or p.layers.startswith("rule:")):
-        raise bad(
-            "purifier.layers", "must be 'auto', a list of layer names / patterns, or a rule such as 'rule:block-convs'"
-        )
-    if p.max_fc_parameters < 1:
-        raise bad("purifier.max_fc_parameters", "must be positive")
-    t = cfg.training
-    if t.epochs < 1 or t.batch_size < 1:
-        raise bad("training.epochs/batch_size", "must be positive")
-    if not 0.0 <= t.adversarial_fraction <= 1.0:
-        raise bad("training.adversarial_fraction", "must lie in [0, 1]")
-    if t.beta_end_epoch < t.beta_start_epoch:
-        raise bad("training.beta_end_epoch", "must not precede beta_start_epoch")
-    if t.schedule not in SCHEDULES:
-        raise bad("training.schedule", f"must be one of {', '.join(SCHEDULES)}")
-    if t.adversarial_count not in ADVERSARIAL_COUNTS:
-        raise bad("training.adversarial_count", f"must be one of {', '.join(ADVERSARIAL_COUNTS)}")
-    if t.loss_reduction not in ("mean", "sum"):
-        raise bad("training.loss_reduction", "must be 'mean' or 'sum'")
-    if t.reference_world_size < 1:
-        raise bad("training.reference_world_size", "must be at least 1")
-    if t.plateau_lr_per_example < 0 or t.final_lr_per_example < 0:
-        raise bad("training.plateau_lr_per_example/final_lr_per_example", "must be ≥ 0 (0: use plateau_lr/final_lr)")
-    a = cfg.attacks
-    for key in ("eps", "pgd_step_size", "pgd_eot_step_size", "sanity_eps"):
-        if not 0.0 <= getattr(a, key) <= 1.0:
-            raise bad(f"attacks.{key}", "must lie in [0, 1] (pixel scale)")
-    if a.train_eps_space not in EPS_SPACES:
-        raise bad("attacks.train_eps_space", f"must be one of {', '.join(EPS_SPACES)}")
-    scale = eps_scale(cfg)
-    for key in ("fgsm_eps", "pgd_eps"):
-        if any(not 0.0 <= e * scale <= 1.0 for e in getattr(a, key)):
-            raise bad(f"attacks.{key}", "values must lie in [0, 1] in pixel scale (after train_eps_space)")
-    if cfg.inference.samples < 0:
-        raise bad("inference.samples", "must be ≥ 0 (0 = one deterministic reconstruction)")
-    if cfg.inference.aggregation not in AGGREGATIONS:
-        raise bad("inference.aggregation", f"must be one of {', '.join(AGGREGATIONS)}")
-    if cfg.classifier_training.adversarial not in ("pgd", "none"):
-        raise bad("classifier_training.adversarial", "must be 'pgd' or 'none'")
+    check(cfg, source)
 
 
 def eps_scale(cfg: Config) -> float:

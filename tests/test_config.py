@@ -129,3 +129,79 @@ def test_unknown_preset_lists_available() -> None:
         load_config("cifar11")
     with pytest.raises(ConfigError, match="not found"):
         load_config("no/such/preset.toml")
+
+
+@pytest.mark.parametrize("section", ["training", "classifier_training"])
+@pytest.mark.parametrize("key", ["micro_batch", "attack_chunk"])
+@pytest.mark.parametrize("value", ["-3", '"lots"'])
+def test_memory_bounds_of_a_preset_are_checked_naming_the_key(
+    tmp_path: Path, section: str, key: str, value: str
+) -> None:
+    """Issue 19: a typo in a preset's memory bound is reported against the preset key, when the preset is
+    read (not later as a bad ``--micro-batch``, an option the user never typed)."""
+    path = tmp_path / "typo.toml"
+    path.write_text(f'extends = "smoke"\n[{section}]\n{key} = {value}\n')
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    message = str(err.value)
+    assert f"'{section}.{key}'" in message and str(path) in message and "--" not in message
+    for good in ("0", "16", '"auto"'):  # the whole batch, a count, from free memory
+        path.write_text(f'extends = "smoke"\n[{section}]\n{key} = {good}\n')
+        assert getattr(getattr(load_config(path), section), key) == (
+            16 if good == "16" else "auto" if "auto" in good else 0
+        )
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "training.warmup_epochs=-1",
+        "training.initial_lr=-0.1",
+        "training.lookahead_k=0",
+        "training.lookahead_alpha=1.5",
+        "training.radam_beta1=1.0",
+        "training.radam_eps=0",
+        "training.weight_decay=-1",
+        "training.checkpoint_every=0",
+        "classifier_training.epochs=0",
+        "classifier_training.batch_size=0",
+        "classifier_training.lr=0",
+        "classifier_training.momentum=1.5",
+        "classifier_training.pgd_steps=0",
+        "classifier_training.pgd_step_size=2",
+        "attacks.pgd_steps=0",
+        "data.num_workers=-1",
+        "data.image_size=0",
+        "data.crop_padding=-1",
+        "purifier.fcrepr=0",
+        "purifier.leaky_slope=-0.5",
+        "inference.samples=-1",
+    ],
+)
+def test_every_bound_is_checked_naming_the_key(override: str) -> None:
+    """``config.validate`` checks the bounds of every numeric key, not only a few (issue 19)."""
+    key, value = parse_override(override)
+    with pytest.raises(ConfigError) as err:
+        load_config("smoke", {key: value})
+    assert f"'{key}'" in str(err.value)
+
+
+def test_options_reach_the_config_as_parsed_overrides() -> None:
+    """``--attack-chunk`` / ``--micro-batch`` are parsed once, into overrides beside ``--set`` and the options
+    that stand for a key; the config holds the parsed values, and a bad option is named as the option."""
+    from carso_cli.commands._common import memory_overrides, option_overrides
+
+    overrides = option_overrides(
+        ["training.epochs=2"], **memory_overrides("AUTO", "8"), **{"training.batch_size": 32, "training.compile": None}
+    )
+    assert overrides == {
+        "training.epochs": 2,
+        "training.attack_chunk": "auto",
+        "training.micro_batch": 8,
+        "training.batch_size": 32,
+    }
+    t = load_config("smoke", overrides).training
+    assert (t.epochs, t.batch_size, t.attack_chunk, t.micro_batch, t.compile) == (2, 32, "auto", 8, "off")
+    assert memory_overrides(None, "0", section="classifier_training") == {"classifier_training.micro_batch": 0}
+    with pytest.raises(Exception, match="--micro-batch: expected a number of examples or 'auto', got 'lots'"):
+        memory_overrides(None, "lots")

@@ -129,9 +129,9 @@ def test_out_of_memory_message_names_the_options() -> None:
 def test_accumulation_over_micro_batches_equals_one_batch(smoke_cfg) -> None:
     """For a purifier whose BatchNorm is in eval mode, micro-batches give the one-batch gradient."""
     from carso_cli import training as tr
-    from carso_cli.commands.train_purifier import PurifierTrainStep
     from carso_cli.models import build_classifier, build_purifier
     from carso_cli.models.representation import forward_with_representation
+    from carso_cli.training.purifier_step import PurifierTrainStep
 
     torch.manual_seed(0)
     classifier = build_classifier(smoke_cfg).eval()

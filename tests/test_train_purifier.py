@@ -387,3 +387,18 @@ def test_plot_command(tmp_path: Path) -> None:
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     result = runner.invoke(app, ["plot", str(tmp_path / "empty")])
     assert result.exit_code == 1 and "no metrics file" in result.output
+
+
+def test_a_preset_typo_in_micro_batch_names_the_preset_key(tmp_path: Path, classifier_file: Path) -> None:
+    """Issue 19: a bad ``training.micro_batch`` in a preset is reported against that key, before anything is
+    written, and not as a bad ``--micro-batch`` (an option the user never typed)."""
+    preset = tmp_path / "typo.toml"
+    preset.write_text('extends = "smoke"\n[training]\nmicro_batch = -2\n')
+    args = cli_args(classifier_file, tmp_path / "run", "--preset", str(preset))
+    result = runner.invoke(app, args)
+    assert result.exit_code == 1, result.output
+    assert "'training.micro_batch'" in result.output and str(preset) in " ".join(result.output.split())
+    assert "--micro-batch" not in result.output and not (tmp_path / "run").exists()
+    # The option itself is still checked as the option.
+    result = runner.invoke(app, [*cli_args(classifier_file, tmp_path / "run"), "--micro-batch", "-2"])
+    assert result.exit_code == 1 and "--micro-batch" in result.output and not (tmp_path / "run").exists()

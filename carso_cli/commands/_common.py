@@ -28,6 +28,16 @@ RunOpt = Annotated[
 DeviceOpt = Annotated[str | None, typer.Option("--device", help="cuda, cuda:N or cpu (default: cuda when available).")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed.")]
 DataRootOpt = Annotated[Path, typer.Option("--data-root", help="Where datasets live / are downloaded.")]
+TrainingPresetOpt = Annotated[
+    str | None, typer.Option("--preset", "-p", help="Preset name or .toml (not needed with --resume).")
+]
+BatchSizeOpt = Annotated[
+    int | None, typer.Option("--batch-size", min=1, help="Global batch size (split across processes).")
+]
+Bf16Opt = Annotated[
+    bool | None,
+    typer.Option("--bf16/--no-bf16", help="bfloat16 autocast on CUDA (default: the preset's training.bf16)."),
+]
 GpusOpt = Annotated[
     int, typer.Option("--gpus", min=1, help="Processes to run (torchrun); with --device cpu, gloo on CPU.")
 ]
@@ -55,14 +65,17 @@ def resolve_device(name: str | None) -> torch.device:
     return device
 
 
+def option_overrides(sets: list[str] | None, **explicit: Any) -> dict[str, Any]:
+    """``--set`` lines, then the options that stand for a preset key (``training.epochs=…``; None = not
+    given), as one dict of overrides: what ``load_config`` applies and ``config.validate`` checks."""
+    overrides = dict(parse_override(text) for text in sets or [])
+    overrides.update({k: v for k, v in explicit.items() if v is not None})
+    return overrides
+
+
 def load_preset(preset: str, sets: list[str] | None = None, **explicit: Any) -> Config:
     """The preset with ``--set`` overrides, then explicit options (``training.epochs=…``; None = keep)."""
-    overrides: dict[str, Any] = {}
-    for text in sets or []:
-        key, value = parse_override(text)
-        overrides[key] = value
-    overrides.update({k: v for k, v in explicit.items() if v is not None})
-    return load_config(preset, overrides)
+    return load_config(preset, option_overrides(sets, **explicit))
 
 
 AttackChunkOpt = Annotated[
@@ -112,19 +125,24 @@ MicroBatchOpt = Annotated[
 ]
 
 
+def memory_overrides(
+    attack_chunk: str | None, micro_batch: str | None, section: str = "training"
+) -> dict[str, int | str]:
+    """``--attack-chunk`` / ``--micro-batch``, parsed once, as overrides of ``section``: ``training`` for the
+    purifier, ``classifier_training`` for ``train-classifier`` (0: the whole batch)."""
+    from carso_cli.memory import parse_chunk
+
+    given = {"attack_chunk": (attack_chunk, "--attack-chunk"), "micro_batch": (micro_batch, "--micro-batch")}
+    return {
+        f"{section}.{key}": parse_chunk(value, option) or 0
+        for key, (value, option) in given.items()
+        if value is not None
+    }
+
+
 def memory_sets(
     sets: list[str] | None, attack_chunk: str | None, micro_batch: str | None, section: str = "training"
 ) -> list[str] | None:
-    """``--attack-chunk`` / ``--micro-batch`` as ``--set`` overrides of ``section`` (so relaunch and resume
-    carry them): ``training`` for the purifier, ``classifier_training`` for ``train-classifier``."""
-    from carso_cli.memory import parse_chunk
-
-    extra = []
-    for key, value, option in (
-        ("attack_chunk", attack_chunk, "--attack-chunk"),
-        ("micro_batch", micro_batch, "--micro-batch"),
-    ):
-        if value is not None:
-            parsed = parse_chunk(value, option)
-            extra.append(f"{section}.{key}={parsed if parsed is not None else 0}")
+    """``memory_overrides`` as ``--set`` lines (for ``carso bench``, which passes them on as text)."""
+    extra = [f"{key}={value}" for key, value in memory_overrides(attack_chunk, micro_batch, section).items()]
     return [*(sets or []), *extra] or None

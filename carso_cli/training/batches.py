@@ -107,8 +107,7 @@ def make_balanced_batch(
 ) -> torch.Tensor:
     """The purifier's input for a batch: clean examples as they are, the others attacked.
 
-    One FGSM call (groups FGSM ε/2 and FGSM ε, with per-example ε) and one PGD call (PGD ε/2, PGD ε)
-    against the classifier. The target of the purifier stays the clean ``x``.
+    One FGSM call (FGSM ε/2 and ε, per-example ε) and one PGD call (PGD ε/2 and ε) against the classifier.
 
     Args:
         classifier: the frozen classifier (eval mode).
@@ -132,26 +131,15 @@ def make_balanced_batch(
     strengths = torch.tensor(attack_strengths(attacks, eps_scale), dtype=x.dtype, device=x.device)
     groups = plan.groups.to(x.device)
     x_in = x.clone()
-    is_pgd = (groups == 1) | (groups == 3)
     fgsm_idx = torch.nonzero((groups == 0) | (groups == 2)).flatten()
-    pgd_idx = torch.nonzero(is_pgd).flatten()
+    pgd_idx = torch.nonzero((groups == 1) | (groups == 3)).flatten()
     if fgsm_idx.numel():
         x_in[fgsm_idx] = atk.in_chunks(
             atk.fgsm, chunk, classifier, x[fgsm_idx], y[fgsm_idx], strengths[groups[fgsm_idx]]
         )
-    if global_plan is None:
-        global_plan, offset = plan, 0
-    global_pgd = (global_plan.groups == 1) | (global_plan.groups == 3)
+    whole, offset = (plan, 0) if global_plan is None else (global_plan, offset)
+    noise = _pgd_start_noise(x, whole, offset, pgd_idx.numel(), generator) if attacks.pgd_random_start else None
     if pgd_idx.numel():
-        noise = None
-        if attacks.pgd_random_start:
-            device = generator.device if generator is not None else x.device
-            total = int(global_pgd.sum())
-            before = int(global_pgd[:offset].sum())
-            # One draw for the PGD examples of the global batch, as attacks.pgd draws it; ours are rows
-            # before … before+n of it (the PGD examples of earlier ranks come first).
-            noise = torch.rand((total, *x.shape[1:]), generator=generator, device=device, dtype=x.dtype)
-            noise = noise[before : before + pgd_idx.numel()]
         x_in[pgd_idx] = atk.in_chunks(
             atk.pgd,
             chunk,
@@ -164,8 +152,24 @@ def make_balanced_batch(
             random_start=noise is not None,
             start_noise=noise,
         )
-    elif attacks.pgd_random_start and bool(global_pgd.any()):
-        # Keep the generator in step with the other ranks (they drew the global PGD noise).
-        device = generator.device if generator is not None else x.device
-        torch.rand((int(global_pgd.sum()), *x.shape[1:]), generator=generator, device=device, dtype=x.dtype)
     return x_in
+
+
+def _pgd_start_noise(
+    x: torch.Tensor, global_plan: BalancedPlan, offset: int, n: int, generator: torch.Generator | None
+) -> torch.Tensor | None:
+    """The uniform random starts of this rank's ``n`` PGD examples, (n, C, H, W); None when the global
+    batch has no PGD example.
+
+    One draw for the PGD examples of the global batch, as ``attacks.pgd`` draws it; ours are rows
+    before … before+n of it (the PGD examples of earlier ranks come first). A rank with none draws too,
+    to keep its generator in step with the other ranks.
+    """
+    global_pgd = (global_plan.groups == 1) | (global_plan.groups == 3)
+    total = int(global_pgd.sum())
+    if total == 0:
+        return None
+    device = generator.device if generator is not None else x.device
+    before = int(global_pgd[:offset].sum())
+    noise = torch.rand((total, *x.shape[1:]), generator=generator, device=device, dtype=x.dtype)
+    return noise[before : before + n]

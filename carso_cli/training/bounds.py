@@ -50,8 +50,9 @@ class Bounds:
         self.auto = "auto" in (self.chunk, self.micro)
 
     @classmethod
-    def parse(cls, attack_chunk: int | str | None, micro_batch: int | str | None) -> Bounds:
-        return cls(memory.parse_chunk(attack_chunk, "--attack-chunk"), memory.parse_chunk(micro_batch, "--micro-batch"))
+    def of(cls, attack_chunk: int | str, micro_batch: int | str) -> Bounds:
+        """From a config's values, which ``config.validate`` checked: a count, 0 (the whole batch) or "auto"."""
+        return cls(attack_chunk or None, micro_batch or None)
 
     def resolve(self, n: int, device: torch.device, footprint: Callable[[], tuple[int, int, int]]) -> None:
         """Turn "auto" into counts; ``footprint() → (static bytes, per attacked example, per trained example)``."""
