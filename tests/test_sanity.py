@@ -9,8 +9,8 @@ import pytest
 from typer.testing import CliRunner
 
 from carso_cli.cli import app
-from carso_cli.commands import sanity
 from carso_cli.errors import CarsoError
+from carso_cli.evaluation import checks as sanity
 
 runner = CliRunner()
 

@@ -61,6 +61,33 @@ def collect_adversarial(store: ResultsStore, results: dict[str, Any]) -> dict[st
     return {"y": torch.cat([p["y"] for p in parts]), "idx": torch.arange(n), "attacks": attacks}
 
 
+class DatasetAttacks:
+    """The default attack source: batch ``rng`` is the dataset's examples, attacked as ``settings.attack``
+    says (``evaluate_batch``); Table 2's columns. ``carso_cli.adversarial.FileSource`` is the other one."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def examples(self, rng: range) -> tuple[torch.Tensor, torch.Tensor]:
+        return load_examples(self.dataset, rng)
+
+    def flags(
+        self,
+        classifier: nn.Module,
+        carso: nn.Module | None,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        rng: range,
+        s: EvalSettings,
+        device: torch.device,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        return evaluate_batch(classifier, carso, x, y, rng, s, device, **kwargs)
+
+    def summarize(self, flags: dict[str, list[Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
+        return summarize(flags)
+
+
 @dataclass
 class EvalOutcome:
     results: dict[str, Any] | None  # the results file's content (main process), else None
@@ -83,6 +110,7 @@ def evaluate(
     extra: dict[str, Any] | None = None,
     keep_adversarial: bool = False,
     estimate_s: float | None = None,
+    source: Any = None,
 ) -> EvalOutcome:
     """Evaluate the first ``settings.n_examples`` examples of ``dataset``; rank 0 writes the results.
 
@@ -92,9 +120,11 @@ def evaluate(
     kept beside its flags (``adversarial_path``), for ``--save-adversarial``. ``estimate_s``: the cost
     estimate, the whole-evaluation ETA until the first computed batch re-calibrates it (``_deadline``).
     pyautoattack's log goes to ``RUN/eval/NAME/autoattack.log`` (its warnings to the console too).
+    ``source``: where each batch's examples and flags come from (default ``DatasetAttacks(dataset)``).
     """
     s = settings
     s.validate()
+    source = source or DatasetAttacks(dataset)
     device = ctx.device
     store.check()
     if ctx.is_main:
@@ -125,7 +155,7 @@ def evaluate(
             rng = batches[k]
             record = store.load(k)
             if record is None:
-                x, y = load_examples(dataset, rng)
+                x, y = source.examples(rng)
                 x, y = x.to(device), y.to(device)
                 if progress is not None:
                     progress.reset(
@@ -137,7 +167,7 @@ def evaluate(
                 tick = (lambda: progress.advance(calls)) if progress is not None else None
                 t0 = time.time()
                 adversarial: dict[str, torch.Tensor] | None = {} if keep_adversarial else None
-                flags = evaluate_batch(classifier, model, x, y, rng, s, device, on_call=tick, adversarial=adversarial)
+                flags = source.flags(classifier, model, x, y, rng, s, device, on_call=tick, adversarial=adversarial)
                 if adversarial:
                     ckpt.save_tensors(adversarial_path(store, k), {"y": y.cpu(), **adversarial})
                 record = {
@@ -168,7 +198,7 @@ def evaluate(
         return EvalOutcome(None, None, computed, resumed)
     all_records = [r for part in gathered for r in part]
     flags = merge_records(all_records)
-    metrics, report = summarize(flags)
+    metrics, report = source.summarize(flags)
     warnings = sorted({w for r in all_records for w in r["flags"].get("warnings", [])})
     results = {
         "format": RESULTS_FORMAT,
