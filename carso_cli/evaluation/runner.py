@@ -155,8 +155,6 @@ def evaluate(
             rng = batches[k]
             record = store.load(k)
             if record is None:
-                x, y = source.examples(rng)
-                x, y = x.to(device), y.to(device)
                 if progress is not None:
                     progress.reset(
                         calls,
@@ -165,24 +163,9 @@ def evaluate(
                         description=f"batch {k + 1}/{len(batches)} — forward passes",
                     )
                 tick = (lambda: progress.advance(calls)) if progress is not None else None
-                t0 = time.time()
-                adversarial: dict[str, torch.Tensor] | None = {} if keep_adversarial else None
-                flags = source.flags(classifier, model, x, y, rng, s, device, on_call=tick, adversarial=adversarial)
-                if adversarial:
-                    ckpt.save_tensors(adversarial_path(store, k), {"y": y.cpu(), **adversarial})
-                record = {
-                    "batch": k,
-                    "start": rng.start,
-                    "stop": rng.stop,
-                    "settings": store.settings,
-                    "flags": flags,
-                    "labels": y.tolist(),
-                    "wall_s": round(time.time() - t0, 3),
-                    "rank": ctx.rank,
-                }
-                store.save(k, record)
+                record = _compute_batch(k, rng, source, classifier, model, s, store, ctx, tick, keep_adversarial)
                 computed += 1
-                indicator_s = (flags.get("indicators") or {}).get("wall_s", 0.0)
+                indicator_s = (record["flags"].get("indicators") or {}).get("wall_s", 0.0)
                 batch_seconds.append((record["wall_s"] - indicator_s, len(rng)))
             else:
                 resumed += 1
@@ -197,17 +180,70 @@ def evaluate(
     if not ctx.is_main or gathered is None:
         return EvalOutcome(None, None, computed, resumed)
     all_records = [r for part in gathered for r in part]
+    results = _results(all_records, source, s, store, ctx, run, dataset, log_counts, started, extra)
+    path = store.dir / RESULTS_FILE
+    ckpt.atomic_write_text(path, dumps_compact(results))
+    return EvalOutcome(results, path, computed, resumed)
+
+
+def _compute_batch(
+    k: int,
+    rng: range,
+    source: Any,
+    classifier: nn.Module,
+    model: nn.Module | None,
+    s: EvalSettings,
+    store: ResultsStore,
+    ctx: distributed.DistContext,
+    tick: Any,
+    keep_adversarial: bool,
+) -> dict[str, Any]:
+    """Batch ``k``'s record (its flags, labels and wall time), saved in ``store`` (and its adversarial examples)."""
+    x, y = source.examples(rng)
+    x, y = x.to(ctx.device), y.to(ctx.device)
+    t0 = time.time()
+    adversarial: dict[str, torch.Tensor] | None = {} if keep_adversarial else None
+    flags = source.flags(classifier, model, x, y, rng, s, ctx.device, on_call=tick, adversarial=adversarial)
+    if adversarial:
+        ckpt.save_tensors(adversarial_path(store, k), {"y": y.cpu(), **adversarial})
+    record = {
+        "batch": k,
+        "start": rng.start,
+        "stop": rng.stop,
+        "settings": store.settings,
+        "flags": flags,
+        "labels": y.tolist(),
+        "wall_s": round(time.time() - t0, 3),
+        "rank": ctx.rank,
+    }
+    store.save(k, record)
+    return record
+
+
+def _results(
+    all_records: list[dict[str, Any]],
+    source: Any,
+    s: EvalSettings,
+    store: ResultsStore,
+    ctx: distributed.DistContext,
+    run: Path | None,
+    dataset: Any,
+    log_counts: dict[str, int],
+    started: float,
+    extra: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """The results file's content from every process's batch records."""
     flags = merge_records(all_records)
     metrics, report = source.summarize(flags)
     warnings = sorted({w for r in all_records for w in r["flags"].get("warnings", [])})
-    results = {
+    return {
         "format": RESULTS_FORMAT,
         "name": store.dir.name,
         "run": str(run) if run is not None else None,
         "settings": store.settings,
         "seed": s.seed,
         "n_examples": s.n_examples,
-        "batches": len(batches),
+        "batches": len(batch_ranges(s.n_examples, s.batch_size)),
         "metrics": metrics,
         "reclassification": report,
         "adaptive": adaptive_summary(flags, _wall_per_attack(all_records)),
@@ -225,7 +261,7 @@ def evaluate(
         "wall_time_s": round(sum(r["wall_s"] for r in all_records), 3),
         "elapsed_s": round(time.time() - started, 3),
         "processes": ctx.world_size,
-        "device": str(device),
+        "device": str(ctx.device),
         "versions": library_versions(),
         "notes": [
             "A robust flag is set only when the clean flag (same model, single draw) is set too.",
@@ -243,9 +279,6 @@ def evaluate(
         ],
         **(extra or {}),
     }
-    path = store.dir / RESULTS_FILE
-    ckpt.atomic_write_text(path, dumps_compact(results))
-    return EvalOutcome(results, path, computed, resumed)
 
 
 def _deadline(batch_seconds: list[tuple[float, int]], examples_left: int, previous: float | None) -> float | None:
