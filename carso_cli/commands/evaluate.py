@@ -12,6 +12,7 @@ does the rest (seeding, resume, sharding, the tables: the package ``carso_cli/ev
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -85,6 +86,7 @@ def cli(
     no_indicators: NoIndicatorsOpt = False,
 ) -> None:
     """Clean and robust accuracy of the classifier and of CARSO (the paper's Table 2)."""
+    options = dict(locals())
     from carso_cli.cli import console
 
     if adversarial is not None and gpus > 1:
@@ -127,38 +129,42 @@ def cli(
         if code != 0:
             raise typer.Exit(code)
         return
+    ev.run_evaluation(job_of(options), console)
+
+
+def job_of(o: dict[str, Any]) -> ev.EvalJob:
+    """The parsed options as an ``EvalJob``: enums to strings, ε parsed, ``--steps``/``--eot`` to every attack's."""
     settings = ev.EvalSettings.from_options(
-        ev.run_config(run),
-        attack=attack.value if attack else None,
-        targets=ev.targets_of(target.value),
-        eps=None if eps is None else parse_eps(eps, "--eps"),
-        n_examples=n_examples,
-        batch_size=batch_size,
-        samples=samples,
-        aggregation=aggregation.value if aggregation else None,
-        seed=seed,
-        repeats=repeats,
-        aa_steps=steps,  # --steps and --eot: every attack's (AutoAttack's default: 100 steps, section 5.1)
-        pgd_steps=steps,
-        aa_eot=eot,
-        pgd_eot=eot,
-        square_queries=queries,
-        precision=precision.value,
-        square=square,
-        saturation_threshold=saturation_threshold,
-        restarts=restarts,
-        eot_normalise=eot_normalise,
-        indicators=not no_indicators,
-        indicator_examples=indicator_examples,
+        ev.run_config(o["run"]),
+        attack=o["attack"].value if o["attack"] else None,
+        targets=ev.targets_of(o["target"].value),
+        eps=None if o["eps"] is None else parse_eps(o["eps"], "--eps"),
+        n_examples=o["n_examples"],
+        batch_size=o["batch_size"],
+        samples=o["samples"],
+        aggregation=o["aggregation"].value if o["aggregation"] else None,
+        seed=o["seed"],
+        repeats=o["repeats"],
+        aa_steps=o["steps"],  # --steps and --eot: every attack's (AutoAttack's default: 100 steps, section 5.1)
+        pgd_steps=o["steps"],
+        aa_eot=o["eot"],
+        pgd_eot=o["eot"],
+        square_queries=o["queries"],
+        precision=o["precision"].value,
+        square=o["square"],
+        saturation_threshold=o["saturation_threshold"],
+        restarts=o["restarts"],
+        eot_normalise=o["eot_normalise"],
+        indicators=not o["no_indicators"],
+        indicator_examples=o["indicator_examples"],
     )
-    job = ev.EvalJob(
-        run,
+    return ev.EvalJob(
+        o["run"],
         settings,
-        resolve_device(device),
-        name=name,
-        resume=resume,
-        data_root=data_root,
-        adversarial=adversarial,
-        save_adversarial=save_adversarial,
+        resolve_device(o["device"]),
+        name=o["name"],
+        resume=o["resume"],
+        data_root=o["data_root"],
+        adversarial=o["adversarial"],
+        save_adversarial=o["save_adversarial"],
     )
-    ev.run_evaluation(job, console)
