@@ -133,38 +133,16 @@ def cli(
 
 
 def job_of(o: dict[str, Any]) -> ev.EvalJob:
-    """The parsed options as an ``EvalJob``: enums to strings, ε parsed, ``--steps``/``--eot`` to every attack's."""
-    settings = ev.EvalSettings.from_options(
-        ev.run_config(o["run"]),
-        attack=o["attack"].value if o["attack"] else None,
-        targets=ev.targets_of(o["target"].value),
-        eps=None if o["eps"] is None else parse_eps(o["eps"], "--eps"),
-        n_examples=o["n_examples"],
-        batch_size=o["batch_size"],
-        samples=o["samples"],
-        aggregation=o["aggregation"].value if o["aggregation"] else None,
-        seed=o["seed"],
-        repeats=o["repeats"],
-        aa_steps=o["steps"],  # --steps and --eot: every attack's (AutoAttack's default: 100 steps, section 5.1)
-        pgd_steps=o["steps"],
-        aa_eot=o["eot"],
-        pgd_eot=o["eot"],
-        square_queries=o["queries"],
-        precision=o["precision"].value,
-        square=o["square"],
-        saturation_threshold=o["saturation_threshold"],
-        restarts=o["restarts"],
-        eot_normalise=o["eot_normalise"],
-        indicators=not o["no_indicators"],
-        indicator_examples=o["indicator_examples"],
-    )
-    return ev.EvalJob(
-        o["run"],
-        settings,
-        resolve_device(o["device"]),
-        name=o["name"],
-        resume=o["resume"],
-        data_root=o["data_root"],
-        adversarial=o["adversarial"],
-        save_adversarial=o["save_adversarial"],
-    )
+    """The parsed options as an ``EvalJob`` (ε parsed; None: the run's preset)."""
+    values = ev.fields_of_options(ev.EvalSettings, o, RENAMED)
+    values["targets"] = ev.targets_of(o["target"].value)
+    values["eps"] = None if o["eps"] is None else parse_eps(o["eps"], "--eps")
+    values["indicators"] = not o["no_indicators"]
+    settings = ev.EvalSettings.from_options(ev.run_config(o["run"]), **values)
+    names = ("name", "resume", "data_root", "adversarial", "save_adversarial")
+    return ev.EvalJob(o["run"], settings, resolve_device(o["device"]), **{k: o[k] for k in names})
+
+
+# The options named otherwise than their fields: --steps and --eot are every attack's (AutoAttack's
+# default stays 100 steps, section 5.1), --queries Square's.
+RENAMED = {"steps": ("aa_steps", "pgd_steps"), "eot": ("aa_eot", "pgd_eot"), "queries": ("square_queries",)}

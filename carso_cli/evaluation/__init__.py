@@ -129,6 +129,7 @@ from carso_cli.evaluation.settings import (
     EvalSettings,
     batch_ranges,
     default_attack,
+    fields_of_options,
     run_config,
     targets_of,
 )

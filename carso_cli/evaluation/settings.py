@@ -9,7 +9,8 @@ option's None becomes the preset's value); ``validate`` checks every range once.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
+from enum import Enum
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -170,3 +171,16 @@ def run_config(run: Path | str | None) -> Config:
     from carso_cli.config import load_config
 
     return load_config(ckpt.resolve_run(run) / ckpt.CONFIG_FILE)
+
+
+def fields_of_options(cls: type, options: dict[str, Any], renamed: dict[str, tuple[str, ...]]) -> dict[str, Any]:
+    """A command's parsed options as ``cls``'s fields (for ``from_options``): enums to their values, an option
+    named otherwise to its field(s) (``renamed``, e.g. ``--steps`` → ``aa_steps``, ``pgd_steps``), the options
+    that are no field (``--run``, ``--device``, …) left out. A new option named as its field needs nothing here."""
+    names = {f.name for f in fields(cls)}
+    out: dict[str, Any] = {}
+    for key, value in options.items():
+        for name in renamed.get(key, (key,)):
+            if name in names:
+                out[name] = value.value if isinstance(value, Enum) else value
+    return out
