@@ -152,20 +152,7 @@ def run_candidates(
         return Candidates(res.candidates, res.sources, None, res.warnings)
     if name == "pgd-eot-logsum":
         with surface(model, LOGSUM_SURFACE):
-            x_adv = pgd_eot_examples(
-                model,
-                x,
-                y,
-                idx,
-                eps=s.eps,
-                steps=s.pgd_steps,
-                step_size=s.pgd_step_size,
-                eot=s.pgd_eot,
-                seed=s.seed,
-                restarts=int(s.restarts or 1),
-                normalise=bool(s.eot_normalise),
-                keep_best=True,
-            )
+            x_adv = pgd_eot_examples(model, x, y, idx, **s.pgd_eot_options(), keep_best=True)
         return Candidates(x_adv[None], ["pgd-eot"])
     if name == "transfer-classifier":
         # The classifier is deterministic: EoT is pointless, APGD-CE + APGD-DLR as in randAA.

@@ -174,6 +174,7 @@ def _carso_part(
     out["carso_clean"] = _flags(clean)
     out["carso_clean_repeats"] = [_flags(r) for r in clean_r]
     x_adv = x_final = None
+    key = ""
     if s.attack == "autoattack":
         # The paper's protocol: randAA on the surface the authors' AutoAttack saw (their float32
         # lexsemble for dexp). The library's z come from the global RNG: not the seeded sampler.
@@ -195,19 +196,7 @@ def _carso_part(
         keep[key] = x_final = res.point
         warnings += [f"carso: {w}" for w in res.warnings]
     elif s.attack == "pgd-eot":
-        x_adv = pgd_eot_examples(
-            counted_carso,
-            x,
-            y,
-            idx,
-            eps=s.eps,
-            steps=s.pgd_steps,
-            step_size=s.pgd_step_size,
-            eot=s.pgd_eot,
-            seed=s.seed,
-            restarts=int(s.restarts or 1),
-            normalise=bool(s.eot_normalise),
-        )
+        x_adv = pgd_eot_examples(counted_carso, x, y, idx, **s.pgd_eot_options())
         single = draw_flags(carso, x_adv, y, idx, s.seed, STREAM_ADV)[0]
         out["carso_pgd_eot"] = _flags(single & clean)
         key = "carso_pgd_eot"
@@ -216,18 +205,7 @@ def _carso_part(
     elif s.attack == "adaptive":
         x_final, more = _adaptive_part(carso, counted_carso, counted_classifier, x, y, idx, clean, s, device, out, keep)
         warnings += more
-    if x_adv is not None:
-        # Re-classification: a draw is right only if it is right on every candidate of the attack.
-        reps = torch.stack([draw_flags(carso, c, y, idx, s.seed, STREAM_ADV_REPEATS, s.repeats) for c in x_adv]).all(
-            dim=0
-        )
-        out[f"{key}_repeats"] = [_flags(r) for r in reps]
-    # Saturation of each surface's CE gradient, at the clean and the final adversarial point.
-    points = {"clean": x} if x_final is None else {"clean": x, "adversarial": x_final}
-    for name in surfaces_of(s.aggregation):
-        with surface(carso, name):
-            for point, xp in points.items():
-                out[saturation_key(name, point)] = _flags(saturated_flags(carso, xp, y, idx, seed=s.seed))
+    _after_attack(carso, x, y, idx, s, x_adv, key, x_final, out)
     return warnings
 
 
@@ -265,6 +243,33 @@ def _adaptive_part(
             counted_carso, carso, counted_classifier, x, y, idx, result, clean, s, device
         )
     return x_final, warnings
+
+
+def _after_attack(
+    carso: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    idx: list[int],
+    s: EvalSettings,
+    x_adv: torch.Tensor | None,
+    key: str,
+    x_final: torch.Tensor | None,
+    out: dict[str, Any],
+) -> None:
+    """CARSO re-classified on the attack's candidates ``x_adv`` (K, B, C, H, W) as ``{key}_repeats``; the
+    saturation of each surface at the clean and the final adversarial point ``x_final``."""
+    if x_adv is not None:
+        # Re-classification: a draw is right only if it is right on every candidate of the attack.
+        reps = torch.stack([draw_flags(carso, c, y, idx, s.seed, STREAM_ADV_REPEATS, s.repeats) for c in x_adv]).all(
+            dim=0
+        )
+        out[f"{key}_repeats"] = [_flags(r) for r in reps]
+    # Saturation of each surface's CE gradient, at the clean and the final adversarial point.
+    points = {"clean": x} if x_final is None else {"clean": x, "adversarial": x_final}
+    for name in surfaces_of(s.aggregation):
+        with surface(carso, name):
+            for point, xp in points.items():
+                out[saturation_key(name, point)] = _flags(saturated_flags(carso, xp, y, idx, seed=s.seed))
 
 
 def load_examples(dataset: Any, indices: range) -> tuple[torch.Tensor, torch.Tensor]:

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -125,7 +126,6 @@ def evaluate(
     s = settings
     s.validate()
     source = source or DatasetAttacks(dataset)
-    device = ctx.device
     store.check()
     if ctx.is_main:
         store.prepare()
@@ -133,19 +133,8 @@ def evaluate(
     started = time.time()
     batches = batch_ranges(s.n_examples, s.batch_size)
     mine = distributed.shard(len(batches), ctx.rank, ctx.world_size)
-    model: nn.Module | None = carso
-    if carso is not None and s.precision == "bfloat16":
-        model = Autocast(carso, device)
-    n_mine = sum(len(batches[k]) for k in mine)
-    start = time.monotonic()
-    task = (
-        progress.add_task(
-            "evaluation: examples", total=n_mine, deadline=start + estimate_s if estimate_s is not None else None
-        )
-        if progress is not None
-        else None
-    )
-    calls = progress.add_task("forward passes", total=None, visible=False) if progress is not None else None
+    model = Autocast(carso, ctx.device) if carso is not None and s.precision == "bfloat16" else carso
+    shown = _Shown(progress, sum(len(batches[k]) for k in mine), estimate_s)
     records: list[dict[str, Any]] = []
     computed = resumed = 0
     log_path = store.dir / AUTOATTACK_LOG if ctx.is_main else None
@@ -155,14 +144,7 @@ def evaluate(
             rng = batches[k]
             record = store.load(k)
             if record is None:
-                if progress is not None:
-                    progress.reset(
-                        calls,
-                        total=expected_calls(s),
-                        visible=True,
-                        description=f"batch {k + 1}/{len(batches)} — forward passes",
-                    )
-                tick = (lambda: progress.advance(calls)) if progress is not None else None
+                tick = shown.batch(f"batch {k + 1}/{len(batches)} — forward passes", expected_calls(s))
                 record = _compute_batch(k, rng, source, classifier, model, s, store, ctx, tick, keep_adversarial)
                 computed += 1
                 indicator_s = (record["flags"].get("indicators") or {}).get("wall_s", 0.0)
@@ -170,20 +152,28 @@ def evaluate(
             else:
                 resumed += 1
             records.append(record)
-            if progress is not None:
-                progress.advance(task, len(rng))
-                left = sum(len(batches[j]) for j in mine[mine.index(k) + 1 :])
-                progress.update(task, deadline=_deadline(batch_seconds, left, progress.tasks[task].fields["deadline"]))
-    if progress is not None:
-        progress.update(calls, visible=False)
+            shown.done(len(rng), sum(len(batches[j]) for j in mine[mine.index(k) + 1 :]), batch_seconds)
+    shown.close()
+    outcome = EvalOutcome(None, None, computed, resumed)
+    results_of = lambda every: _results(every, source, s, store, ctx, run, dataset, log_counts, started, extra)  # noqa: E731
+    return _gather(records, outcome, store, ctx, results_of)
+
+
+def _gather(
+    records: list[dict[str, Any]],
+    outcome: EvalOutcome,
+    store: ResultsStore,
+    ctx: distributed.DistContext,
+    results_of: Callable[[list[dict[str, Any]]], dict[str, Any]],
+) -> EvalOutcome:
+    """Every process's records to rank 0, which writes the results file (``results_of(every record)``)."""
     gathered = distributed.gather_objects(records, ctx)
     if not ctx.is_main or gathered is None:
-        return EvalOutcome(None, None, computed, resumed)
-    all_records = [r for part in gathered for r in part]
-    results = _results(all_records, source, s, store, ctx, run, dataset, log_counts, started, extra)
+        return outcome
+    results = results_of([r for part in gathered for r in part])
     path = store.dir / RESULTS_FILE
     ckpt.atomic_write_text(path, dumps_compact(results))
-    return EvalOutcome(results, path, computed, resumed)
+    return EvalOutcome(results, path, outcome.computed, outcome.resumed)
 
 
 def _compute_batch(
@@ -279,6 +269,35 @@ def _results(
         ],
         **(extra or {}),
     }
+
+
+class _Shown:
+    """The runner's two progress tasks (no-ops without a display): the examples, with an ETA (the cost estimate
+    until the first computed batch re-calibrates it, ``_deadline``), and the forward passes of the batch."""
+
+    def __init__(self, progress: Any, examples: int, estimate_s: float | None) -> None:
+        self.progress = progress
+        if progress is not None:
+            deadline = time.monotonic() + estimate_s if estimate_s is not None else None
+            self.task = progress.add_task("evaluation: examples", total=examples, deadline=deadline)
+            self.calls = progress.add_task("forward passes", total=None, visible=False)
+
+    def batch(self, description: str, calls: int | None) -> Any:
+        """A batch starts: its forward-pass counter reset; returns the tick each forward pass calls (or None)."""
+        if self.progress is None:
+            return None
+        self.progress.reset(self.calls, total=calls, visible=True, description=description)
+        return lambda: self.progress.advance(self.calls)
+
+    def done(self, examples: int, left: int, batch_seconds: list[tuple[float, int]]) -> None:
+        if self.progress is not None:
+            self.progress.advance(self.task, examples)
+            previous = self.progress.tasks[self.task].fields["deadline"]
+            self.progress.update(self.task, deadline=_deadline(batch_seconds, left, previous))
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.update(self.calls, visible=False)
 
 
 def _deadline(batch_seconds: list[tuple[float, int]], examples_left: int, previous: float | None) -> float | None:

@@ -135,6 +135,18 @@ class EvalSettings(AttackBudget):
         indicators = options.get("indicators", True) and attack == "adaptive"
         return super().from_options(cfg, **{**options, "attack": attack, "indicators": indicators})
 
+    def pgd_eot_options(self) -> dict[str, Any]:
+        """``gradients.pgd_eot_examples``'s keyword arguments for CARSO's PGD+EoT (Table 14, issue 23)."""
+        return {
+            "eps": self.eps,
+            "steps": self.pgd_steps,
+            "step_size": self.pgd_step_size,
+            "eot": self.pgd_eot,
+            "seed": self.seed,
+            "restarts": int(self.restarts or 1),
+            "normalise": bool(self.eot_normalise),
+        }
+
     def validate(self) -> None:
         if self.attack not in ATTACKS:
             raise CarsoError(f"unknown attack '{self.attack}' (choose from {', '.join(ATTACKS)})")
