@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -97,28 +98,38 @@ def evaluate_batch(
     counted_classifier = CountCalls(classifier, tick)
     counted_carso = CountCalls(carso, tick) if carso is not None else None
     idx = list(indices)
+    batch = _Batch(x, y, idx, s, device, out, keep)
     if "classifier" in s.targets:
-        warnings += _classifier_part(classifier, counted_classifier, x, y, idx, s, device, out, keep)
+        warnings += _classifier_part(classifier, counted_classifier, batch)
     if "carso" in s.targets and carso is not None and counted_carso is not None:
-        warnings += _carso_part(carso, counted_carso, counted_classifier, x, y, idx, s, device, out, keep)
+        warnings += _carso_part(carso, counted_carso, counted_classifier, batch)
     for k, v in keep.items():
         keep[k] = v.detach().cpu()
     out["warnings"] = warnings
     return out
 
 
+@dataclass
+class _Batch:
+    """The batch ``evaluate_batch`` works on (x (B, C, H, W), y (B,) on ``device``, test-set indices), its
+    settings, and what its parts write: the flags (``out``) and the adversarial examples (``keep``)."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    idx: list[int]
+    s: EvalSettings
+    device: torch.device
+    out: dict[str, Any]
+    keep: dict[str, torch.Tensor]
+
+
 def _classifier_part(
     classifier: nn.Module,
     counted_classifier: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    idx: list[int],
-    s: EvalSettings,
-    device: torch.device,
-    out: dict[str, Any],
-    keep: dict[str, torch.Tensor],
+    b: _Batch,
 ) -> list[str]:
     """The classifier's flags (into ``out``) and adversarial examples (into ``keep``); returns the warnings."""
+    x, y, idx, s, device, out, keep = b.x, b.y, b.idx, b.s, b.device, b.out, b.keep
     warnings: list[str] = []
     clean = classifier_flags(classifier, x, y)
     out["classifier_clean"] = _flags(clean)
@@ -159,15 +170,10 @@ def _carso_part(
     carso: nn.Module,
     counted_carso: nn.Module,
     counted_classifier: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    idx: list[int],
-    s: EvalSettings,
-    device: torch.device,
-    out: dict[str, Any],
-    keep: dict[str, torch.Tensor],
+    b: _Batch,
 ) -> list[str]:
     """CARSO's flags (into ``out``) and adversarial examples (into ``keep``); returns the warnings."""
+    x, y, idx, s, device, out, keep = b.x, b.y, b.idx, b.s, b.device, b.out, b.keep
     warnings: list[str] = []
     clean_r = draw_flags(carso, x, y, idx, s.seed, STREAM_CLEAN_REPEATS, s.repeats)
     clean = draw_flags(carso, x, y, idx, s.seed, STREAM_CLEAN)[0]
