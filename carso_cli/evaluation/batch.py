@@ -123,28 +123,26 @@ class _Batch:
     keep: dict[str, torch.Tensor]
 
 
+def _autoattack(model: nn.Module, b: _Batch, version: str, stream: str, **extra: Any) -> Any:
+    """pyautoattack's ``version`` on the batch, seeded per batch by its first example and ``stream``."""
+    seed = example_seed(b.s.seed, stream, b.idx[0], bits=31)
+    return autoattack_flags(
+        model, b.x, b.y, eps=b.s.eps, version=version, seed=seed, device=b.device, steps=b.s.aa_steps, **extra
+    )
+
+
 def _classifier_part(
     classifier: nn.Module,
     counted_classifier: nn.Module,
     b: _Batch,
 ) -> list[str]:
     """The classifier's flags (into ``out``) and adversarial examples (into ``keep``); returns the warnings."""
-    x, y, idx, s, device, out, keep = b.x, b.y, b.idx, b.s, b.device, b.out, b.keep
+    x, y, idx, s, out, keep = b.x, b.y, b.idx, b.s, b.out, b.keep
     warnings: list[str] = []
     clean = classifier_flags(classifier, x, y)
     out["classifier_clean"] = _flags(clean)
     if s.attack in ("autoattack", "adaptive"):
-        res = autoattack_flags(
-            counted_classifier,
-            x,
-            y,
-            eps=s.eps,
-            version="standard",
-            seed=example_seed(s.seed, "classifier", idx[0], bits=31),
-            device=device,
-            steps=s.aa_steps,
-            square_queries=s.square_queries,
-        )
+        res = _autoattack(counted_classifier, b, "standard", "classifier", square_queries=s.square_queries)
         out["classifier_aa"] = _flags(res.flags & clean)
         keep["classifier_aa"] = res.x_adv.cpu()
         warnings += [f"classifier: {w}" for w in res.warnings]
@@ -185,17 +183,7 @@ def _carso_part(
         # The paper's protocol: randAA on the surface the authors' AutoAttack saw (their float32
         # lexsemble for dexp). The library's z come from the global RNG: not the seeded sampler.
         with surface(counted_carso, paper_surface(s.aggregation)):
-            res = autoattack_flags(
-                counted_carso,
-                x,
-                y,
-                eps=s.eps,
-                version="rand",
-                seed=example_seed(s.seed, "carso", idx[0], bits=31),
-                device=device,
-                steps=s.aa_steps,
-                eot=s.aa_eot,
-            )
+            res = _autoattack(counted_carso, b, "rand", "carso", eot=s.aa_eot)
         out["carso_randaa_library"] = _flags(res.flags)
         out["carso_randaa"] = _flags(res.flags & clean)
         x_adv, key = res.candidates, "carso_randaa"
