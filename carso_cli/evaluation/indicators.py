@@ -540,7 +540,6 @@ def _attack_indicators(
     device: torch.device,
 ) -> dict[str, _Indicator]:
     """The indicators of one attack ``a`` (an ``AttackOutcome``) of ``batch_indicators``, each ``timed``."""
-    big, double = unbounded_settings(s), doubled_settings(s)
     ind: dict[str, _Indicator] = {
         "reproduction": timed(
             "reproduction",
@@ -557,7 +556,7 @@ def _attack_indicators(
             "unbounded",
             unbounded_attack,
             judge,
-            attack_fn(a.name, model, classifier, big, device),
+            attack_fn(a.name, model, classifier, unbounded_settings(s), device),
             xs,
             ys,
             sub,
@@ -567,7 +566,7 @@ def _attack_indicators(
             "convergence",
             non_convergence,
             judge,
-            attack_fn(a.name, model, classifier, double, device),
+            attack_fn(a.name, model, classifier, doubled_settings(s), device),
             xs,
             a.candidates[:, dev.to(a.candidates.device)],
             ys,
