@@ -154,156 +154,87 @@ def check(
     return AdversarialSet(a.attack, x, y, idx)
 
 
-def _accuracy(flags: torch.Tensor) -> dict[str, Any]:
-    return {"correct": int(flags.sum()), "total": int(flags.numel()), "accuracy": float(flags.double().mean())}
+class FileSource:
+    """``carso eval --adversarial FILE`` as an attack source of the evaluation runner (``evaluation.evaluate``):
+    no attack runs, each attack's examples in the file (checked: ``check``) are classified.
 
-
-def evaluate_set(
-    classifier: torch.nn.Module,
-    carso: torch.nn.Module | None,
-    a: AdversarialSet,
-    dataset: Any,
-    *,
-    seed: int,
-    repeats: int,
-    batch_size: int,
-    device: torch.device,
-) -> dict[str, Any]:
-    """Per-example flags of the classifier and/or CARSO on ``a`` (checked), JSON-ready.
-
-    CARSO's verdict is the paper's decision rule: the argmax of one aggregated forward (section 4.5),
-    its z seeded per example as in ``carso eval``; it is then re-classified ``repeats`` times. With
-    ``idx``, a robust flag also needs the clean example right (as ``carso eval`` counts).
+    Batch ``rng`` is the file's examples ``rng``; flags ``classifier.A`` and ``carso.A`` (with
+    ``carso.A_repeats``) per attack A, columns ``AT/A`` and ``C/A``. CARSO's verdict is the paper's
+    decision rule: the argmax of one aggregated forward (section 4.5), its z seeded per example (by the
+    test-set index, else the position in the file) as in ``carso eval``; it is then re-classified
+    ``repeats`` times. With ``idx``, a robust flag also needs the clean example right (as ``carso eval`` counts).
     """
-    from carso_cli import evaluation as ev
 
-    n = a.x_adv.shape[0]
-    idx = [int(i) for i in (a.idx if a.idx is not None else torch.arange(n))]
-    out: dict[str, list[Any]] = {}
-    for start in range(0, n, batch_size):
-        part = slice(start, min(start + batch_size, n))
-        x, y, ids = a.x_adv[part].to(device), a.y[part].to(device), idx[part]
-        clean_x = ev.load_examples(dataset, ids)[0].to(device) if a.idx is not None else None
-        got: dict[str, Any] = {}
-        if classifier is not None:
-            adv = ev.classifier_flags(classifier, x, y)
-            got["classifier"] = adv & ev.classifier_flags(classifier, clean_x, y) if clean_x is not None else adv
-        if carso is not None:
-            adv = ev.draw_flags(carso, x, y, ids, seed, ev.STREAM_ADV)[0]
-            if clean_x is not None:
-                adv = adv & ev.draw_flags(carso, clean_x, y, ids, seed, ev.STREAM_CLEAN)[0]
-            got["carso"] = adv
-            got["carso_repeats"] = ev.draw_flags(carso, x, y, ids, seed, ev.STREAM_ADV_REPEATS, repeats)
-        for key, value in got.items():
-            rows = value.tolist()
-            if key.endswith("_repeats"):
-                acc = out.setdefault(key, [[] for _ in rows])
-                for row, part_row in zip(acc, rows):
-                    row.extend(int(v) for v in part_row)
-            else:
-                out.setdefault(key, []).extend(int(v) for v in rows)
-    return out
+    def __init__(self, sets: list[AdversarialSet], dataset: Any) -> None:
+        self.sets = sets
+        self.dataset = dataset
+        first = sets[0]
+        self.idx = first.idx if first.idx is not None else torch.arange(first.x_adv.shape[0])
+
+    def __len__(self) -> int:
+        return int(self.sets[0].x_adv.shape[0])
+
+    def examples(self, rng: range) -> tuple[torch.Tensor, torch.Tensor]:
+        """The labels of batch ``rng`` (the examples themselves are per attack: ``flags`` reads them)."""
+        part = slice(rng.start, rng.stop)
+        return self.sets[0].x_adv[part], self.sets[0].y[part]
+
+    def flags(
+        self,
+        classifier: torch.nn.Module,
+        carso: torch.nn.Module | None,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        rng: range,
+        s: Any,
+        device: torch.device,
+        **_: Any,
+    ) -> dict[str, Any]:
+        from carso_cli import evaluation as ev
+
+        part = slice(rng.start, rng.stop)
+        ids = [int(i) for i in self.idx[part]]
+        clean_x = ev.load_examples(self.dataset, ids)[0].to(device) if self.sets[0].idx is not None else None
+        out: dict[str, Any] = {}
+        for a in self.sets:
+            xa = a.x_adv[part].to(device)
+            if "classifier" in s.targets:
+                adv = ev.classifier_flags(classifier, xa, y)
+                if clean_x is not None:
+                    adv = adv & ev.classifier_flags(classifier, clean_x, y)
+                out[f"classifier.{a.attack}"] = adv.int().tolist()
+            if "carso" in s.targets and carso is not None:
+                adv = ev.draw_flags(carso, xa, y, ids, s.seed, ev.STREAM_ADV)[0]
+                if clean_x is not None:
+                    adv = adv & ev.draw_flags(carso, clean_x, y, ids, s.seed, ev.STREAM_CLEAN)[0]
+                out[f"carso.{a.attack}"] = adv.int().tolist()
+                reps = ev.draw_flags(carso, xa, y, ids, s.seed, ev.STREAM_ADV_REPEATS, s.repeats)
+                out[f"carso.{a.attack}_repeats"] = reps.int().tolist()
+        return out
+
+    def summarize(self, flags: dict[str, list[Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Columns ``AT/A`` and ``C/A`` per attack A (in the file's order), and A's re-classification report."""
+        from carso_cli.evaluation.report import accuracy_entry, reclassification
+
+        metrics: dict[str, Any] = {}
+        report: dict[str, Any] = {}
+        for a in self.sets:
+            if f"classifier.{a.attack}" in flags:
+                metrics[f"AT/{a.attack}"] = accuracy_entry(f"classifier.{a.attack}", flags[f"classifier.{a.attack}"])
+            key = f"carso.{a.attack}"
+            if key in flags:
+                metrics[f"C/{a.attack}"] = accuracy_entry(key, flags[key])
+                report[a.attack] = reclassification(flags[key], flags[f"{key}_repeats"])
+        return metrics, report
 
 
-def run_eval(
-    run_dir: Path | None,
-    path: Path,
-    *,
-    target: str,
-    name: str | None,
-    seed: int,
-    repeats: int,
-    batch_size: int,
-    samples: int | None,
-    aggregation: str | None,
-    eps: str | float | None,
-    device: torch.device,
-    data_root: Path,
-    console: Any = None,
-) -> dict[str, Any]:
-    """``carso eval --adversarial FILE``: check every attack's examples in FILE, then evaluate them.
-
-    Results go to RUN/eval/NAME/results.json (NAME: ``--name``, default ``adversarial-<file stem>``), with
-    columns ``AT/<attack>`` (classifier) and ``C/<attack>`` (CARSO).
-    """
-    from carso_cli import api
-    from carso_cli.config import parse_eps
-    from carso_cli.data import build_dataset
-    from carso_cli.evaluation import RESULTS_FILE, RESULTS_FORMAT, dumps_compact, library_versions
-
-    if repeats < 1 or batch_size < 1:
-        raise CarsoError("--repeats and --batch-size must be at least 1")
-    sets = load_adversarial(path)  # a bad file fails before the run and the dataset are loaded
-    carso = api.load(run_dir, samples=samples, aggregation=aggregation, device=device)
-    cfg = carso.config
-    eps_value = cfg.attacks.eps if eps is None else parse_eps(eps, "--eps")
-    dataset = build_dataset(cfg, "test", root=str(data_root)) if any(a.idx is not None for a in sets) else None
+def file_source(path: Path, sets: list[AdversarialSet], cfg: Any, eps: float, dataset: Any) -> FileSource:
+    """The checked examples of ``load_adversarial(path)`` (all checked before any is evaluated) as a source."""
     shape = (cfg.data.channels, cfg.data.image_size, cfg.data.image_size)
-    sets = [
-        check(a, shape=shape, num_classes=cfg.data.num_classes, eps=eps_value, dataset=dataset, source=str(path))
+    checked = [
+        check(a, shape=shape, num_classes=cfg.data.num_classes, eps=eps, dataset=dataset, source=str(path))
         for a in sets
-    ]  # all checked before any is evaluated
-    classifier = carso.classifier if target in ("both", "classifier") else None
-    model = carso if target in ("both", "carso") else None
-    metrics: dict[str, Any] = {}
-    report: dict[str, Any] = {}
-    flags: dict[str, Any] = {}
-    for a in sets:
-        got = evaluate_set(
-            classifier, model, a, dataset, seed=seed, repeats=repeats, batch_size=batch_size, device=device
-        )
-        for key, value in got.items():
-            flags[f"{key}.{a.attack}"] = value
-        if "classifier" in got:
-            metrics[f"AT/{a.attack}"] = {"key": f"classifier.{a.attack}", **_accuracy(torch.tensor(got["classifier"]))}
-        if "carso" in got:
-            single = torch.tensor(got["carso"], dtype=torch.bool)
-            reps = torch.tensor(got["carso_repeats"], dtype=torch.bool)
-            metrics[f"C/{a.attack}"] = {"key": f"carso.{a.attack}", **_accuracy(single)}
-            per_draw = reps.double().mean(dim=1)
-            worst = single & reps.all(dim=0)
-            report[a.attack] = {
-                "single": float(single.double().mean()),
-                "mean": float(per_draw.mean()),
-                "std": float(per_draw.std()) if repeats > 1 else 0.0,
-                "worst": float(worst.double().mean()),
-                "worst_correct": int(worst.sum()),
-                "repeats": repeats,
-                "total": int(single.numel()),
-            }
-    out_dir = carso.run_dir / "eval" / (name or f"adversarial-{path.stem}")
-    results = {
-        "format": RESULTS_FORMAT,
-        "name": out_dir.name,
-        "run": str(carso.run_dir),
-        "adversarial_file": str(path),
-        "settings": {
-            "attack": "file",
-            "eps": eps_value,
-            "samples": carso.samples,
-            "aggregation": carso.aggregation,
-            "seed": seed,
-            "repeats": repeats,
-            "target": target,
-            "dataset": cfg.data.dataset,
-        },
-        "n_examples": int(sets[0].x_adv.shape[0]),
-        "metrics": metrics,
-        "reclassification": report,
-        "flags": flags,
-        "versions": library_versions(),
-    }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    ckpt.atomic_write_text(out_dir / RESULTS_FILE, dumps_compact(results))
-    if console is not None:
-        from rich.table import Table
-        from rich.text import Text
-
-        t = Table(title=Text(f"accuracy on {path} — {results['n_examples']} examples, ε = {eps_value:.6g}"))
-        for c in metrics:
-            t.add_column(c, justify="right")
-        t.add_row(*[f"{100 * m['accuracy']:.2f}% ({m['correct']}/{m['total']})" for m in metrics.values()])
-        console.print(t)
-        console.print(f"results: {out_dir / RESULTS_FILE}", highlight=False, markup=False)
-    results["path"] = str(out_dir / RESULTS_FILE)
-    return results
+    ]
+    if len({a.x_adv.shape[0] for a in checked}) > 1:
+        raise CarsoError(f"{path}: its attacks hold different numbers of examples")
+    return FileSource(checked, dataset)

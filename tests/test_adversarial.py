@@ -163,3 +163,22 @@ def test_eval_save_adversarial_then_adversarial_gives_the_same_robust_count(atta
     assert code == 0, out
     again = _results(run, "reloaded")
     assert again["metrics"]["AT/classifier_aa"]["correct"] == first["metrics"]["AT/AA"]["correct"]
+
+
+def test_adversarial_file_goes_through_the_runner_lock_store_and_resume(attacked: dict) -> None:
+    """``--adversarial`` is an attack source of the runner: per-batch results, --resume, the settings stored."""
+    run, path = attacked["run"], attacked["path"]
+    code, out = _eval(run, "--adversarial", str(path), "--name", "runner", "--batch-size", "4")
+    assert code == 0, out
+    folder = run / "eval" / "runner"
+    assert sorted(p.name for p in folder.glob("batch-*.json")) == ["batch-00000.json", "batch-00001.json"]
+    r = _results(run, "runner")
+    assert r["settings"]["attack"] == "file" and r["settings"]["adversarial_file"] == str(path)
+    assert len(r["settings"]["adversarial_sha256"]) == 64
+    code, again = _eval(run, "--adversarial", str(path), "--name", "runner", "--batch-size", "4", "--resume")
+    assert code == 0 and "is complete" in again, again
+    (folder / "batch-00001.json").unlink()
+    (folder / "results.json").unlink()
+    code, again = _eval(run, "--adversarial", str(path), "--name", "runner", "--batch-size", "4", "--resume")
+    assert code == 0 and "resumed: 1 batch(es) found on disk, 1 computed" in again, again
+    assert _results(run, "runner")["flags"] == r["flags"]

@@ -238,3 +238,34 @@ def test_eval_failed_start_leaves_no_folder(tiny_run: Path, monkeypatch: pytest.
     code, out = _eval(tiny_run, "--n-examples", "2", "--name", "x")
     assert code == 1 and "attack library is missing" in out
     assert not (tiny_run / "eval" / "x").exists()
+
+
+def test_every_eval_option_reaches_the_settings(tiny_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One path: each option lands in its EvalSettings field or the EvalJob; what is left open takes the preset's."""
+    from carso_cli import evaluation as ev
+    from carso_cli.config import load_config
+
+    jobs: list = []
+    monkeypatch.setattr(ev, "run_evaluation", lambda job, console: jobs.append(job))
+    args = ["--attack", "pgd-eot", "--target", "carso", "--eps", "4/255", "--n-examples", "5", "--batch-size", "3"]
+    args += ["--samples", "2", "--aggregation", "dexp-logsum", "--seed", "7", "--repeats", "3", "--steps", "4"]
+    args += ["--eot", "2", "--queries", "11", "--saturation-threshold", "0.2", "--restarts", "2", "--no-eot-normalise"]
+    args += ["--name", "n", "--resume", "--indicator-examples", "3", "--device", "cpu"]
+    assert runner.invoke(app, ["eval", "--run", str(tiny_run), *args]).exit_code == 0
+    (job,) = jobs
+    s = job.settings
+    assert (s.attack, s.targets, s.eps, s.n_examples, s.batch_size) == ("pgd-eot", ["carso"], 4 / 255, 5, 3)
+    assert (s.samples, s.aggregation, s.seed, s.repeats) == (2, "dexp-logsum", 7, 3)
+    assert (s.aa_steps, s.pgd_steps, s.aa_eot, s.pgd_eot, s.square_queries) == (4, 4, 2, 2, 11)
+    assert (s.saturation_threshold, s.restarts, s.eot_normalise, s.indicator_examples) == (0.2, 2, False, 3)
+    assert (job.name, job.resume, str(job.device)) == ("n", True, "cpu")
+    assert runner.invoke(app, ["eval", "--run", str(tiny_run), "--device", "cpu"]).exit_code == 0
+    s, a = jobs[-1].settings, load_config(tiny_run / "config.toml").attacks
+    assert (s.attack, s.eps, s.aa_steps, s.pgd_steps, s.aa_eot) == (
+        "adaptive",
+        a.eps,
+        100,
+        a.pgd_eot_steps,
+        a.randaa_eot_iterations,
+    )
+    assert s.n_examples is None and s.indicators  # all the test set (resolved with it), indicators on

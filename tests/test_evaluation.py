@@ -210,3 +210,56 @@ def test_settings_validation() -> None:
         ev.EvalSettings(repeats=0).validate()
     assert ev.batch_ranges(5, 2) == [range(2), range(2, 4), range(4, 5)]
     assert ev.format_duration(30) == "30 s" and ev.format_duration(7200) == "2.0 h"
+
+
+def test_one_settings_path_preset_fallbacks_and_ranges() -> None:
+    """eval and sanity share the AttackBudget names; an option left None takes the preset's value, once."""
+    from carso_cli.config import load_config
+    from carso_cli.evaluation.checks import SanitySettings
+
+    cfg = load_config("smoke")
+    a = cfg.attacks
+    e = ev.EvalSettings.from_options(cfg, targets=["classifier", "carso"])
+    assert (e.eps, e.samples, e.aggregation) == (a.eps, cfg.inference.samples, cfg.inference.aggregation)
+    assert (e.aa_eot, e.pgd_steps, e.pgd_eot, e.pgd_step_size) == (
+        a.randaa_eot_iterations,
+        a.pgd_eot_steps,
+        a.pgd_eot_iterations,
+        a.pgd_eot_step_size,
+    )
+    assert e.attack == "adaptive" and e.indicators  # the default whenever CARSO is evaluated
+    assert ev.EvalSettings.from_options(cfg, targets=["classifier"]).attack == "autoattack"
+    assert not ev.EvalSettings.from_options(cfg, attack="pgd-eot").indicators
+    s = SanitySettings.from_options(cfg)
+    assert s.pgd_steps == min(a.pgd_eot_steps, 20) and s.pgd_eot == min(a.pgd_eot_iterations, 5)
+    assert s.large_eps == a.sanity_eps and s.eps == a.eps
+    given = SanitySettings.from_options(cfg, eps=0.5, pgd_steps=3, square_queries=7)
+    assert (given.eps, given.pgd_steps, given.square_queries) == (0.5, 3, 7)
+    for cls in (ev.EvalSettings, SanitySettings):  # one range check for both
+        with pytest.raises(CarsoError, match="eps must lie in"):
+            cls.from_options(cfg, eps=1.5)
+        with pytest.raises(CarsoError, match="batch-size must be at least 1"):
+            cls.from_options(cfg, batch_size=0)
+
+
+def test_the_checks_are_a_registry_reachable_from_python() -> None:
+    from carso_cli.evaluation import checks
+
+    assert list(checks.CHECKS) == [
+        "large-eps",
+        "gradients",
+        "monotonic",
+        "eot",
+        "blackbox",
+        "saturation",
+        "indicators",
+    ]
+    called: list[str] = []
+    fake = {name: (lambda _inputs, n=name: called.append(n) or n) for name in checks.CHECKS}
+    original = dict(checks.CHECKS)
+    try:
+        checks.CHECKS.update(fake)
+        assert checks.run_checks(None, ["saturation", "gradients"]) == ["gradients", "saturation"]  # registry order
+    finally:
+        checks.CHECKS.update(original)
+    assert called == ["gradients", "saturation"]

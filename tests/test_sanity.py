@@ -1,4 +1,4 @@
-"""``carso sanity``: the five checks pass on a trained smoke run; majority vote fails the gradient check."""
+"""``carso sanity``: the checks pass on a trained smoke run; majority vote fails the gradient check."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 from typer.testing import CliRunner
 
 from carso_cli.cli import app
-from carso_cli.commands import sanity
 from carso_cli.errors import CarsoError
+from carso_cli.evaluation import checks as sanity
 
 runner = CliRunner()
 
@@ -148,3 +148,26 @@ def test_sanity_option_parsing() -> None:
     assert sanity.noise(0.0, 1.0, 10) == 0.0
     result = runner.invoke(app, ["sanity", "--checks", "nope", "--run", "/nonexistent"])
     assert result.exit_code == 1 and "error:" in result.output
+
+
+def test_every_sanity_option_reaches_the_settings(tiny_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The options keep their names; the settings use the names eval uses (pgd_steps, pgd_eot, square_queries)."""
+    from carso_cli.commands import sanity as command
+    from carso_cli.config import load_config
+    from carso_cli.evaluation.sanity import SanityReport
+
+    seen: list = []
+
+    def fake(run, s, **kwargs):
+        seen.append(s)
+        return SanityReport(run, s, [], 0.0)
+
+    monkeypatch.setattr(command, "run_sanity", fake)
+    result = runner.invoke(app, ["sanity", "--run", str(tiny_run), *FAST, "--eps", "4/255", "--large-eps", "0.9"])
+    assert result.exit_code == 0, result.output
+    (s,) = seen
+    assert (s.n_examples, s.batch_size, s.pgd_steps, s.pgd_eot, s.aa_steps, s.aa_eot) == (16, 16, 3, 2, 5, 2)
+    assert (s.draws, s.square_queries, s.eps, s.large_eps) == (2, 30, 4 / 255, 0.9)
+    assert runner.invoke(app, ["sanity", "--run", str(tiny_run), "--device", "cpu"]).exit_code == 0
+    a = load_config(tiny_run / "config.toml").attacks
+    assert (seen[-1].pgd_steps, seen[-1].large_eps) == (min(a.pgd_eot_steps, 20), a.sanity_eps)

@@ -86,7 +86,8 @@ def run(
 def _pipeline(
     cfg: Config, run_dir: Path, dev: torch.device, sizes: DemoSizes, seed: int, data_root: Path, console: Any
 ) -> DemoResult:
-    from carso_cli.commands import evaluate, train_classifier, train_purifier
+    from carso_cli import evaluation as ev
+    from carso_cli.commands import train_classifier, train_purifier
 
     seconds: dict[str, float] = {}
     if console is not None:
@@ -115,23 +116,21 @@ def _pipeline(
 
     step(f"3/3  carso eval --attack adaptive  ({sizes.n_examples} examples)")
     t0 = time.perf_counter()
-    outcome = evaluate.run(
-        run_dir,
+    settings = ev.EvalSettings.from_options(
+        ev.run_config(run_dir),
         attack="adaptive",
-        target="both",
         n_examples=sizes.n_examples,
         batch_size=sizes.batch_size,
-        steps=sizes.steps,
-        eot=sizes.eot,
+        aa_steps=sizes.steps,
+        pgd_steps=sizes.steps,
+        aa_eot=sizes.eot,
+        pgd_eot=sizes.eot,
         repeats=sizes.repeats,
-        queries=sizes.queries,
+        square_queries=sizes.queries,
         indicator_examples=sizes.indicator_examples,
-        device=str(dev),
         seed=seed,
-        data_root=data_root,
-        console=console,
-        name="demo",
     )
+    outcome = ev.run_evaluation(ev.EvalJob(run_dir, settings, dev, name="demo", data_root=data_root), console)
     seconds["eval"] = time.perf_counter() - t0
     return DemoResult(run_dir, Path(classifier), outcome.results, seconds)
 

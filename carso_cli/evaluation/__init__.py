@@ -3,8 +3,9 @@
 One module per concern: ``seeding`` (per-example z), ``autoattack`` (pyautoattack), ``gradients``
 (PGD+EoT, gradient health), ``adaptive`` (the worst case over attack surfaces), ``settings``, ``store``
 (resumable results), ``saturation`` (CE-gradient saturation per surface), ``batch`` (one batch),
-``runner`` (the split, sharded), ``report``, ``cost``, ``indicators`` (attack-failure indicators).
-Everything other modules use is re-exported here.
+``runner`` (the split, sharded, from any attack source), ``report``, ``cost``, ``indicators`` (attack-failure
+indicators), ``job`` (``carso eval`` as one call), ``checks`` and ``sanity`` (``carso sanity``'s checks and
+their run), ``render`` (the tables both print). Everything other modules use is re-exported here.
 """
 
 # ruff: noqa: F401 — the public names of the package, re-exported
@@ -72,6 +73,11 @@ from carso_cli.evaluation.indicators import (
     transfer_beats_whitebox,
     unbounded_attack,
 )
+from carso_cli.evaluation.job import (
+    EvalJob,
+    finished_evaluation,
+    run_evaluation,
+)
 from carso_cli.evaluation.report import (
     COLUMNS,
     library_versions,
@@ -79,6 +85,7 @@ from carso_cli.evaluation.report import (
     summarize,
 )
 from carso_cli.evaluation.runner import (
+    DatasetAttacks,
     EvalOutcome,
     evaluate,
 )
@@ -118,8 +125,13 @@ from carso_cli.evaluation.seeding import (
 from carso_cli.evaluation.settings import (
     ATTACKS,
     TARGETS,
+    AttackBudget,
     EvalSettings,
     batch_ranges,
+    default_attack,
+    fields_of_options,
+    run_config,
+    targets_of,
 )
 from carso_cli.evaluation.store import (
     RESULTS_FILE,

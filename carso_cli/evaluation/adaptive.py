@@ -136,42 +136,18 @@ def run_candidates(
                 model, x, y, eps=s.eps, version="rand", seed=seed, device=device, steps=s.aa_steps, eot=s.aa_eot
             )
         return Candidates(res.candidates, res.sources, res.flags, res.warnings, res.x_adv)
+    apgd = {"eps": s.eps, "attacks": ["apgd-ce", "apgd-dlr"], "seed": seed, "device": device, "steps": s.aa_steps}
     if name in ("randaa-logsum", "transfer-logit"):
         with surface(model, LOGSUM_SURFACE if name == "randaa-logsum" else "logit"):
-            res = sub_attack_points(
-                model,
-                x,
-                y,
-                eps=s.eps,
-                attacks=["apgd-ce", "apgd-dlr"],
-                seed=seed,
-                device=device,
-                steps=s.aa_steps,
-                eot=s.aa_eot,
-            )
+            res = sub_attack_points(model, x, y, **apgd, eot=s.aa_eot)
         return Candidates(res.candidates, res.sources, None, res.warnings)
     if name == "pgd-eot-logsum":
         with surface(model, LOGSUM_SURFACE):
-            x_adv = pgd_eot_examples(
-                model,
-                x,
-                y,
-                idx,
-                eps=s.eps,
-                steps=s.pgd_steps,
-                step_size=s.pgd_step_size,
-                eot=s.pgd_eot,
-                seed=s.seed,
-                restarts=int(s.restarts or 1),
-                normalise=bool(s.eot_normalise),
-                keep_best=True,
-            )
+            x_adv = pgd_eot_examples(model, x, y, idx, **s.pgd_eot_options(), keep_best=True)
         return Candidates(x_adv[None], ["pgd-eot"])
     if name == "transfer-classifier":
         # The classifier is deterministic: EoT is pointless, APGD-CE + APGD-DLR as in randAA.
-        res = sub_attack_points(
-            classifier, x, y, eps=s.eps, attacks=["apgd-ce", "apgd-dlr"], seed=seed, device=device, steps=s.aa_steps
-        )
+        res = sub_attack_points(classifier, x, y, **apgd)
         return Candidates(res.candidates, res.sources, None, res.warnings)
     if name == "square":
         # Square's margin on log S: the paper's decision, with margins on the logits' scale.

@@ -246,18 +246,7 @@ def sub_attack_points(
     xf, yf = x.detach().float().to(device), y.detach().long().to(device)
     warnings: list[str] = []
     with _collect_warnings(warnings):
-        for name in attacks:
-            if name in ("apgd-ce", "apgd-dlr"):
-                attack = aa.apgd
-                attack.loss = name.removeprefix("apgd-")
-            elif name == "square":
-                attack = aa.square
-            else:
-                raise ValueError(f"unknown sub-attack '{name}'")
-            attack.seed = seed
-            attack.init_hyperparam(xf)
-            seed_everything(seed)
-            attack.attack_single_run(xf, yf)
+        _run_sub_attacks(aa, attacks, xf, yf, seed)
     candidates, sources = recorder.stacked()
     with torch.no_grad():
         right = torch.stack([model(c.to(device)).argmax(dim=-1) == yf for c in candidates]).cpu()  # (K, B)
@@ -268,6 +257,22 @@ def sub_attack_points(
         candidates[first, torch.arange(x.shape[0])].to(x.device),
     )
     return AutoAttackResult(right.all(dim=0), x_adv, candidates, sources, warnings)
+
+
+def _run_sub_attacks(aa: Any, attacks: Sequence[str], x: torch.Tensor, y: torch.Tensor, seed: int) -> None:
+    """One ``attack_single_run`` per sub-attack on every example, each seeded like the library."""
+    for name in attacks:
+        if name in ("apgd-ce", "apgd-dlr"):
+            attack = aa.apgd
+            attack.loss = name.removeprefix("apgd-")
+        elif name == "square":
+            attack = aa.square
+        else:
+            raise ValueError(f"unknown sub-attack '{name}'")
+        attack.seed = seed
+        attack.init_hyperparam(x)
+        seed_everything(seed)
+        attack.attack_single_run(x, y)
 
 
 @contextlib.contextmanager

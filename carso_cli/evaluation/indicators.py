@@ -504,7 +504,6 @@ def batch_indicators(
     sub = [idx[int(r)] for r in rows]
     dev = rows.to(x.device)
     xs, ys = x[dev], y[dev.to(y.device)]
-    big, double = unbounded_settings(s), doubled_settings(s)
     out: dict[str, dict[str, Any]] = {}
     cost = dict.fromkeys(INDICATOR_TYPES, 0.0)  # seconds per indicator, over the attacks
 
@@ -515,54 +514,75 @@ def batch_indicators(
         return value
 
     for a in result.attacks:
-        ind: dict[str, _Indicator] = {
-            "reproduction": timed(
-                "reproduction",
-                judge_reproduction,
-                judge,
-                a.point,
-                y,
-                idx,
-                a.flags == 0,
-                repeats=s.repeats,
-                library_flags=a.library_flags,
-            ),
-            "unbounded": timed(
-                "unbounded",
-                unbounded_attack,
-                judge,
-                attack_fn(a.name, model, classifier, big, device),
-                xs,
-                ys,
-                sub,
-                repeats=s.repeats,
-            ),
-            "convergence": timed(
-                "convergence",
-                non_convergence,
-                judge,
-                attack_fn(a.name, model, classifier, double, device),
-                xs,
-                a.candidates[:, dev.to(a.candidates.device)],
-                ys,
-                sub,
-                a.flags[rows] == 1,
-                repeats=s.repeats,
-            ),
-        }
-        if a.name in GRADIENT_SURFACES:
-            aggregation, losses = GRADIENT_SURFACES[a.name]
-            if a.name == "randaa":  # randAA attacks what the paper's protocol attacks (the authors' surface)
-                aggregation = paper_surface(s.aggregation)
-            eot = s.pgd_eot if a.name.startswith("pgd") else s.aa_eot
-            with surface(model, aggregation) if aggregation else contextlib.nullcontext():
-                ind["eot_noise"] = timed("eot_noise", eot_noise, model, xs, ys, sub, eot=eot, losses=losses)
+        ind = _attack_indicators(a, timed, model, judge, classifier, y, idx, xs, ys, sub, rows, dev, s, device)
         out[a.name] = {k: asdict(v) for k, v in ind.items()}
     return {
         "attacks": out,
         "wall_s": round(time.time() - t0, 3),
         "cost_s": {k: round(v, 3) for k, v in cost.items() if k != "transfer"},
     }
+
+
+def _attack_indicators(
+    a: Any,
+    timed: Callable[..., _Indicator],
+    model: nn.Module,
+    judge: nn.Module,
+    classifier: nn.Module,
+    y: torch.Tensor,
+    idx: list[int],
+    xs: torch.Tensor,
+    ys: torch.Tensor,
+    sub: list[int],
+    rows: torch.Tensor,
+    dev: torch.Tensor,
+    s: EvalSettings,
+    device: torch.device,
+) -> dict[str, _Indicator]:
+    """The indicators of one attack ``a`` (an ``AttackOutcome``) of ``batch_indicators``, each ``timed``."""
+    ind: dict[str, _Indicator] = {
+        "reproduction": timed(
+            "reproduction",
+            judge_reproduction,
+            judge,
+            a.point,
+            y,
+            idx,
+            a.flags == 0,
+            repeats=s.repeats,
+            library_flags=a.library_flags,
+        ),
+        "unbounded": timed(
+            "unbounded",
+            unbounded_attack,
+            judge,
+            attack_fn(a.name, model, classifier, unbounded_settings(s), device),
+            xs,
+            ys,
+            sub,
+            repeats=s.repeats,
+        ),
+        "convergence": timed(
+            "convergence",
+            non_convergence,
+            judge,
+            attack_fn(a.name, model, classifier, doubled_settings(s), device),
+            xs,
+            a.candidates[:, dev.to(a.candidates.device)],
+            ys,
+            sub,
+            a.flags[rows] == 1,
+            repeats=s.repeats,
+        ),
+    }
+    if a.name in GRADIENT_SURFACES:
+        aggregation, losses = GRADIENT_SURFACES[a.name]
+        if a.name == "randaa":  # randAA attacks what the paper's protocol attacks (the authors' surface)
+            aggregation = paper_surface(s.aggregation)
+        eot = s.pgd_eot if a.name.startswith("pgd") else s.aa_eot
+        with surface(model, aggregation) if aggregation else contextlib.nullcontext():
+            ind["eot_noise"] = timed("eot_noise", eot_noise, model, xs, ys, sub, eot=eot, losses=losses)
+    return ind
 
 
 def indicators_summary(

@@ -42,30 +42,36 @@ COLUMNS = [
 
 def summarize(flags: dict[str, list[Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
     """(metrics per Table 2 column, re-classification report) from the merged per-example flags."""
-    metrics: dict[str, Any] = {}
-    for column, key in COLUMNS:
-        if key in flags:
-            v = flags[key]
-            metrics[column] = {"key": key, "correct": int(sum(v)), "total": len(v), "accuracy": sum(v) / max(len(v), 1)}
+    metrics = {column: accuracy_entry(key, flags[key]) for column, key in COLUMNS if key in flags}
     report: dict[str, Any] = {}
     for name, key in (("clean", "carso_clean"), ("randAA", "carso_randaa"), ("PGD+EoT", "carso_pgd_eot")):
         reps = flags.get(f"{key}_repeats")
-        if not reps or key not in flags:
-            continue
-        t = torch.tensor(reps, dtype=torch.float64)  # (R, N)
-        per_draw = t.mean(dim=1)
-        single = torch.tensor(flags[key], dtype=torch.bool)
-        worst = single & t.bool().all(dim=0)  # robust only if the single draw and all R draws are right
-        report[name] = {
-            "single": float(single.double().mean()),
-            "mean": float(per_draw.mean()),
-            "std": float(per_draw.std(unbiased=True)) if t.shape[0] > 1 else 0.0,
-            "worst": float(worst.double().mean()),
-            "worst_correct": int(worst.sum()),
-            "repeats": int(t.shape[0]),
-            "total": int(t.shape[1]),
-        }
+        if reps and key in flags:
+            report[name] = reclassification(flags[key], reps)
     return metrics, report
+
+
+def accuracy_entry(key: str, v: list[Any]) -> dict[str, Any]:
+    """A metric of results.json: the flags' key, correct, total and accuracy (1 = right / robust)."""
+    return {"key": key, "correct": int(sum(v)), "total": len(v), "accuracy": sum(v) / max(len(v), 1)}
+
+
+def reclassification(single: list[Any], repeats: list[list[Any]]) -> dict[str, Any]:
+    """The re-classification report of one attack: ``single`` (N,) the single draw's flags, ``repeats``
+    (R, N) the re-classifications'; the worst case is robust only if the single draw and all R are right."""
+    t = torch.tensor(repeats, dtype=torch.float64)  # (R, N)
+    per_draw = t.mean(dim=1)
+    first = torch.tensor(single, dtype=torch.bool)
+    worst = first & t.bool().all(dim=0)
+    return {
+        "single": float(first.double().mean()),
+        "mean": float(per_draw.mean()),
+        "std": float(per_draw.std(unbiased=True)) if t.shape[0] > 1 else 0.0,
+        "worst": float(worst.double().mean()),
+        "worst_correct": int(worst.sum()),
+        "repeats": int(t.shape[0]),
+        "total": int(t.shape[1]),
+    }
 
 
 def merge_records(records: list[dict[str, Any]]) -> dict[str, list[Any]]:

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,33 @@ def collect_adversarial(store: ResultsStore, results: dict[str, Any]) -> dict[st
     return {"y": torch.cat([p["y"] for p in parts]), "idx": torch.arange(n), "attacks": attacks}
 
 
+class DatasetAttacks:
+    """The default attack source: batch ``rng`` is the dataset's examples, attacked as ``settings.attack``
+    says (``evaluate_batch``); Table 2's columns. ``carso_cli.adversarial.FileSource`` is the other one."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def examples(self, rng: range) -> tuple[torch.Tensor, torch.Tensor]:
+        return load_examples(self.dataset, rng)
+
+    def flags(
+        self,
+        classifier: nn.Module,
+        carso: nn.Module | None,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        rng: range,
+        s: EvalSettings,
+        device: torch.device,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        return evaluate_batch(classifier, carso, x, y, rng, s, device, **kwargs)
+
+    def summarize(self, flags: dict[str, list[Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
+        return summarize(flags)
+
+
 @dataclass
 class EvalOutcome:
     results: dict[str, Any] | None  # the results file's content (main process), else None
@@ -83,6 +111,7 @@ def evaluate(
     extra: dict[str, Any] | None = None,
     keep_adversarial: bool = False,
     estimate_s: float | None = None,
+    source: Any = None,
 ) -> EvalOutcome:
     """Evaluate the first ``settings.n_examples`` examples of ``dataset``; rank 0 writes the results.
 
@@ -92,10 +121,11 @@ def evaluate(
     kept beside its flags (``adversarial_path``), for ``--save-adversarial``. ``estimate_s``: the cost
     estimate, the whole-evaluation ETA until the first computed batch re-calibrates it (``_deadline``).
     pyautoattack's log goes to ``RUN/eval/NAME/autoattack.log`` (its warnings to the console too).
+    ``source``: where each batch's examples and flags come from (default ``DatasetAttacks(dataset)``).
     """
     s = settings
     s.validate()
-    device = ctx.device
+    source = source or DatasetAttacks(dataset)
     store.check()
     if ctx.is_main:
         store.prepare()
@@ -103,19 +133,8 @@ def evaluate(
     started = time.time()
     batches = batch_ranges(s.n_examples, s.batch_size)
     mine = distributed.shard(len(batches), ctx.rank, ctx.world_size)
-    model: nn.Module | None = carso
-    if carso is not None and s.precision == "bfloat16":
-        model = Autocast(carso, device)
-    n_mine = sum(len(batches[k]) for k in mine)
-    start = time.monotonic()
-    task = (
-        progress.add_task(
-            "evaluation: examples", total=n_mine, deadline=start + estimate_s if estimate_s is not None else None
-        )
-        if progress is not None
-        else None
-    )
-    calls = progress.add_task("forward passes", total=None, visible=False) if progress is not None else None
+    model = Autocast(carso, ctx.device) if carso is not None and s.precision == "bfloat16" else carso
+    shown = _Shown(progress, sum(len(batches[k]) for k in mine), estimate_s)
     records: list[dict[str, Any]] = []
     computed = resumed = 0
     log_path = store.dir / AUTOATTACK_LOG if ctx.is_main else None
@@ -125,59 +144,96 @@ def evaluate(
             rng = batches[k]
             record = store.load(k)
             if record is None:
-                x, y = load_examples(dataset, rng)
-                x, y = x.to(device), y.to(device)
-                if progress is not None:
-                    progress.reset(
-                        calls,
-                        total=expected_calls(s),
-                        visible=True,
-                        description=f"batch {k + 1}/{len(batches)} — forward passes",
-                    )
-                tick = (lambda: progress.advance(calls)) if progress is not None else None
-                t0 = time.time()
-                adversarial: dict[str, torch.Tensor] | None = {} if keep_adversarial else None
-                flags = evaluate_batch(classifier, model, x, y, rng, s, device, on_call=tick, adversarial=adversarial)
-                if adversarial:
-                    ckpt.save_tensors(adversarial_path(store, k), {"y": y.cpu(), **adversarial})
-                record = {
-                    "batch": k,
-                    "start": rng.start,
-                    "stop": rng.stop,
-                    "settings": store.settings,
-                    "flags": flags,
-                    "labels": y.tolist(),
-                    "wall_s": round(time.time() - t0, 3),
-                    "rank": ctx.rank,
-                }
-                store.save(k, record)
+                tick = shown.batch(f"batch {k + 1}/{len(batches)} — forward passes", expected_calls(s))
+                record = _compute_batch(k, rng, source, classifier, model, s, store, ctx, tick, keep_adversarial)
                 computed += 1
-                indicator_s = (flags.get("indicators") or {}).get("wall_s", 0.0)
+                indicator_s = (record["flags"].get("indicators") or {}).get("wall_s", 0.0)
                 batch_seconds.append((record["wall_s"] - indicator_s, len(rng)))
             else:
                 resumed += 1
             records.append(record)
-            if progress is not None:
-                progress.advance(task, len(rng))
-                left = sum(len(batches[j]) for j in mine[mine.index(k) + 1 :])
-                progress.update(task, deadline=_deadline(batch_seconds, left, progress.tasks[task].fields["deadline"]))
-    if progress is not None:
-        progress.update(calls, visible=False)
+            shown.done(len(rng), sum(len(batches[j]) for j in mine[mine.index(k) + 1 :]), batch_seconds)
+    shown.close()
+    outcome = EvalOutcome(None, None, computed, resumed)
+    results_of = lambda every: _results(every, source, s, store, ctx, run, dataset, log_counts, started, extra)  # noqa: E731
+    return _gather(records, outcome, store, ctx, results_of)
+
+
+def _gather(
+    records: list[dict[str, Any]],
+    outcome: EvalOutcome,
+    store: ResultsStore,
+    ctx: distributed.DistContext,
+    results_of: Callable[[list[dict[str, Any]]], dict[str, Any]],
+) -> EvalOutcome:
+    """Every process's records to rank 0, which writes the results file (``results_of(every record)``)."""
     gathered = distributed.gather_objects(records, ctx)
     if not ctx.is_main or gathered is None:
-        return EvalOutcome(None, None, computed, resumed)
-    all_records = [r for part in gathered for r in part]
+        return outcome
+    results = results_of([r for part in gathered for r in part])
+    path = store.dir / RESULTS_FILE
+    ckpt.atomic_write_text(path, dumps_compact(results))
+    return EvalOutcome(results, path, outcome.computed, outcome.resumed)
+
+
+def _compute_batch(
+    k: int,
+    rng: range,
+    source: Any,
+    classifier: nn.Module,
+    model: nn.Module | None,
+    s: EvalSettings,
+    store: ResultsStore,
+    ctx: distributed.DistContext,
+    tick: Any,
+    keep_adversarial: bool,
+) -> dict[str, Any]:
+    """Batch ``k``'s record (its flags, labels and wall time), saved in ``store`` (and its adversarial examples)."""
+    x, y = source.examples(rng)
+    x, y = x.to(ctx.device), y.to(ctx.device)
+    t0 = time.time()
+    adversarial: dict[str, torch.Tensor] | None = {} if keep_adversarial else None
+    flags = source.flags(classifier, model, x, y, rng, s, ctx.device, on_call=tick, adversarial=adversarial)
+    if adversarial:
+        ckpt.save_tensors(adversarial_path(store, k), {"y": y.cpu(), **adversarial})
+    record = {
+        "batch": k,
+        "start": rng.start,
+        "stop": rng.stop,
+        "settings": store.settings,
+        "flags": flags,
+        "labels": y.tolist(),
+        "wall_s": round(time.time() - t0, 3),
+        "rank": ctx.rank,
+    }
+    store.save(k, record)
+    return record
+
+
+def _results(
+    all_records: list[dict[str, Any]],
+    source: Any,
+    s: EvalSettings,
+    store: ResultsStore,
+    ctx: distributed.DistContext,
+    run: Path | None,
+    dataset: Any,
+    log_counts: dict[str, int],
+    started: float,
+    extra: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """The results file's content from every process's batch records."""
     flags = merge_records(all_records)
-    metrics, report = summarize(flags)
+    metrics, report = source.summarize(flags)
     warnings = sorted({w for r in all_records for w in r["flags"].get("warnings", [])})
-    results = {
+    return {
         "format": RESULTS_FORMAT,
         "name": store.dir.name,
         "run": str(run) if run is not None else None,
         "settings": store.settings,
         "seed": s.seed,
         "n_examples": s.n_examples,
-        "batches": len(batches),
+        "batches": len(batch_ranges(s.n_examples, s.batch_size)),
         "metrics": metrics,
         "reclassification": report,
         "adaptive": adaptive_summary(flags, _wall_per_attack(all_records)),
@@ -195,7 +251,7 @@ def evaluate(
         "wall_time_s": round(sum(r["wall_s"] for r in all_records), 3),
         "elapsed_s": round(time.time() - started, 3),
         "processes": ctx.world_size,
-        "device": str(device),
+        "device": str(ctx.device),
         "versions": library_versions(),
         "notes": [
             "A robust flag is set only when the clean flag (same model, single draw) is set too.",
@@ -213,9 +269,35 @@ def evaluate(
         ],
         **(extra or {}),
     }
-    path = store.dir / RESULTS_FILE
-    ckpt.atomic_write_text(path, dumps_compact(results))
-    return EvalOutcome(results, path, computed, resumed)
+
+
+class _Shown:
+    """The runner's two progress tasks (no-ops without a display): the examples, with an ETA (the cost estimate
+    until the first computed batch re-calibrates it, ``_deadline``), and the forward passes of the batch."""
+
+    def __init__(self, progress: Any, examples: int, estimate_s: float | None) -> None:
+        self.progress = progress
+        if progress is not None:
+            deadline = time.monotonic() + estimate_s if estimate_s is not None else None
+            self.task = progress.add_task("evaluation: examples", total=examples, deadline=deadline)
+            self.calls = progress.add_task("forward passes", total=None, visible=False)
+
+    def batch(self, description: str, calls: int | None) -> Any:
+        """A batch starts: its forward-pass counter reset; returns the tick each forward pass calls (or None)."""
+        if self.progress is None:
+            return None
+        self.progress.reset(self.calls, total=calls, visible=True, description=description)
+        return lambda: self.progress.advance(self.calls)
+
+    def done(self, examples: int, left: int, batch_seconds: list[tuple[float, int]]) -> None:
+        if self.progress is not None:
+            self.progress.advance(self.task, examples)
+            previous = self.progress.tasks[self.task].fields["deadline"]
+            self.progress.update(self.task, deadline=_deadline(batch_seconds, left, previous))
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.update(self.calls, visible=False)
 
 
 def _deadline(batch_seconds: list[tuple[float, int]], examples_left: int, previous: float | None) -> float | None:

@@ -42,7 +42,6 @@ PAPER_SURFACE = "dexp"
 AUTHORS_SURFACE = "dexp-authors"
 LOGSUM_SURFACE = "dexp-logsum"
 SURFACES = (PAPER_SURFACE, LOGSUM_SURFACE)
-POINTS = ("clean", "adversarial")
 HEALTHY, USELESS, NONFINITE = 0, 1, 2
 AGREEMENT = 0.5  # cosine with the float64 gradient below which a float32 gradient is useless
 
