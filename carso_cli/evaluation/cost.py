@@ -11,6 +11,9 @@ from torch import nn
 from carso_cli.evaluation.gradients import input_gradient
 from carso_cli.evaluation.settings import EvalSettings
 
+# A re-classification is a forward only: about a third of a forward+backward.
+RECLASSIFY_PASSES = 2 / 3
+
 
 def expected_calls(s: EvalSettings) -> int | None:
     """Forward passes ``evaluate_batch`` makes through the attacked models (None when unknown).
@@ -49,7 +52,7 @@ def passes_per_example(s: EvalSettings, num_classes: int) -> tuple[float, float]
             carso += 5 * 2 * s.repeats / 3 + (s.square_queries / 3 if s.square else 0)
         elif s.attack == "pgd-eot":
             carso = s.pgd_steps * s.pgd_eot
-        carso += 2 * s.repeats / 3  # re-classification: forwards only (~⅓ of a forward+backward)
+        carso += RECLASSIFY_PASSES * s.repeats  # re-classification: forwards only
     if "classifier" in s.targets:
         targets = min(9, num_classes - 1)
         if s.attack in ("autoattack", "adaptive"):
@@ -85,6 +88,26 @@ def probe_seconds(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     return dt
 
 
+def clean_fractions(
+    classifier: nn.Module, carso: nn.Module | None, x: torch.Tensor, y: torch.Tensor
+) -> tuple[float, float]:
+    """(CARSO's, the classifier's) fraction of ``x`` classified right, one draw: the share of examples the
+    attacks will run on (a misclassified example is not attacked), e.g. 10/32 on the demo's tiny model."""
+    devices = [x.device] if x.device.type == "cuda" else []
+    with torch.no_grad(), torch.random.fork_rng(devices=devices):  # the evaluation's draws stay as they were
+        right_classifier = (classifier(x).argmax(-1) == y).float().mean().item()
+        right_carso = (carso(x).argmax(-1) == y).float().mean().item() if carso is not None else 1.0
+    return right_carso, right_classifier
+
+
+def attacked_passes(s: EvalSettings, num_classes: int, attacked: tuple[float, float]) -> tuple[float, float]:
+    """``passes_per_example`` when the attacks run on a share ``attacked`` (CARSO's, the classifier's) of
+    the examples; CARSO's re-classifications run on every example."""
+    n_carso, n_classifier = passes_per_example(s, num_classes)
+    reclassify = RECLASSIFY_PASSES * s.repeats if "carso" in s.targets else 0.0
+    return reclassify + (n_carso - reclassify) * attacked[0], n_classifier * attacked[1]
+
+
 def estimate_seconds(
     classifier: nn.Module,
     carso: nn.Module | None,
@@ -93,9 +116,14 @@ def estimate_seconds(
     s: EvalSettings,
     num_classes: int,
     world_size: int = 1,
+    attacked: tuple[float, float] = (1.0, 1.0),
 ) -> float:
-    """A rough wall-time estimate of the whole evaluation, from timing one pass on ``x``."""
-    n_carso, n_classifier = passes_per_example(s, num_classes)
+    """A rough wall-time estimate of the whole evaluation, from timing one pass on ``x``.
+
+    ``attacked``: (CARSO's, the classifier's) share of examples the attacks run on (``clean_fractions``);
+    the attack passes scale with it, the re-classifications of CARSO do not.
+    """
+    n_carso, n_classifier = attacked_passes(s, num_classes, attacked)
     per_carso = probe_seconds(carso, x, y) / x.shape[0] if carso is not None and n_carso else 0.0
     per_classifier = probe_seconds(classifier, x, y) / x.shape[0] if n_classifier else 0.0
     indicators = min(s.indicator_examples, s.n_examples) * indicator_passes(s, n_carso) * per_carso

@@ -249,18 +249,23 @@ def finished_evaluation(
 def _print_estimate(console: Any, p: _Prepared, s: EvalSettings, ctx: distributed.DistContext) -> float | None:
     """One line: a rough wall-time estimate (returned, seconds); a warning (not a stop) when it is long."""
     from carso_cli.evaluation.batch import load_examples
-    from carso_cli.evaluation.cost import estimate_seconds, format_duration
+    from carso_cli.evaluation.cost import clean_fractions, estimate_seconds, format_duration
 
     if s.attack in ("none", "file"):
         return None
-    x, y = load_examples(p.dataset, range(min(s.batch_size, s.n_examples or 0, 4)))
+    # Attacks run only on the examples classified right: their share on the first 16 scales the attack
+    # passes (on the demo's tiny model 10 of 32; without it the estimate was 3.4× long, BENCHMARKS.md).
+    x, y = load_examples(p.dataset, range(min(s.n_examples or 0, 16)))
+    x, y = x.to(ctx.device), y.to(ctx.device)
+    attacked = clean_fractions(p.classifier, p.carso, x, y)
     num_classes = p.loaded.cfg.data.num_classes
+    probe = min(s.batch_size, x.shape[0], 4)
     seconds = estimate_seconds(
-        p.classifier, p.carso, x.to(ctx.device), y.to(ctx.device), s, num_classes, ctx.world_size
+        p.classifier, p.carso, x[:probe], y[:probe], s, num_classes, ctx.world_size, attacked=attacked
     )
-    # passes_per_example counts every attack on every example to the end: examples the classifier gets
-    # wrong or an early attack breaks cost less, so a weak model finishes well inside it.
-    extra = " (as if every example resisted every attack)" if s.attack == "adaptive" else ""
+    # An upper bound for the examples attacked: every attack on each to the end, where early attacks
+    # break many and the later ones skip them.
+    extra = " (as if no attack broke an example early)" if s.attack == "adaptive" else ""
     if seconds > 3600:
         hint = "" if ctx.device.type == "cuda" else " on the CPU; a GPU is much faster"
         console.print(
