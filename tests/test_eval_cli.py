@@ -219,7 +219,7 @@ def test_eval_gpus_without_cuda_is_an_error(tiny_run: Path, monkeypatch: pytest.
     from carso_cli import distributed
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(distributed, "relaunch", lambda n, argv: pytest.fail("must not launch"))
+    monkeypatch.setattr(distributed, "relaunch", lambda n, argv, **_: pytest.fail("must not launch"))
     result = runner.invoke(app, ["eval", "--run", str(tiny_run), "--gpus", "2", "--n-examples", "2"])
     assert result.exit_code == 1
     assert "--gpus 2: no CUDA device visible; --device cpu runs 2 CPU processes" in " ".join(result.output.split())

@@ -231,7 +231,7 @@ def test_gpus_without_cuda_is_an_error(tmp_path: Path, monkeypatch: pytest.Monke
     from carso_cli import distributed
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(distributed, "relaunch", lambda n, argv: pytest.fail("must not launch"))
+    monkeypatch.setattr(distributed, "relaunch", lambda n, argv, **_: pytest.fail("must not launch"))
     result = runner.invoke(
         app, ["train-classifier", "--preset", "smoke", "--gpus", "3", "--out", str(tmp_path / "c.safetensors")]
     )

@@ -353,7 +353,7 @@ def test_gpus_without_cuda_is_an_error(tmp_path: Path, classifier_file: Path, mo
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     launched: list[list[str]] = []
-    monkeypatch.setattr(distributed, "relaunch", lambda n, argv: launched.append(argv) or 0)
+    monkeypatch.setattr(distributed, "relaunch", lambda n, argv, **_: launched.append(argv) or 0)
     result = runner.invoke(
         app,
         [

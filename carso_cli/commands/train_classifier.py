@@ -96,9 +96,8 @@ def cli(
         **memory_overrides(attack_chunk, micro_batch, section="classifier_training"),
         **{"classifier_training.epochs": epochs, "classifier_training.batch_size": batch_size},
     )
-    overrides = option_overrides(
-        None, **resumed, **{"classifier_training.adversarial": adversarial and adversarial.value}
-    )
+    mode = option_overrides(None, **{"classifier_training.adversarial": adversarial and adversarial.value})
+    overrides = {**resumed, **mode}  # --adversarial over a --set of the same key
     if distributed.should_relaunch(gpus):
         distributed.check_gpus(gpus, device)
         if out is None and not resume and preset is not None:  # named here, for the line that says how to resume
