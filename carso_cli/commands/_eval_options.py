@@ -167,3 +167,14 @@ IndicatorExamplesOpt = Annotated[
 ]
 
 NoIndicatorsOpt = Annotated[bool, typer.Option("--no-indicators", help="Skip the attack-failure indicators.")]
+
+EpsCurveOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--eps-curve",
+        help=(
+            "Radii, comma-separated (fractions allowed: 2/255,4/255,8/255): the evaluation at each (RUN/eval/"
+            "NAME-eps-…, resumable), then accuracy against ε in RUN/eval/NAME-curve/curve.json and curve.png."
+        ),
+    ),
+]

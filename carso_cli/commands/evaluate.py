@@ -32,6 +32,7 @@ from carso_cli.commands._eval_options import (
     BatchSizeOpt,
     EotNormaliseOpt,
     EotOpt,
+    EpsCurveOpt,
     EpsOpt,
     IndicatorExamplesOpt,
     NameOpt,
@@ -54,6 +55,7 @@ from carso_cli.commands._eval_options import (
 )
 from carso_cli.config import parse_eps
 from carso_cli.errors import CarsoError
+from carso_cli.evaluation import curve
 
 
 def cli(
@@ -85,6 +87,7 @@ def cli(
     eot_normalise: EotNormaliseOpt = None,
     indicator_examples: IndicatorExamplesOpt = 8,
     no_indicators: NoIndicatorsOpt = False,
+    eps_curve: EpsCurveOpt = None,
 ) -> None:
     """Clean and robust accuracy of the classifier and of CARSO (the paper's Table 2)."""
     options = dict(locals())
@@ -102,7 +105,15 @@ def cli(
         if code != 0:
             raise typer.Exit(code)
         return
-    ev.run_evaluation(job_of(options), console)
+    if eps_curve is None:
+        ev.run_evaluation(job_of(options), console)
+        return
+    if eps is not None or adversarial is not None:
+        raise CarsoError("--eps-curve sets ε itself (one evaluation per radius): drop --eps / --adversarial")
+    radii = curve.parse_radii(eps_curve)
+    result = curve.run_curve(job_of(options), radii, console, preset_eps=ev.run_config(run).attacks.eps)
+    if result is not None:
+        curve.render_curve(result, console)
 
 
 def job_of(o: dict[str, Any]) -> ev.EvalJob:
