@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import torch
 import typer
@@ -146,3 +148,36 @@ def memory_sets(
     """``memory_overrides`` as ``--set`` lines (for ``carso bench``, which passes them on as text)."""
     extra = [f"{key}={value}" for key, value in memory_overrides(attack_chunk, micro_batch, section).items()]
     return [*(sets or []), *extra] or None
+
+
+def relaunch_training(
+    ctx: typer.Context,
+    gpus: int,
+    device: str | None,
+    *,
+    target: Path | None,
+    checkpoint_of: Callable[[Path], Path],
+    started_out: Callable[[float], Path | None] | None = None,
+    **overrides: Any,
+) -> NoReturn:
+    """Run a training command again under torchrun with ``gpus`` processes, from its parsed options.
+
+    When a rank dies, one line says so and how to continue: the training's ``target`` (its --out, else the
+    run the ranks started since, ``started_out``) and whether its checkpoint (``checkpoint_of``) is intact.
+    """
+    from carso_cli import checkpoint as ckpt
+    from carso_cli import distributed
+    from carso_cli.cli import debug_enabled
+
+    distributed.check_gpus(gpus, device)
+    argv = distributed.relaunch_argv(ctx, **overrides)  # every option as parsed, --no-x included
+    started = time.time()
+    try:
+        raise typer.Exit(distributed.relaunch(gpus, argv, debug=debug_enabled()))
+    except distributed.RankDied as died:
+        found = target if target is not None else started_out(started) if started_out is not None else None
+        if target is None and found is not None:
+            argv += ["--out", str(found)]
+        state = checkpoint_of(found) if found is not None else None
+        kept = ckpt.intact_checkpoint(state) if state is not None else None
+        raise died.resumable(kept and f"{kept} is intact ({state})", argv) from None

@@ -19,7 +19,6 @@ from typing import Annotated, Any
 
 import typer
 
-from carso_cli import checkpoint as ckpt
 from carso_cli import distributed
 from carso_cli.commands._common import (
     BatchSizeOpt,
@@ -34,6 +33,7 @@ from carso_cli.commands._common import (
     TrainingPresetOpt,
     memory_overrides,
     option_overrides,
+    relaunch_training,
     resolve_device,
 )
 from carso_cli.config import load_config
@@ -87,7 +87,7 @@ def cli(
     micro_batch: ClassifierMicroBatchOpt = None,
 ) -> None:
     """Train the preset's classifier (PGD adversarial or standard); prints the weights' path."""
-    from carso_cli.cli import console, debug_enabled
+    from carso_cli.cli import console
 
     # Every option that stands for a preset key, parsed once into overrides (checked by config.validate);
     # a resumed training keeps its mode (--adversarial is not applied to it).
@@ -99,16 +99,9 @@ def cli(
     mode = option_overrides(None, **{"classifier_training.adversarial": adversarial and adversarial.value})
     overrides = {**resumed, **mode}  # --adversarial over a --set of the same key
     if distributed.should_relaunch(gpus):
-        distributed.check_gpus(gpus, device)
         if out is None and not resume and preset is not None:  # named here, for the line that says how to resume
             out = default_out(load_config(preset, overrides))
-        argv = distributed.relaunch_argv(ctx, out=out)  # every option as parsed, --no-x included
-        try:
-            raise typer.Exit(distributed.relaunch(gpus, argv, debug=debug_enabled()))
-        except distributed.RankDied as died:
-            state = companion(out, "state.safetensors") if out is not None else None
-            kept = ckpt.intact_checkpoint(state) if state is not None else None
-            raise died.resumable(kept and f"{kept} is intact ({state})", argv) from None
+        relaunch_training(ctx, gpus, device, target=out, checkpoint_of=_state_file, out=out)
     if resume:
         if out is None:
             raise CarsoError("--resume needs --out FILE.safetensors (the weights file of the run to continue)")
@@ -130,6 +123,11 @@ def cli(
     )
     if int(os.environ.get("RANK", "0")) == 0:
         _report(result, console)
+
+
+def _state_file(weights: Path) -> Path:
+    """The training checkpoint beside a classifier's weights (what ``--resume`` continues from)."""
+    return companion(weights, "state.safetensors")
 
 
 def _report(result: ClassifierResult, console: Any) -> None:

@@ -17,7 +17,6 @@ directory must be on a shared file system; only global rank 0 writes to it).
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -39,6 +38,7 @@ from carso_cli.commands._common import (
     TrainingPresetOpt,
     memory_overrides,
     option_overrides,
+    relaunch_training,
     resolve_device,
 )
 from carso_cli.config import load_config
@@ -115,7 +115,7 @@ def cli(
 ) -> None:
     """Train the purifier against a frozen classifier (adversarially-balanced batches, RAdam+Lookahead)."""
     from carso_cli import zoo
-    from carso_cli.cli import console, debug_enabled
+    from carso_cli.cli import console
 
     set_, classifier = sources.option_sets(set_, classifier, classifier_weights)  # a source sets the architecture
     classifier = zoo.resolve_weights(classifier)  # a path, or a published model's name (carso pull --list)
@@ -126,17 +126,9 @@ def cli(
         **{"training.compile": compile_, "training.epochs": epochs, "training.batch_size": batch_size},
     )
     if distributed.should_relaunch(gpus):
-        distributed.check_gpus(gpus, device)
-        argv = distributed.relaunch_argv(ctx)  # every option as parsed, --no-x included
-        started = time.time()
-        try:
-            raise typer.Exit(distributed.relaunch(gpus, argv, debug=debug_enabled()))
-        except distributed.RankDied as died:
-            run_dir = out if out is not None else _started_since(started)
-            if out is None and run_dir is not None:
-                argv += ["--out", str(run_dir)]
-            kept = ckpt.intact_checkpoint(run_dir / CHECKPOINT) if run_dir is not None else None
-            raise died.resumable(kept and f"{kept} is intact ({run_dir / CHECKPOINT})", argv) from None
+        relaunch_training(
+            ctx, gpus, device, target=out, checkpoint_of=lambda run: run / CHECKPOINT, started_out=_started_since
+        )
     if resume:
         cfg = resume_config(out, overrides)  # --batch-size is checked against the run's when its checkpoint is read
     elif preset is None:
