@@ -30,7 +30,6 @@ PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
 DATASETS = ("cifar10", "cifar100", "tinyimagenet", "synthetic")  # plus "imagefolder:PATH"
 ACTIVATIONS = ("silu", "relu")
 DECODERS = ("32x32", "64x64")
-AGGREGATIONS = ("dexp", "dexp-authors", "dexp-logsum", "logit", "prob", "vote")  # carso_cli.aggregation.AGGREGATIONS
 SCHEDULES = ("paper", "code")
 ADVERSARIAL_COUNTS = ("global", "per-process")
 EPS_SPACES = ("pixel", "normalised")

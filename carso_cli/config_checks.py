@@ -8,10 +8,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from carso_cli.aggregation import AGGREGATIONS
 from carso_cli.config import (
     ACTIVATIONS,
     ADVERSARIAL_COUNTS,
-    AGGREGATIONS,
     DATASETS,
     DECODERS,
     EPS_SPACES,
