@@ -106,11 +106,12 @@ def test_sanity_dexp_passes_the_gradient_check(trained_smoke_run: Path, tmp_path
     )
     assert result.exit_code == 0, result.output
     (check,) = json.loads(out.read_text())["checks"]
-    assert check["status"] == "pass"
-    # DLR (scale-invariant) is fully healthy; CE on the doubly-exponential scores may saturate to an
-    # exactly zero gradient on a very confidently classified example, but stays within the threshold.
-    assert check["details"]["dlr"]["bad_gradient_fraction"] == 0.0
-    assert check["details"]["ce"]["bad_gradient_fraction"] <= 0.1
+    # No false alarm: DLR (scale-invariant) is fully healthy, so the check never fails on dexp. CE on the
+    # doubly-exponential scores may saturate on confidently classified examples (exp(−margin)): within the
+    # threshold on the seed-0 model, beyond it on the seed-1 one (CARSO_SMOKE_SEED=1), where the check
+    # warns, naming CE alone — what it is for.
+    assert check["details"]["dlr"]["bad_gradient_fraction"] == 0.0 and check["details"]["dlr"]["healthy"]
+    assert check["status"] == ("pass" if check["details"]["ce"]["healthy"] else "warn")
 
 
 def test_sanity_thresholds_are_applied(tiny_run: Path, tmp_path: Path) -> None:
