@@ -12,9 +12,9 @@ from test_classnames import FOLDERS, imagefolder_cfg, make_imagefolder
 from typer.testing import CliRunner
 
 from carso_cli.cli import app
-from carso_cli.commands.plot import read_per_class
 from carso_cli.errors import CarsoError
 from carso_cli.evaluation.perclass import labels_of, per_class
+from carso_cli.plotting import read_per_class
 
 runner = CliRunner()
 
@@ -77,7 +77,7 @@ def test_plot_of_results_without_per_class_says_why(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("classes", [3, 60])
 def test_plot_per_class_bars_and_heat_map(tmp_path: Path, classes: int) -> None:
-    from carso_cli.commands.plot import plot_per_class
+    from carso_cli.plotting import plot_per_class
 
     labels = [k % classes for k in range(2 * classes)]
     flags = {"classifier_clean": [k % 2 for k in range(2 * classes)], "carso_clean": [1] * (2 * classes)}

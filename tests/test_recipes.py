@@ -13,9 +13,9 @@ import torch
 from typer.testing import CliRunner
 
 from carso_cli import checkpoint as ckpt
+from carso_cli import recipes as info
 from carso_cli import training as tr
 from carso_cli.cli import app
-from carso_cli.commands import info
 from carso_cli.config import load_config, parse_override, resolved_lrs
 from carso_cli.errors import ConfigError
 from carso_cli.models import build_classifier

@@ -17,7 +17,6 @@ from carso_cli.commands._common import PresetOpt, SetOpt, load_preset
 from carso_cli.config import Config, config_to_dict
 from carso_cli.models import sources
 from carso_cli.recipes import ModuleSize, candidate_layers, derived, diff, memory_estimate, module_sizes
-from carso_cli.recipes import flat_keys as flat_keys  # noqa: PLC0414  (tests/test_recipes.py reads it here)
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the resolved preset and a 'derived' block as JSON.")]
 DiffOpt = Annotated[

@@ -38,7 +38,6 @@ from carso_cli.commands._common import (
 )
 from carso_cli.config import load_config
 from carso_cli.errors import CarsoError
-from carso_cli.plotting import plot_metrics
 from carso_cli.training import classifier
 from carso_cli.training.classifier import ClassifierResult, companion, default_out, recalibrate_bn, resume_config
 
@@ -51,9 +50,7 @@ class Adversarial(str, Enum):
     none = "none"
 
 
-def run(cfg: Any, out: Path | None = None, **options: Any) -> ClassifierResult:
-    """``carso_cli.training.classifier.run`` with the training curves drawn at the end (``carso plot``)."""
-    return classifier.run(cfg, out, plot=plot_metrics, **options)
+run = classifier.run  # what callers of the command module (tests, bench, demo) call
 
 
 AdversarialOpt = Annotated[

@@ -44,7 +44,6 @@ from carso_cli.commands._common import (
 from carso_cli.config import load_config
 from carso_cli.errors import CarsoError
 from carso_cli.models import build_purifier, sources
-from carso_cli.plotting import plot_metrics
 from carso_cli.training import purifier
 from carso_cli.training.purifier import CHECKPOINT, CURVES_FILE, PurifierResult, resume_config
 from carso_cli.training.purifier_step import PurifierTrainStep
@@ -53,9 +52,7 @@ from carso_cli.training.purifier_step import PurifierTrainStep
 __all__ = ["CHECKPOINT", "CURVES_FILE", "PurifierResult", "PurifierTrainStep", "build_purifier", "resume_config", "run"]
 
 
-def run(cfg: Any, classifier: Path | None, out: Path | None = None, **options: Any) -> PurifierResult:
-    """``carso_cli.training.purifier.run`` with the training curves drawn at the end (``carso plot``)."""
-    return purifier.run(cfg, classifier, out, plot=plot_metrics, **options)
+run = purifier.run  # what callers of the command module (tests, bench, demo) call
 
 
 def _started_since(since: float) -> Path | None:

@@ -98,7 +98,6 @@ def run_curve(
     None elsewhere). ``preset_eps`` is marked on the plot."""
     base = job.folder
     points: list[tuple[float, dict[str, Any]]] = []
-    run_dir = None
     for k, eps in enumerate(radii):
         if console is not None:
             console.rule(f"ε = {format_eps(eps)}  ({k + 1}/{len(radii)} of the curve)")
@@ -107,9 +106,9 @@ def run_curve(
         if outcome.results is None:  # not the main process
             continue
         points.append((eps, outcome.results))
-        run_dir = outcome.path.parent.parent.parent
-    if run_dir is None:
+    if not points:
         return None
+    run_dir = Path(points[0][1]["run"])  # the run the evaluations resolved (--run, or the latest)
     lines = curve_lines(points)
     curve = {
         "format": "carso-curve/1",

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -129,14 +128,14 @@ def run(
     evaluate: bool = True,
     device: torch.device | None = None,
     console: Any = None,
-    plot: Callable[[Path, Path, str], Any] | None = None,
+    plot: bool = True,
     **options: Any,
 ) -> ClassifierResult:
     """Train (or resume) the preset's classifier; returns the path of its weights.
 
     ``cfg.classifier_training.adversarial`` chooses PGD adversarial training or standard training.
-    ``evaluate``: report the clean accuracy on the test split at the end (rank 0). ``plot(metrics, png,
-    title)``: draws the training curves at the end (rank 0), if given. ``options``: ``resume``, ``seed``,
+    ``evaluate``: report the clean accuracy on the test split at the end (rank 0). ``plot``: draw the
+    training curves beside the weights at the end (rank 0; ``carso plot``'s figure). ``options``: ``resume``, ``seed``,
     ``bf16``, ``preset`` (with ``resume``: the ``--preset`` given again, checked to be the run's) and
     ``data_root`` (``session.Options``).
     """
@@ -155,7 +154,7 @@ def run(
         return _train(session, where, evaluate, plot)
 
 
-def _train(session: Session, where: Place, evaluate: bool, plot: Callable[..., Any] | None) -> ClassifierResult:
+def _train(session: Session, where: Place, evaluate: bool, plot: bool) -> ClassifierResult:
     cfg, ctx, ct, data_root = session.cfg, session.ctx, session.cfg.classifier_training, session.opts.data_root
     done = session.begin(where)
     if done is not None:
@@ -191,7 +190,9 @@ def _train(session: Session, where: Place, evaluate: bool, plot: Callable[..., A
             "clean_accuracy": repr(accuracy),
         }
         ckpt.save_tensors(weights, model.state_dict(), meta)
-        if plot is not None:
-            plot(session.run_files.metrics, companion(weights, "curves.png"), f"classifier — {weights.name}")
+        if plot:
+            from carso_cli.plotting import plot_metrics
+
+            plot_metrics(session.run_files.metrics, companion(weights, "curves.png"), f"classifier — {weights.name}")
     distributed.barrier(ctx)
     return ClassifierResult(weights, session.resumed_from, records, accuracy)

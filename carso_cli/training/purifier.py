@@ -10,7 +10,6 @@ run ends where an uninterrupted one ends.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +29,6 @@ from carso_cli.training.session import Options, Place, RunFiles, Session, distri
 CHECKPOINT = Path("checkpoints") / "last.safetensors"
 CURVES_FILE = "curves.png"
 KIND = "purifier"
-
-# plot(metrics.jsonl, curves.png, title): draws the training curves (``carso plot``'s, given by the command).
-Plot = Callable[[Path, Path, str], Any]
 
 
 @dataclasses.dataclass
@@ -97,7 +93,7 @@ def run(
     *,
     device: torch.device | None = None,
     console: Any = None,
-    plot: Plot | None = None,
+    plot: bool = True,
     **options: Any,
 ) -> PurifierResult:
     """Train (or resume) a purifier; returns the run directory with ``purifier.safetensors`` in it.
@@ -109,7 +105,7 @@ def run(
             when resuming, only compared with the run's (which keeps its own copy).
         out: run directory (default ``runs/<preset>-<timestamp>``; with ``resume``, the latest run).
         device: default cuda when available (under torchrun: this rank's GPU).
-        plot: draws ``curves.png`` from the metrics at the end (rank 0), if given.
+        plot: draw ``curves.png`` from the metrics at the end (rank 0; ``carso plot``'s figure).
         options: ``resume``, ``seed``, ``bf16``, ``preset``, ``data_root`` (``session.Options``).
     """
     check_backend(cfg.training.compile)  # before anything is written
@@ -151,7 +147,7 @@ def _build(session: Session, classifier: nn.Module) -> tuple[Purifier, tr.Lookah
     return purifier, tr.Lookahead(radam, k=t.lookahead_k, alpha=t.lookahead_alpha)
 
 
-def _train(session: Session, classifier_path: Path | None, where: Place, plot: Plot | None) -> PurifierResult:
+def _train(session: Session, classifier_path: Path | None, where: Place, plot: bool) -> PurifierResult:
     cfg, ctx, data_root = session.cfg, session.ctx, session.opts.data_root
     if not session.opts.resume:
         check_classifier_option(cfg, classifier_path)
@@ -179,7 +175,9 @@ def _train(session: Session, classifier_path: Path | None, where: Place, plot: P
         with optimizer.slow_weights():
             purifier.eval()
             write_run(run_dir, cfg, classifier, purifier, class_names=data.dataset_class_names(cfg, data_root))
-        if plot is not None:
-            plot(run_dir / ckpt.METRICS_FILE, run_dir / CURVES_FILE, f"purifier — {run_dir.name}")
+        if plot:
+            from carso_cli.plotting import plot_metrics
+
+            plot_metrics(run_dir / ckpt.METRICS_FILE, run_dir / CURVES_FILE, f"purifier — {run_dir.name}")
     distributed.barrier(ctx)
     return PurifierResult(run_dir, session.resumed_from, records)
