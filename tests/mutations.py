@@ -5,7 +5,9 @@ For each attack of ``--attack adaptive`` three faults an evaluation can have wit
 - ``noop``: the attack returns its input (for randAA the library's verdict is then the clean draw);
 - ``flip``: the attack's loss has the wrong sign — for the gradient attacks the input gradient that
   reaches them is negated (a gradient-reversal hook on the attacked model's output: every step descends
-  the loss it means to ascend); for Square, whose steps use no gradient, its loss is negated;
+  the loss it means to ascend; for the representation attack and selective EoT, which read CARSO's parts
+  rather than its output, their ascent's gradient); for Square, whose steps use no gradient, its loss
+  is negated;
 - ``logit-judge``: the attack's candidates are judged by the logit-averaged CARSO, not the evaluated one
   (issue 23's fault 1).
 
@@ -18,6 +20,7 @@ installs one for a whole pytest session (``tests/conftest.py``) to list every te
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -30,6 +33,7 @@ from carso_cli.evaluation.saturation import paper_surface, surface
 from carso_cli.evaluation.seeding import STREAM_ADV, draw_flags
 
 ATTACKS = adaptive.ATTACKS
+ASCENT = ("representation", "selective-eot")  # sign ascent on CARSO's parts, past the output hook
 KINDS = ("noop", "flip", "logit-judge")
 
 
@@ -51,6 +55,31 @@ def _reversed_gradients(*models: nn.Module) -> Iterator[None]:
     finally:
         for h in hooks:
             h.remove()
+
+
+@contextmanager
+def _descending_ascent() -> Iterator[None]:
+    """The attacks that call CARSO's parts rather than its output (the representation attack, selective
+    EoT) escape the output hook: their sign ascent gets the objective's gradient negated instead."""
+    from carso_cli.evaluation import ascent, representation_attack, selective_eot, targeted_eot
+
+    original = ascent.sign_ascent
+
+    def descending(objective: Any, *args: Any, **kwargs: Any) -> Any:
+        def flipped(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            value, grad = objective(x)
+            return value, -grad
+
+        return original(flipped, *args, **kwargs)
+
+    modules = (representation_attack, selective_eot, targeted_eot)
+    for m in modules:
+        m.sign_ascent = descending  # type: ignore[attr-defined]
+    try:
+        yield
+    finally:
+        for m in modules:
+            m.sign_ascent = original  # type: ignore[attr-defined]
 
 
 @contextmanager
@@ -94,7 +123,8 @@ def apply(monkeypatch: Any, attack: str, kind: str) -> None:
             return _noop(name, model, x, y, idx, s)
         if kind == "flip":
             with _negated_square_loss() if name == "square" else _reversed_gradients(model, classifier):
-                return run(name, model, classifier, x, y, idx, s, device)
+                with _descending_ascent() if name in ASCENT else contextlib.nullcontext():
+                    return run(name, model, classifier, x, y, idx, s, device)
         c = run(name, model, classifier, x, y, idx, s, device)
         c.judge_by_logit = True  # read by mutated_judge below
         return c

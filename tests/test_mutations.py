@@ -1,7 +1,8 @@
 """Mutation tests of the adaptive evaluation (issue 23): each attack made a no-op, its loss's sign
 flipped, or its candidates judged by the logit-averaged CARSO must make a named test fail.
 
-The catchers run on toy CARSOs with known answers (``toys.py``), so the 18 mutations cost seconds.
+The catchers run on toy CARSOs with known answers (``toys.py``; the representation attack on its trap,
+``test_stochastic_attacks``), so the 33 mutations cost seconds.
 ``CARSO_MUTATION=attack:kind pytest …`` installs one mutation for a whole session, to list every test
 of the suite that catches it (README, "Adaptive evaluation", "Mutation tests")."""
 
@@ -12,6 +13,7 @@ from collections.abc import Callable
 import mutations
 import pytest
 import test_adaptive_judging as judging
+import test_stochastic_attacks as stochastic
 import torch
 from toys import EPS, SHAPE, Fn, ToyCARSO, mean_pixel, toy_settings
 
@@ -27,7 +29,8 @@ THRESHOLD = 0.5 + 3 * EPS / 4
 
 def _breakable_logits(x: torch.Tensor) -> torch.Tensor:
     m = mean_pixel(x)
-    logits = torch.stack([torch.zeros_like(m), 100.0 * (m - THRESHOLD), torch.full_like(m, -5.0)], dim=1)
+    low = torch.full_like(m, -5.0)  # two constant classes: APGD-T's targeted DLR needs four
+    logits = torch.stack([torch.zeros_like(m), 100.0 * (m - THRESHOLD), low, low], dim=1)
     return torch.stack([logits, logits])  # two reconstructions (N, B, C)
 
 
@@ -51,7 +54,13 @@ def check_attack_breaks_a_breakable_toy(name: str) -> None:
     assert ((c.points - x[None]).abs().amax() <= EPS + 1e-6).all()
 
 
-WHITE_BOX = [a for a in adaptive.ATTACKS if a != "square"]
+# The representation attack moves the representation away from the clean one in a random direction (or
+# towards another class's example, which these toys' batches lack): on a toy it breaks half the examples,
+# by design. Its catcher is its own trap (test_stochastic_attacks). Selective EoT ascends the untargeted
+# margin, flat on the unbreakable toy (its runner-up class is constant): the breakable toy catches it.
+OWN_TRAP = ("representation",)
+FLAT_MARGIN = ("selective-eot",)
+WHITE_BOX = [a for a in adaptive.ATTACKS if a != "square" and a not in OWN_TRAP]
 
 
 @pytest.mark.parametrize("name", WHITE_BOX)
@@ -81,13 +90,17 @@ def check_attack_moves_toward_the_boundary(name: str) -> None:
     assert (moved > EPS / 4).all(), f"{name} did not move toward the boundary: {(moved / EPS).tolist()} ε"
 
 
-@pytest.mark.parametrize("name", adaptive.ATTACKS)
+@pytest.mark.parametrize("name", [a for a in adaptive.ATTACKS if a not in OWN_TRAP + FLAT_MARGIN])
 def test_each_attack_moves_toward_the_boundary_of_an_unbreakable_toy(name: str) -> None:
     check_attack_moves_toward_the_boundary(name)
 
 
 def _attack_works(attack: str) -> None:
-    check_attack_moves_toward_the_boundary(attack)
+    if attack in OWN_TRAP:
+        stochastic.check_trap_needs_the_new_attack(attack)
+        return
+    if attack not in FLAT_MARGIN:
+        check_attack_moves_toward_the_boundary(attack)
     if attack in WHITE_BOX:
         check_attack_breaks_a_breakable_toy(attack)
 

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from carso_cli import evaluation as ev
+from carso_cli.errors import CarsoError
 from carso_cli.evaluation import adaptive, stochastic_attacks
 from carso_cli.evaluation.ascent import margin, top_targets
 from carso_cli.evaluation.fixed_randomness import FixedLatents
@@ -27,7 +28,8 @@ EPS = 8 / 255
 SHAPE = (1, 8, 8)
 N = 4  # examples per trap
 CPU = torch.device("cpu")
-TODAY = [a for a in adaptive.ATTACKS if a != "square"]
+# The adaptive evaluation before issue 20 (Square aside): what each trap must defeat.
+TODAY = [a for a in adaptive.ATTACKS if a != "square" and a not in stochastic_attacks.ATTACKS]
 LogitsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x (B, …), z (N, B, D)) → logits (N, B, C)
 
 
@@ -43,12 +45,29 @@ class ToyCARSO(CARSO):
         self.latent_sampler = standard_normal_sampler
         self.keep_reconstructions = False
         self.final_classifier = None
+        # A representation with nothing to follow (constant, zero gradient): the representation attack
+        # runs in the adaptive evaluation of every trap, and only its own trap exposes one.
+        self.classifier = FlatClassifier()
+        self.layers = ["feat"]
+        self.purifier = nn.Module()
+        self.purifier.condition_encoder = Fn(lambda rep: rep[0])
 
     def sample_latent(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         return self.latent_sampler(self.samples, batch_size, self.latent_dim, device, dtype)
 
     def reconstruction_logits(self, x: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
         return self.fn(x, self.sample_latent(x.shape[0], x.device, x.dtype) if z is None else z)
+
+
+class FlatClassifier(nn.Module):
+    """Class 0 everywhere; its hooked layer ``feat`` is constant: no representation to move."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.feat = Fn(lambda x: torch.ones(x.shape[0], 1) + 0.0 * x.flatten(1).sum(1, keepdim=True))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tensor([5.0, 0.0, 0.0, 0.0]) + 0.0 * self.feat(x)
 
 
 class Fn(nn.Module):
@@ -214,20 +233,24 @@ def _broken_by(model: nn.Module, c: adaptive.Candidates, s: ev.EvalSettings) -> 
 
 @pytest.mark.parametrize("attack", list(TRAPS))
 def test_trap_needs_the_new_attack(attack: str, capsys) -> None:
+    with capsys.disabled():
+        print(check_trap_needs_the_new_attack(attack))
+
+
+def check_trap_needs_the_new_attack(attack: str) -> str:
+    """Today's attacks leave the trap of ``attack`` robust, ``attack`` breaks it all (its breaker sub-attacks
+    each every example); returns the counts as a line (also the mutation tests' catcher)."""
     model, classifier = TRAPS[attack]()
     s = _settings()
     today = int(_survivors(model, classifier, TODAY, adaptive.run_candidates, s).sum())
     x, y = torch.full((N, *SHAPE), 0.5), torch.zeros(N, dtype=torch.long)
-    by = _broken_by(
-        model, stochastic_attacks.run_stochastic(attack, model, classifier, x, y, list(range(N)), s, CPU), s
-    )
+    by = _broken_by(model, adaptive.run_candidates(attack, model, classifier, x, y, list(range(N)), s, CPU), s)
     new = N - int(torch.stack(list(by.values())).any(dim=0).sum())  # robust: survived every candidate
     counts = {source: int(b.sum()) for source, b in by.items()}
-    with capsys.disabled():
-        print(f"\n{attack}: robust after today's attacks {today}/{N}, after {attack} {new}/{N}; broken by {counts}")
     assert today == N, f"today's attacks already break {N - today} examples of the {attack} trap"
     assert new == 0, f"{attack} left {new} examples of its trap robust"
     assert all(counts[source] == N for source in BREAKERS[attack]), counts
+    return f"\n{attack}: robust after today's attacks {today}/{N}, after {attack} {new}/{N}; broken by {counts}"
 
 
 @pytest.mark.parametrize("attack", list(TRAPS))
@@ -237,6 +260,46 @@ def test_trap_fails_when_the_attack_is_a_noop(attack: str, monkeypatch) -> None:
     s = _settings()
     survivors = _survivors(model, classifier, [attack], stochastic_attacks.run_stochastic, s)
     assert survivors.all()  # the trap's breaks come from the attack, not from the toy or the judge
+
+
+@pytest.mark.parametrize("attack", list(TRAPS))
+@pytest.mark.parametrize("noop", [False, True], ids=["wired", "noop"])
+def test_the_default_adaptive_evaluation_breaks_every_trap(attack: str, noop: bool, monkeypatch) -> None:
+    """Through ``--attack adaptive``'s own path (``evaluate_batch``, every attack in order, each judged by
+    the model as evaluated): every trap falls, to one of issue 20's attacks (several may share a trap:
+    fixed-randomness runs APGD-T, so it breaks the decoy too), and the trap's own attack alone
+    (``--attack NAME``) breaks it all. With the five attacks made no-ops, nothing falls."""
+    if noop:
+        for name in POINTS.values():
+            monkeypatch.setattr(stochastic_attacks, name, lambda model, x, *a, **k: (x.detach()[None], ["noop"]))
+    model, classifier = TRAPS[attack]()
+    x, y = torch.full((N, *SHAPE), 0.5), torch.zeros(N, dtype=torch.long)
+    s = _settings(indicators=False)
+    adv: dict[str, torch.Tensor] = {}
+    out = ev.evaluate_batch(classifier, model, x, y, range(N), s, CPU, adversarial=adv)
+    assert out["carso_clean"] == [1] * N
+    first = {a: out[adaptive.flag_key(a)] for a in s.adaptive_attacks}
+    assert all(first[a] == [1] * N for a in TODAY), first  # the attacks before issue 20 leave the trap alone
+    if noop:
+        assert out["carso_adaptive"] == [1] * N, first
+        return
+    assert out["carso_adaptive"] == [0] * N, first
+    assert (adv["carso_adaptive"] - x).abs().amax() <= EPS + 1e-6  # the breaking points are the ones kept
+    alone = ev.evaluate_batch(classifier, model, x, y, range(N), _settings(attack=attack, indicators=False), CPU)
+    assert alone[adaptive.flag_key(attack)] == [0] * N and alone["carso_adaptive"] == [0] * N
+
+
+def test_each_attack_runs_alone() -> None:
+    """``--attack NAME``: the adaptive machinery with that one attack (no randAA), its C/ column the same."""
+    model, classifier = TRAPS["representation"]()
+    s = _settings(attack="representation", indicators=False)
+    assert s.adaptive_attacks == ["representation"] and s.is_adaptive
+    x, y = torch.full((N, *SHAPE), 0.5), torch.zeros(N, dtype=torch.long)
+    out = ev.evaluate_batch(classifier, model, x, y, range(N), s, CPU)
+    assert out["adaptive_representation"] == [0] * N and out["carso_adaptive"] == [0] * N
+    assert "carso_randaa" not in out and set(out["adaptive_wall_s"]) == {"representation"}
+    with pytest.raises(CarsoError, match="unknown attack"):
+        _settings(attack="randaa").validate()  # randAA alone is --attack autoattack
 
 
 # --------------------------------------------------------------------------------------------------

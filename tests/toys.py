@@ -17,7 +17,10 @@ SHAPE = (1, 8, 8)  # 64 pixels: a random start moves the mean pixel by ~ε/14, a
 
 
 class ToyCARSO(CARSO):
-    """A CARSO whose reconstruction logits (N, B, C) are a given function of x (no purifier)."""
+    """A CARSO whose reconstruction logits (N, B, C) are a given function of x (no purifier).
+
+    Its representation (what the representation attack moves) is the mean pixel, the one feature every
+    toy's decision depends on: the classifier's layer ``feat``, and the condition encoder passes it on."""
 
     def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], aggregation: str = "dexp") -> None:
         nn.Module.__init__(self)
@@ -27,6 +30,13 @@ class ToyCARSO(CARSO):
         self.latent_sampler = standard_normal_sampler
         self.keep_reconstructions = False
         self.final_classifier = None
+        self.classifier = ToyClassifier(lambda x: fn(x)[0])
+        self.layers = ["feat"]
+        self.purifier = nn.Module()
+        self.purifier.condition_encoder = Fn(lambda rep: rep[0])
+
+    def sample_latent(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        return self.latent_sampler(self.samples, batch_size, 1, device, dtype)  # one latent, ignored
 
     def reconstruction_logits(self, x: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
         return self.fn(x)
@@ -39,6 +49,18 @@ class Fn(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fn(x)
+
+
+class ToyClassifier(nn.Module):
+    """Logits ``fn(x)`` (B, C), with the mean pixel (B, 1) as the hooked layer ``feat``."""
+
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        super().__init__()
+        self.fn = fn
+        self.feat = Fn(lambda x: mean_pixel(x)[:, None])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x) + 0.0 * self.feat(x).sum()
 
 
 def mean_pixel(x: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from carso_cli.commands._common import AGGREGATION_HELP, Aggregation
+from carso_cli.evaluation.settings import SINGLE_ATTACKS
 
 # "--run-dir" is what the torchrun workers get: torchrun's own parser takes "--run" for an ambiguous
 # abbreviation of its "--run-path" and stops.
@@ -17,11 +18,12 @@ RunOpt = Annotated[
 ]
 
 
-class Attack(str, Enum):
-    adaptive = "adaptive"
-    autoattack = "autoattack"
-    pgd_eot = "pgd-eot"
-    none = "none"
+# The evaluations, then each attack of the adaptive one alone (settings.SINGLE_ATTACKS, in their order).
+Attack = Enum(  # type: ignore[misc]
+    "Attack",
+    [(a.replace("-", "_"), a) for a in ("adaptive", "autoattack", "pgd-eot", "none", *SINGLE_ATTACKS)],
+    type=str,
+)
 
 
 class Target(str, Enum):
@@ -41,9 +43,11 @@ AttackOpt = Annotated[
         "--attack",
         help=(
             "adaptive (default when CARSO is evaluated): the per-example worst case over randAA on the paper's "
-            "and the dexp-logsum surface, PGD+EoT on dexp-logsum and transfer attacks; autoattack: the paper's "
+            "and the dexp-logsum surface, PGD+EoT on dexp-logsum, transfer attacks and the attacks on stochastic "
+            "purification (representation, z fixed, selective EoT, targeted); autoattack: the paper's "
             "protocol, standard AA on the classifier, randAA on CARSO (section 5.1); pgd-eot: Lee & Kim 2024 "
-            "(Table 14); none: clean only."
+            "(Table 14); none: clean only. Any other name runs that attack of the adaptive evaluation alone "
+            "(e.g. representation, fixed-randomness, selective-eot, apgd-t-eot, pgd-cw-eot: see the README)."
         ),
     ),
 ]
@@ -119,7 +123,12 @@ AdversarialOpt = Annotated[
 ]
 
 SquareOpt = Annotated[
-    bool, typer.Option("--square", help="Add the Square black-box attack (--queries) to --attack adaptive.")
+    bool,
+    typer.Option(
+        "--square",
+        help="Add the Square black-box attack (--queries) to --attack adaptive: on the dexp-logsum margin, and "
+        "in the AutoAttack of fixed-randomness (z fixed).",
+    ),
 ]
 
 SaturationThresholdOpt = Annotated[

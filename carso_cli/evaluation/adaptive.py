@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from carso_cli.evaluation.autoattack import autoattack_flags, sub_attack_points
+from carso_cli.evaluation.candidates import Candidates
 from carso_cli.evaluation.gradients import pgd_eot_examples
 from carso_cli.evaluation.saturation import LOGSUM_SURFACE, paper_surface, surface
 from carso_cli.evaluation.seeding import (
@@ -48,23 +49,27 @@ from carso_cli.evaluation.seeding import (
     draw_flags,
     example_seed,
 )
-from carso_cli.evaluation.settings import EvalSettings
+from carso_cli.evaluation.settings import ADAPTIVE_ATTACKS, EvalSettings
+from carso_cli.evaluation.stochastic_attacks import ATTACKS as STOCHASTIC_ATTACKS
+from carso_cli.evaluation.stochastic_attacks import TITLES as STOCHASTIC_TITLES
+from carso_cli.evaluation.stochastic_attacks import run_stochastic
 
-ATTACKS = ("randaa", "randaa-logsum", "pgd-eot-logsum", "transfer-classifier", "transfer-logit", "square")
+ATTACKS = ADAPTIVE_ATTACKS
 TITLES = {
     "randaa": "randAA (paper's surface, Table 2)",
     "randaa-logsum": "randAA on dexp-logsum",
     "pgd-eot-logsum": "PGD+EoT on dexp-logsum",
     "transfer-classifier": "transfer: AA on the classifier",
     "transfer-logit": "transfer: randAA, logit averaging",
+    **STOCHASTIC_TITLES,
     "square": "Square on dexp-logsum (black-box)",
 }
 NOT_ATTACKED = -1
 
 
 def attacks_of(s: EvalSettings) -> list[str]:
-    """The attacks of the adaptive evaluation, in the order they run."""
-    return [a for a in ATTACKS if a != "square" or s.square]
+    """The attacks of the adaptive evaluation (or the one run alone), in the order they run."""
+    return s.adaptive_attacks
 
 
 def flag_key(attack: str) -> str:
@@ -101,18 +106,6 @@ class AdaptiveResult:
     worst: torch.Tensor  # (B, C, H, W): per example the point that broke it first (else randAA's first)
 
 
-@dataclass
-class Candidates:
-    """What one attack produced on the examples it ran on: (K, b, C, H, W) points, their K sources, the
-    library's verdict (randAA only: the paper's single draw), the library's warnings."""
-
-    points: torch.Tensor
-    sources: list[str]
-    verdict: torch.Tensor | None = None
-    warnings: list[str] = field(default_factory=list)
-    library_point: torch.Tensor | None = None  # randAA: (b, C, H, W) the point of the library's verdict
-
-
 def run_candidates(
     name: str,
     model: nn.Module,
@@ -129,6 +122,8 @@ def run_candidates(
     another surface (logsum, logit averaging, the classifier alone) would count the breaks of another
     model (issue 23).
     """
+    if name in STOCHASTIC_ATTACKS:
+        return run_stochastic(name, model, classifier, x, y, idx, s, device)
     seed = example_seed(s.seed, "carso" if name == "randaa" else name, idx[0], bits=31)
     if name == "randaa":
         with surface(model, paper_surface(s.aggregation)):  # exactly ``--attack autoattack``
@@ -213,7 +208,7 @@ def adaptive_attack(
     outcomes: list[AttackOutcome] = []
     for k, name in enumerate(attacks_of(s)):
         # randAA runs on the whole batch, exactly as ``--attack autoattack``: same seeds, same flags.
-        rows = torch.arange(b) if k == 0 else alive.nonzero().flatten()
+        rows = torch.arange(b) if name == "randaa" else alive.nonzero().flatten()
         out = AttackOutcome(
             name,
             torch.full((b,), NOT_ATTACKED, dtype=torch.long),
@@ -240,12 +235,13 @@ def adaptive_attack(
             broken = attacked & ~survived
             out.broken_by[rows[broken]] = first[broken]
             worst[rows[broken].to(x.device)] = chosen[broken.to(x.device)]
-            if k == 0:
+            if name == "randaa":
                 assert c.verdict is not None
                 out.library_flags = c.verdict.bool()
                 out.repeats = reps
+            if k == 0:
                 keep = alive.to(x.device)
-                worst[keep] = out.point[keep]  # survivors keep randAA's point
+                worst[keep] = out.point[keep]  # survivors keep the first attack's point (randAA's)
             alive[rows] = alive[rows] & survived
             out.wall_s = time.time() - t0
             out.warnings = c.warnings

@@ -16,6 +16,7 @@ import torch
 Objective = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 N_TARGETS = 3  # target classes of the targeted attacks (AutoAttack's standard version uses 9 for APGD-T)
+MIN_CLASSES_TARGETED = 4  # APGD-T's targeted DLR loss reads the 3rd and 4th highest scores
 
 
 def margin(scores: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:

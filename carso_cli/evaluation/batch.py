@@ -35,13 +35,15 @@ from carso_cli.evaluation.settings import EvalSettings
 class Autocast(nn.Module):
     """Runs a model under bfloat16 autocast (CUDA), returning float32 scores (float64 ones unchanged)."""
 
+    autocast_dtype = torch.bfloat16  # read by ``seeding.through_wrappers`` for attacks that bypass forward
+
     def __init__(self, model: nn.Module, device: torch.device) -> None:
         super().__init__()
         self.model = model
         self.device_type = device.type
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(self.device_type, dtype=torch.bfloat16):
+        with torch.autocast(self.device_type, dtype=self.autocast_dtype):
             out = self.model(x)
         return out if out.dtype == torch.float64 else out.float()
 
@@ -141,7 +143,7 @@ def _classifier_part(
     warnings: list[str] = []
     clean = classifier_flags(classifier, x, y)
     out["classifier_clean"] = _flags(clean)
-    if s.attack in ("autoattack", "adaptive"):
+    if s.attack == "autoattack" or s.is_adaptive:
         res = _autoattack(counted_classifier, b, "standard", "classifier", square_queries=s.square_queries)
         out["classifier_aa"] = _flags(res.flags & clean)
         keep["classifier_aa"] = res.x_adv.cpu()
@@ -196,7 +198,7 @@ def _carso_part(
         key = "carso_pgd_eot"
         keep[key] = x_final = x_adv
         x_adv = x_adv[None]
-    elif s.attack == "adaptive":
+    elif s.is_adaptive:
         x_final, more = _adaptive_part(carso, counted_carso, counted_classifier, x, y, idx, clean, s, device, out, keep)
         warnings += more
     _after_attack(carso, x, y, idx, s, x_adv, key, x_final, out)
@@ -216,21 +218,23 @@ def _adaptive_part(
     out: dict[str, Any],
     keep: dict[str, torch.Tensor],
 ) -> tuple[torch.Tensor, list[str]]:
-    """``--attack adaptive`` on CARSO: its flags (into ``out``); returns the worst-case point and the warnings."""
+    """``--attack adaptive`` (or one of its attacks alone) on CARSO: its flags (into ``out``); returns the
+    worst-case point and the warnings."""
     warnings: list[str] = []
     result = adaptive_attack(counted_carso, carso, counted_classifier, x, y, idx, clean, s, device)
-    first = result.attacks[0]  # randAA on the paper's surface: Table 2's column, as ``autoattack``
-    assert first.library_flags is not None and first.repeats is not None
-    out["carso_randaa_library"] = _flags(first.library_flags)
-    out["carso_randaa"] = _flags(first.library_flags & clean)
-    out["carso_randaa_repeats"] = [_flags(r) for r in first.repeats]
+    first = result.attacks[0]
+    if first.name == "randaa":  # randAA on the paper's surface: Table 2's column, as ``autoattack``
+        assert first.library_flags is not None and first.repeats is not None
+        out["carso_randaa_library"] = _flags(first.library_flags)
+        out["carso_randaa"] = _flags(first.library_flags & clean)
+        out["carso_randaa_repeats"] = [_flags(r) for r in first.repeats]
+        keep["carso_randaa"] = first.point.cpu()
     for a in result.attacks:
         out[flag_key(a.name)] = _flags(a.flags)
         keep[flag_key(a.name)] = a.point.cpu()
         warnings += [f"carso {a.name}: {w}" for w in a.warnings]
     out["carso_adaptive"] = _flags(result.robust)
     out["adaptive_wall_s"] = {a.name: round(a.wall_s, 3) for a in result.attacks}
-    keep["carso_randaa"] = first.point.cpu()
     keep["carso_adaptive"] = x_final = result.worst
     if s.indicators:  # attack-failure indicators, on the evaluation's first s.indicator_examples
         out["indicators"] = batch_indicators(

@@ -8,11 +8,56 @@ import time
 import torch
 from torch import nn
 
+from carso_cli.evaluation.ascent import N_TARGETS
 from carso_cli.evaluation.gradients import input_gradient
 from carso_cli.evaluation.settings import EvalSettings
 
 # A re-classification is a forward only: about a third of a forward+backward.
 RECLASSIFY_PASSES = 2 / 3
+# Candidate points per example of each adaptive attack (one per sub-attack, target, space or component).
+CANDIDATES = {
+    "randaa": 2,
+    "randaa-logsum": 2,
+    "pgd-eot-logsum": 1,
+    "transfer-classifier": 2,
+    "transfer-logit": 2,
+    "representation": 4,
+    "fixed-randomness": 8,
+    "selective-eot": 1,
+    "apgd-t-eot": N_TARGETS,
+    "pgd-cw-eot": N_TARGETS,
+    "square": 1,
+}
+
+
+def adaptive_passes(name: str, s: EvalSettings) -> tuple[float, float]:
+    """(CARSO forward+backward passes, classifier passes) per attacked example of one adaptive attack,
+    the judging of its candidates included (one draw and ``repeats`` re-classifications each).
+
+    Upper bounds with the settings' budgets (as if no step stopped early). APGD: a clean pass, (steps + 1)
+    EoT-averaged gradients and a final pass per run; PGD: steps + 1 gradients; a forward without gradient
+    (Square's queries, selective EoT's draw margins, the judging) counts a third of a pass. ``N_TARGETS``
+    target classes.
+    """
+    apgd = 2 + s.aa_eot * (s.aa_steps + 1)  # one APGD run with EoT
+    pgd = (s.pgd_steps + 1) * s.pgd_eot  # one PGD+EoT run
+    fixed = (s.aa_steps + 2) * (1 + N_TARGETS) + 2 * N_TARGETS * s.aa_steps  # no EoT
+    fixed += s.square_queries / 3 if s.square else 0.0
+    passes = {
+        "randaa": (2 * apgd, 0.0),
+        "randaa-logsum": (2 * apgd, 0.0),
+        "pgd-eot-logsum": ((s.restarts or 1) * pgd, 0.0),
+        "transfer-classifier": (0.0, 2 * (s.aa_steps + 2)),
+        "transfer-logit": (2 * apgd, 0.0),
+        "representation": (0.0, 2 * 2 * (s.pgd_steps + 1)),  # two spaces, away and toward: classifier only
+        "fixed-randomness": (2 * fixed, 0.0),  # z = 0 and common draws
+        "selective-eot": (pgd + pgd / 3, 0.0),  # the draws' margins, then the selected draws' gradients
+        "apgd-t-eot": (N_TARGETS * apgd, 0.0),
+        "pgd-cw-eot": (N_TARGETS * pgd, 0.0),
+        "square": (s.square_queries / 3, 0.0),
+    }
+    carso, classifier = passes[name]
+    return carso + CANDIDATES[name] * (1 + s.repeats) * RECLASSIFY_PASSES / 2, classifier
 
 
 def expected_calls(s: EvalSettings) -> int | None:
@@ -24,18 +69,17 @@ def expected_calls(s: EvalSettings) -> int | None:
     """
     total = 0
     if "classifier" in s.targets:
-        if s.attack in ("autoattack", "adaptive"):
+        if s.attack == "autoattack" or s.is_adaptive:
             return None
         total += s.pgd_steps if s.attack == "pgd-eot" else 0
     if "carso" in s.targets:
         randaa = 3 + 2 * (2 + s.aa_eot * (s.aa_steps + 1))
         if s.attack == "autoattack":
             total += randaa
-        elif s.attack == "adaptive":
-            # An upper bound: three randAA runs, PGD+EoT and the classifier transfer, repeats, Square;
-            # later attacks only see the examples still robust.
-            total += 3 * randaa + s.pgd_steps * s.pgd_eot + 2 * (s.repeats + 1) * 4
-            total += s.square_queries if s.square else 0
+        elif s.is_adaptive:
+            # An upper bound: every attack on every example, and the re-classifications; later attacks
+            # only see the examples still robust.
+            total += int(sum(sum(adaptive_passes(a, s)) for a in s.adaptive_attacks)) + 2 * (s.repeats + 1) * 4
         elif s.attack == "pgd-eot":
             total += s.pgd_steps * s.pgd_eot
     return total or None
@@ -47,19 +91,21 @@ def passes_per_example(s: EvalSettings, num_classes: int) -> tuple[float, float]
     if "carso" in s.targets:
         if s.attack == "autoattack":
             carso = 2 * (s.aa_eot * (s.aa_steps + 1) + 2)  # APGD-CE and APGD-DLR
-        elif s.attack == "adaptive":  # an upper bound: as if no attack broke anything
-            carso = 3 * 2 * (s.aa_eot * (s.aa_steps + 1) + 2) + s.pgd_steps * s.pgd_eot
-            carso += 5 * 2 * s.repeats / 3 + (s.square_queries / 3 if s.square else 0)
+        elif s.is_adaptive:  # an upper bound: as if no attack broke anything
+            for name in s.adaptive_attacks:
+                on_carso, on_classifier = adaptive_passes(name, s)
+                carso += on_carso
+                classifier += on_classifier
         elif s.attack == "pgd-eot":
             carso = s.pgd_steps * s.pgd_eot
         carso += RECLASSIFY_PASSES * s.repeats  # re-classification: forwards only
     if "classifier" in s.targets:
         targets = min(9, num_classes - 1)
-        if s.attack in ("autoattack", "adaptive"):
+        if s.attack == "autoattack" or s.is_adaptive:
             # APGD-CE, APGD-T (9 targets), FAB-T (9 targets, ~2 passes a step), Square (forwards).
-            classifier = (s.aa_steps + 2) * (1 + targets + 2 * targets) + s.square_queries / 3
+            classifier += (s.aa_steps + 2) * (1 + targets + 2 * targets) + s.square_queries / 3
         elif s.attack == "pgd-eot":
-            classifier = s.pgd_steps
+            classifier += s.pgd_steps
     return carso, classifier
 
 
@@ -70,7 +116,7 @@ def indicator_passes(s: EvalSettings, carso_passes: float) -> float:
     EoT (up to 4× its cost; few survive), plus a few single-draw gradients and the re-classifications:
     about 1.5× the adaptive attacks' passes, an estimate calibrated on the CPU (BENCHMARKS.md).
     """
-    if not (s.attack == "adaptive" and s.indicators and "carso" in s.targets):
+    if not (s.is_adaptive and s.indicators and "carso" in s.targets):
         return 0.0
     return 1.5 * carso_passes
 

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from carso_cli.evaluation.ascent import N_TARGETS, margin, project, top_targets
+from carso_cli.evaluation.ascent import MIN_CLASSES_TARGETED, N_TARGETS, margin, project, top_targets
 from carso_cli.evaluation.autoattack import make_autoattack
 from carso_cli.evaluation.saturation import LOGSUM_SURFACE, surface
 from carso_cli.evaluation.seeding import example_seed, seed_everything, seeded_latents
@@ -88,10 +88,13 @@ def component_points(
     )
     xf, yf = x.detach().float().to(device), y.detach().long().to(device)
     with torch.no_grad():
-        targets = top_targets(model(xf), yf, n_targets)
+        scores = model(xf)
+    targets = top_targets(scores, yf, n_targets)
     points = []
     for name in components:
-        if name == "apgd-ce":
+        if name == "apgd-t" and scores.shape[1] < MIN_CLASSES_TARGETED:
+            point = xf  # the targeted DLR loss needs 4 classes: nothing to run (the input as candidate)
+        elif name == "apgd-ce":
             aa.apgd.loss = "ce"
             point = _apgd(aa.apgd, xf, yf, seed)
         elif name == "apgd-t":

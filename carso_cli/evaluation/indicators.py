@@ -58,15 +58,25 @@ UNBOUNDED_TOLERANCE = 0.1  # at most this fraction of the examples may survive t
 LOSS_TOLERANCE = 0.05  # a mean DLR rise (DLR lies in about [-1, 1]) below this is not "still rising"
 EOT_TARGET_COSINE = 0.8  # two independent EoT estimates should agree at least this well
 EOT_DRAWS = 4  # single-draw gradients per example for ρ (6 pairs)
-WHITE_BOX = ("randaa", "randaa-logsum", "pgd-eot-logsum")
-TRANSFERS = ("transfer-classifier", "transfer-logit", "square")
+# End-to-end gradient attacks on the decision, and the attacks that reach it another way: transfers, the
+# black box, and (issue 20) the representation (a feature-space objective) and z held fixed (a
+# deterministic surrogate judged on fresh draws). One of the latter breaking what every white-box attack
+# left says the end-to-end gradients are not useful on this model.
+WHITE_BOX = ("randaa", "randaa-logsum", "pgd-eot-logsum", "selective-eot", "apgd-t-eot", "pgd-cw-eot")
+TRANSFERS = ("transfer-classifier", "transfer-logit", "representation", "fixed-randomness", "square")
 # Gradient attacks on CARSO: the surface they attack (None: the model's own) and the losses they use.
 GRADIENT_SURFACES: dict[str, tuple[str | None, tuple[str, ...]]] = {
     "randaa": (None, ("ce", "dlr")),  # None here: the paper's surface (``saturation.paper_surface``)
     "randaa-logsum": (LOGSUM_SURFACE, ("ce", "dlr")),
     "pgd-eot-logsum": (LOGSUM_SURFACE, ("ce",)),
     "transfer-logit": ("logit", ("ce", "dlr")),
+    # Margin losses (targeted DLR, CW): DLR's noise stands for theirs. Selective EoT ascends single
+    # draws' margins, whatever the aggregation: the model's own surface.
+    "apgd-t-eot": (LOGSUM_SURFACE, ("dlr",)),
+    "pgd-cw-eot": (LOGSUM_SURFACE, ("dlr",)),
+    "selective-eot": (None, ("dlr",)),
 }
+PGD_EOT = ("pgd-eot-logsum", "pgd-cw-eot", "selective-eot")  # their EoT is PGD+EoT's (``pgd_eot``), not randAA's
 TITLES = {
     "reproduction": "breaks not reproduced",
     "unbounded": f"left at ε = {UNBOUNDED_EPS:g}",
@@ -579,7 +589,7 @@ def _attack_indicators(
         aggregation, losses = GRADIENT_SURFACES[a.name]
         if a.name == "randaa":  # randAA attacks what the paper's protocol attacks (the authors' surface)
             aggregation = paper_surface(s.aggregation)
-        eot = s.pgd_eot if a.name.startswith("pgd") else s.aa_eot
+        eot = s.pgd_eot if a.name in PGD_EOT else s.aa_eot
         with surface(model, aggregation) if aggregation else contextlib.nullcontext():
             ind["eot_noise"] = timed("eot_noise", eot_noise, model, xs, ys, sub, eot=eot, losses=losses)
     return ind

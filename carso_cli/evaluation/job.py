@@ -265,7 +265,7 @@ def _print_estimate(console: Any, p: _Prepared, s: EvalSettings, ctx: distribute
     )
     # An upper bound for the examples attacked: every attack on each to the end, where early attacks
     # break many and the later ones skip them.
-    extra = " (as if no attack broke an example early)" if s.attack == "adaptive" else ""
+    extra = " (as if no attack broke an example early)" if s.is_adaptive else ""
     if seconds > 3600:
         hint = "" if ctx.device.type == "cuda" else " on the CPU; a GPU is much faster"
         console.print(

@@ -14,6 +14,7 @@ from carso_cli.display import accuracy_cell, format_eps
 from carso_cli.evaluation.checks import CHECKS
 from carso_cli.evaluation.report import COLUMNS
 from carso_cli.evaluation.saturation import AUTHORS_SURFACE
+from carso_cli.evaluation.settings import SINGLE_ATTACKS
 
 
 def render_results(results: dict[str, Any], console: Console) -> None:
@@ -43,12 +44,16 @@ def accuracy_table(results: dict[str, Any]) -> Table:
         columns = list(metrics)
         title = f"accuracy on {s['adversarial_file']} — {results['n_examples']} examples, ε = {format_eps(s['eps'])}"
     else:  # an empty PGD+EoT beside C/adaptive only costs width (its adaptive run is in the table below)
-        shown = ("AT/Cl", "C/Cl", "AT/AA", "C/randAA") + (() if s.get("attack") == "adaptive" else ("PGD+EoT",))
+        alone = s.get("attack") in SINGLE_ATTACKS  # one adaptive attack alone: no randAA, its own C/ column
+        shown = ("AT/Cl", "C/Cl", "AT/AA") + (() if alone else ("C/randAA",))
+        shown += () if s.get("attack") == "adaptive" or alone else ("PGD+EoT",)
         columns = [c for c, _ in COLUMNS if c in metrics or c in shown]
         title = f"accuracy (Table 2) — ε = {format_eps(s['eps'])}, {results['n_examples']} examples"
+    headers = {"C/adaptive": f"C/{s['attack']}"} if s.get("attack") in SINGLE_ATTACKS else {}
     t = Table(title=Text(title))
     for c in columns:  # a header is never cut (at 80 columns "C/adaptive" became "C/adapti…"): cells wrap instead
-        t.add_column(c, justify="right", min_width=len(c))
+        header = headers.get(c, c)
+        t.add_column(header, justify="right", min_width=len(header))
     cells = [accuracy_cell(metrics.get(c)) for c in columns]
     if saturation:  # the paper's surface (or the model's own): the worst of the clean and adversarial points
         name = next(iter(saturation["surfaces"]))
@@ -78,6 +83,7 @@ def saturation_table(saturation: dict[str, Any]) -> Table:
 
 def adaptive_table(adaptive: dict[str, Any]) -> Table:
     a = Table(title="adaptive evaluation — an example is robust only if it survives every attack, in this order")
+    alone = len(adaptive["attacks"]) == 1
     for col in ("attack", "attacked", "broke first", "robust after", "time"):
         a.add_column(col, justify="left" if col == "attack" else "right")
     for row in adaptive["attacks"]:
@@ -89,7 +95,8 @@ def adaptive_table(adaptive: dict[str, Any]) -> Table:
             f"{row['wall_s']:.1f} s",
         )
     w = adaptive["worst_case"]
-    a.add_row("[bold]C/adaptive (worst case)[/]", "", "", f"[bold]{w['correct']}/{w['total']}[/]", "")
+    label = f"C/{adaptive['attacks'][0]['attack']} (every candidate)" if alone else "C/adaptive (worst case)"
+    a.add_row(f"[bold]{label}[/]", "", "", f"[bold]{w['correct']}/{w['total']}[/]", "")
     return a
 
 

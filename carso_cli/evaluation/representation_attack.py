@@ -19,14 +19,14 @@ representation is nearest. An example with no such example in the pool keeps its
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
 from carso_cli.evaluation.ascent import N_TARGETS, sign_ascent, top_targets
 from carso_cli.evaluation.gradients import start_noise
-from carso_cli.evaluation.seeding import find_carso
+from carso_cli.evaluation.seeding import find_carso, through_wrappers
 from carso_cli.evaluation.settings import EvalSettings
 from carso_cli.models.representation import forward_with_representation
 
@@ -60,12 +60,15 @@ def distance(feats: Sequence[torch.Tensor], ref: Sequence[torch.Tensor]) -> torc
     return total
 
 
-def _objective(model: nn.Module, ref: list[torch.Tensor], space: str, sign: float):
+def _objective(
+    model: nn.Module, ref: list[torch.Tensor], space: str, sign: float, tick: Callable[[], None] = lambda: None
+):
     def objective(x_adv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x_adv = x_adv.detach().requires_grad_(True)
         with torch.enable_grad():
             value = sign * distance(features(model, x_adv, space)[1], ref)
             (grad,) = torch.autograd.grad(value.sum(), x_adv)
+        tick()
         return value.detach(), grad.detach()
 
     return objective
@@ -111,6 +114,20 @@ def representation_points(
     """Candidates (K, B, C, H, W) and their sources "SPACE-DIRECTION": PGD (``s.pgd_steps`` of
     ``s.pgd_step_size``) on the representation distance. ``away`` starts from a seeded random point in
     the ball (the squared distance has zero gradient at x), ``toward`` from x."""
+    with through_wrappers(model) as tick:  # the wrappers' precision and progress, bypassed by ``features``
+        return _representation_points(model, x, y, idx, s, pool, spaces, tick)
+
+
+def _representation_points(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    idx: Sequence[int],
+    s: EvalSettings,
+    pool: tuple[torch.Tensor, torch.Tensor] | None,
+    spaces: Sequence[str],
+    tick: Callable[[], None],
+) -> tuple[torch.Tensor, list[str]]:
     x = x.detach()
     pool = (x, y) if pool is None else pool
     points, sources = [], []
@@ -119,7 +136,7 @@ def representation_points(
             clean = [f.detach() for f in features(model, x, space)[1]]
         start = torch.clamp(x + (2 * start_noise(x, idx, s.seed, 0) - 1) * s.eps, 0.0, 1.0)
         away, _ = sign_ascent(
-            _objective(model, clean, space, 1.0),
+            _objective(model, clean, space, 1.0, tick),
             x,
             eps=s.eps,
             steps=s.pgd_steps,
@@ -135,7 +152,7 @@ def representation_points(
             with torch.no_grad():
                 ref = [f.detach() for f in features(model, pool[0][rows[have]], space)[1]]
             moved, _ = sign_ascent(
-                _objective(model, ref, space, -1.0),
+                _objective(model, ref, space, -1.0, tick),
                 x[have],
                 eps=s.eps,
                 steps=s.pgd_steps,

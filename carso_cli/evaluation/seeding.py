@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -99,6 +99,33 @@ def find_carso(model: nn.Module) -> CARSO | None:
             return None
         model = inner
     return model
+
+
+@contextlib.contextmanager
+def through_wrappers(model: nn.Module) -> Iterator[Callable[[], None]]:
+    """For an attack that calls the parts of the CARSO inside ``model`` (its classifier's representation,
+    its per-draw logits) rather than ``model`` itself: what the wrappers around it would have done. The
+    precision of an ``Autocast`` (entered here) and the progress tick of a ``CountCalls`` (yielded: call
+    it once per pass)."""
+    ticks: list[Callable[[], None]] = []
+    dtype = None
+    while not isinstance(model, CARSO):
+        on_call = getattr(model, "on_call", None)
+        if callable(on_call):
+            ticks.append(on_call)
+        dtype = getattr(model, "autocast_dtype", None) or dtype
+        inner = getattr(model, "model", None)
+        if not isinstance(inner, nn.Module):
+            break
+        model = inner
+
+    def tick() -> None:
+        for on_call in ticks:
+            on_call()
+
+    device_type = next((p.device.type for p in model.parameters()), "cpu")
+    with torch.autocast(device_type, dtype=dtype) if dtype is not None else contextlib.nullcontext():
+        yield tick
 
 
 def seed_everything(seed: int) -> None:

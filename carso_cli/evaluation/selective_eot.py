@@ -19,13 +19,13 @@ re-classification), so concentrating on the draws that can be fooled is the righ
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
 from carso_cli.evaluation.ascent import margin, sign_ascent
-from carso_cli.evaluation.seeding import ExampleSeededSampler, find_carso, seeded_latents
+from carso_cli.evaluation.seeding import ExampleSeededSampler, find_carso, seeded_latents, through_wrappers
 
 SELECT = 1 / 8  # the fraction of draws (the closest to fooled) ascended on, besides those already fooled
 STREAM_SELECTIVE = 20  # the attack's own z stream (seeding's streams are 0–7)
@@ -38,7 +38,9 @@ def selection(m: torch.Tensor, select: float = SELECT) -> torch.Tensor:
     return (m > 0) | (m >= kth[None])
 
 
-def selective_objective(model: nn.Module, y: torch.Tensor, eot: int, select: float = SELECT):
+def selective_objective(
+    model: nn.Module, y: torch.Tensor, eot: int, select: float = SELECT, tick: Callable[[], None] = lambda: None
+):
     """Per example the mean CW margin of the selected draws (B,) and its input gradient."""
     carso = find_carso(model)
     if carso is None:
@@ -52,6 +54,7 @@ def selective_objective(model: nn.Module, y: torch.Tensor, eot: int, select: flo
                 z = carso.sample_latent(x_adv.shape[0], x_adv.device, x_adv.dtype)
                 zs.append(z)
                 margins.append(margin(carso.reconstruction_logits(x_adv, z).double(), y))  # (N, B)
+                tick()
         m = torch.cat(margins)  # (eot·N, B)
         chosen = selection(m, select)
         count = chosen.sum(dim=0).clamp_min(1)
@@ -66,6 +69,7 @@ def selective_objective(model: nn.Module, y: torch.Tensor, eot: int, select: flo
             with torch.enable_grad():
                 loss = (w * margin(carso.reconstruction_logits(xr, z).double(), y)).sum()
                 (g,) = torch.autograd.grad(loss, xr)
+            tick()
             grad += g
         return value, grad
 
@@ -88,6 +92,7 @@ def selective_eot_points(
     """Candidates (1, B, C, H, W), source "selective-eot": PGD from x on the selective objective, the best
     iterate; the draws seeded per example (stream ``STREAM_SELECTIVE``), so batches do not matter."""
     sampler = ExampleSeededSampler(seed, STREAM_SELECTIVE).bind(idx)
-    with seeded_latents(model, sampler):
-        point, _ = sign_ascent(selective_objective(model, y, eot, select), x, eps=eps, steps=steps, step_size=step_size)
+    with seeded_latents(model, sampler), through_wrappers(model) as tick:  # it bypasses the wrappers' forward
+        objective = selective_objective(model, y, eot, select, tick)
+        point, _ = sign_ascent(objective, x, eps=eps, steps=steps, step_size=step_size)
     return point[None], ["selective-eot"]

@@ -18,7 +18,25 @@ from carso_cli.aggregation import AGGREGATIONS
 from carso_cli.config import Config
 from carso_cli.errors import CarsoError
 
-ATTACKS = ("adaptive", "autoattack", "pgd-eot", "none", "file")  # "file": examples from ``--adversarial``
+# The attacks of the adaptive evaluation, in the order they run (``adaptive``; the last five before Square
+# are issue 20's attacks on stochastic purification, ``stochastic_attacks``). randAA runs first, on every
+# example, as the paper's protocol; the others, cheap to dear, only on the examples still robust.
+ADAPTIVE_ATTACKS = (
+    "randaa",
+    "randaa-logsum",
+    "pgd-eot-logsum",
+    "transfer-classifier",
+    "transfer-logit",
+    "representation",
+    "fixed-randomness",
+    "selective-eot",
+    "apgd-t-eot",
+    "pgd-cw-eot",
+    "square",
+)
+# Each adaptive attack but randAA (that is ``autoattack``) also runs alone: ``--attack NAME``.
+SINGLE_ATTACKS = ADAPTIVE_ATTACKS[1:]
+ATTACKS = ("adaptive", "autoattack", "pgd-eot", "none", "file", *SINGLE_ATTACKS)  # "file": ``--adversarial``
 TARGETS = ("classifier", "carso")
 
 B = TypeVar("B", bound="AttackBudget")
@@ -118,9 +136,23 @@ class EvalSettings(AttackBudget):
 
     def __post_init__(self) -> None:
         if self.restarts is None:
-            self.restarts = 2 if self.attack == "adaptive" else 1
+            self.restarts = 2 if self.is_adaptive else 1
         if self.eot_normalise is None:
-            self.eot_normalise = self.attack == "adaptive"
+            self.eot_normalise = self.is_adaptive
+
+    @property
+    def adaptive_attacks(self) -> list[str]:
+        """The adaptive attacks this evaluation runs, in order: all (Square with ``square``) for
+        ``adaptive``, the one named for a single attack (``--attack NAME``), none otherwise."""
+        if self.attack == "adaptive":
+            return [a for a in ADAPTIVE_ATTACKS if a != "square" or self.square]
+        return [self.attack] if self.attack in SINGLE_ATTACKS else []
+
+    @property
+    def is_adaptive(self) -> bool:
+        """Attacked by the adaptive machinery (every candidate judged by the evaluated model, C/adaptive,
+        the indicators): ``adaptive`` or one of its attacks alone."""
+        return bool(self.adaptive_attacks)
 
     @classmethod
     def preset_defaults(cls, cfg: Config) -> dict[str, Any]:
@@ -129,10 +161,10 @@ class EvalSettings(AttackBudget):
     @classmethod
     def from_options(cls, cfg: Config, **options: Any) -> EvalSettings:  # type: ignore[override]
         """As ``AttackBudget.from_options``; ``attack`` None: ``default_attack(targets)``. The indicators
-        judge the adaptive attacks: off for any other."""
+        judge the adaptive attacks (all, or one alone): off for any other."""
         targets = options.get("targets") or list(TARGETS)
         attack = options.get("attack") or default_attack(targets)
-        indicators = options.get("indicators", True) and attack == "adaptive"
+        indicators = options.get("indicators", True) and (attack == "adaptive" or attack in SINGLE_ATTACKS)
         return super().from_options(cfg, **{**options, "attack": attack, "indicators": indicators})
 
     def pgd_eot_options(self) -> dict[str, Any]:
@@ -152,9 +184,10 @@ class EvalSettings(AttackBudget):
             raise CarsoError(f"unknown attack '{self.attack}' (choose from {', '.join(ATTACKS)})")
         if not self.targets or any(t not in TARGETS for t in self.targets):
             raise CarsoError(f"targets must be among {', '.join(TARGETS)}, got {self.targets}")
-        if self.square and self.attack != "adaptive":
+        if self.square and self.attack not in ("adaptive", "fixed-randomness"):
             raise CarsoError(
-                f"--square adds the Square attack to --attack adaptive; it has no effect with --attack {self.attack}"
+                "--square adds the Square attack to --attack adaptive (and to fixed-randomness); it has no effect "
+                f"with --attack {self.attack}"
             )
         super().validate()
         at_least_one(self, ("repeats", "restarts", "indicator_examples"))

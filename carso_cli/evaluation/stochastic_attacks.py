@@ -10,9 +10,9 @@ forward+backward passes per example with the paper's budgets: 100 APGD steps, 20
    condition encoder's input and its code c): away from the clean input's, and towards that of an
    example of the class APGD-T would target. Deterministic: no draws, no aggregation; classifier passes
    only, 4 × 201 (``representation_attack``).
-2. ``fixed-randomness`` — APGD-CE, APGD-T, FAB-T and Square on CARSO with z held fixed (z = 0, then
-   one seeded draw: common random numbers), judged on fresh draws; no EoT: 2 × 700 passes and
-   2 × 5000 forwards (``fixed_randomness``).
+2. ``fixed-randomness`` — APGD-CE, APGD-T, FAB-T (and Square with ``--square``, as the adaptive
+   evaluation's own Square) on CARSO with z held fixed (z = 0, then one seeded draw: common random
+   numbers), judged on fresh draws; no EoT: 2 × 700 passes (and 2 × 5000 forwards) (``fixed_randomness``).
 3. ``selective-eot`` — DiffHammer's selective EoT: ascend the draws already fooled or closest to it;
    201 × 20 forwards and at most as many passes (``selective_eot``).
 4. ``apgd-t-eot`` — the library's APGD-T with EoT on ``dexp-logsum``, one run per target class,
@@ -30,8 +30,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from carso_cli.evaluation.adaptive import Candidates
-from carso_cli.evaluation.fixed_randomness import fixed_randomness_points
+from carso_cli.evaluation.candidates import Candidates
+from carso_cli.evaluation.fixed_randomness import COMPONENTS, fixed_randomness_points
 from carso_cli.evaluation.representation_attack import representation_points
 from carso_cli.evaluation.saturation import LOGSUM_SURFACE, surface
 from carso_cli.evaluation.seeding import example_seed
@@ -91,8 +91,18 @@ def run_stochastic(
             model, x, y, idx, eps=s.eps, steps=s.pgd_steps, step_size=s.pgd_step_size, eot=s.pgd_eot, seed=s.seed
         )
     elif name == "fixed-randomness":
+        # Square, the dear black-box component, follows --square as the adaptive evaluation's own Square.
+        components = [c for c in COMPONENTS if c != "square" or s.square]
         points, sources = fixed_randomness_points(
-            model, x, y, eps=s.eps, seed=seed, device=device, steps=s.aa_steps, square_queries=s.square_queries
+            model,
+            x,
+            y,
+            eps=s.eps,
+            seed=seed,
+            device=device,
+            steps=s.aa_steps,
+            square_queries=s.square_queries,
+            components=components,
         )
     else:
         raise ValueError(f"unknown attack '{name}' (choose from {', '.join(ATTACKS)})")

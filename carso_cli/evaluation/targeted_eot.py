@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from carso_cli.evaluation.ascent import N_TARGETS, margin, sign_ascent, top_targets, unit
+from carso_cli.evaluation.ascent import MIN_CLASSES_TARGETED, N_TARGETS, margin, sign_ascent, top_targets, unit
 from carso_cli.evaluation.autoattack import make_autoattack
 from carso_cli.evaluation.seeding import ExampleSeededSampler, seed_everything, seeded_latents
 
@@ -58,7 +58,10 @@ def apgd_t_eot_points(
     apgd.seed = seed
     xf, yf = x.detach().float().to(device), y.detach().long().to(device)
     seed_everything(seed)
-    targets = top_targets(mean_scores(model, xf, eot), yf, n_targets)  # (k, B)
+    scores = mean_scores(model, xf, eot)
+    if scores.shape[1] < MIN_CLASSES_TARGETED:  # the targeted DLR loss needs 4 classes: nothing to run
+        return x.detach()[None], ["apgd-t:none"]
+    targets = top_targets(scores, yf, n_targets)  # (k, B)
     points, sources = [], []
     for k, target in enumerate(targets):
         apgd.init_hyperparam(xf)
