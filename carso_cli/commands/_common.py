@@ -55,6 +55,11 @@ AGGREGATION_HELP = (
 )
 
 
+AggregationOpt = Annotated[
+    Aggregation | None, typer.Option("--aggregation", help=AGGREGATION_HELP + " (default: the preset's).")
+]
+
+
 def resolve_device(name: str | None) -> torch.device:
     """``None`` → cuda if available else cpu; a cuda device that is absent is a clear error."""
     if name is None:
