@@ -37,6 +37,10 @@ def _per_example(value: float | Tensor, x: Tensor, what: str) -> float | Tensor:
     return value.to(device=x.device, dtype=x.dtype).view(-1, *([1] * (x.dim() - 1)))
 
 
+def _wide(logits: Tensor) -> Tensor:
+    return logits if logits.dtype == torch.float64 else logits.float()
+
+
 def input_gradient(model: Model, x: Tensor, y: Tensor) -> Tensor:
     """∇ₓ Σᵢ CE(model(xᵢ), yᵢ) for x (B, C, H, W), y (B,); the parameters get no gradient.
 
@@ -99,9 +103,7 @@ def loss_and_gradient(model: Model, x: Tensor, y: Tensor, normalise: bool = Fals
     """
     x = x.detach().requires_grad_(True)
     with torch.enable_grad():
-        logits = model(x)
-        logits = logits if logits.dtype == torch.float64 else logits.float()
-        loss = F.cross_entropy(logits, y, reduction="none")
+        loss = F.cross_entropy(_wide(model(x)), y, reduction="none")
         (grad,) = torch.autograd.grad(loss.sum(), x)
     if normalise:
         norm = grad.double().flatten(1).norm(dim=1).clamp_min(1e-300)
@@ -135,55 +137,6 @@ def _better(loss: Tensor, best: Tensor, x_new: Tensor, x_best: Tensor) -> tuple[
     return torch.where(take, loss, best), torch.where(mask, x_new, x_best)
 
 
-def _pgd_loop(
-    model: Model,
-    x: Tensor,
-    y: Tensor,
-    eps: float | Tensor,
-    steps: int,
-    step_size: float | Tensor,
-    eot_iterations: int,
-    random_start: bool,
-    generator: torch.Generator | None,
-    callback: StepCallback | None,
-    start_noise: Tensor | None = None,
-    keep_best: bool = False,
-    normalise: bool = False,
-) -> tuple[Tensor, Tensor | None]:
-    """The PGD(+EoT) iterations; returns (x_adv, its EoT loss (B,) or None when not tracked)."""
-    if steps < 0 or eot_iterations < 1:
-        raise ValueError(f"need steps ≥ 0 and eot_iterations ≥ 1, got {steps} and {eot_iterations}")
-    x = x.detach()
-    eps_ = _per_example(eps, x, "eps")
-    alpha = _per_example(step_size, x, "step_size")
-    x_adv = _uniform_start(x, eps_, generator, start_noise) if random_start else x.clone()
-    best_loss: Tensor | None = None
-    x_best = x_adv
-    for step in range(steps):
-        # Expectation over Transformation: each iteration is a fresh forward of a stochastic model;
-        # the sign of the summed gradient equals the sign of the EoT-averaged gradient.
-        loss, grad = eot_loss_and_gradient(model, x_adv, y, eot_iterations, normalise)
-        if keep_best:
-            best_loss, x_best = (loss, x_adv) if best_loss is None else _better(loss, best_loss, x_adv, x_best)
-        x_adv = _project(x_adv + alpha * grad.sign(), x, eps_).detach()
-        if callback is not None:
-            callback(step, x_adv)
-    if not keep_best:
-        return x_adv, None
-    # The last iterate's loss: one more EoT estimate, no step (the best is judged afterwards anyway).
-    with torch.no_grad():
-        last = sum(F.cross_entropy(_wide(model(x_adv)), y, reduction="none") for _ in range(eot_iterations))
-    last = torch.as_tensor(last) / eot_iterations
-    if best_loss is None:
-        return x_adv, last
-    best_loss, x_best = _better(last, best_loss, x_adv, x_best)
-    return x_best, best_loss
-
-
-def _wide(logits: Tensor) -> Tensor:
-    return logits if logits.dtype == torch.float64 else logits.float()
-
-
 def pgd(
     model: Model,
     x: Tensor,
@@ -215,7 +168,10 @@ def pgd(
     Returns:
         Adversarial inputs (B, C, H, W), detached, with ‖x_adv − x‖∞ ≤ ε.
     """
-    return _pgd_loop(model, x, y, eps, steps, step_size, 1, random_start, generator, None, start_noise)[0]
+    x_adv, _ = pgd_eot(
+        model, x, y, eps, steps, step_size, 1, random_start, generator, start_noise=start_noise, return_loss=True
+    )
+    return x_adv
 
 
 def pgd_eot(
@@ -241,42 +197,44 @@ def pgd_eot(
     ``eot_iterations`` fresh forward passes of the (stochastic) model, and a sign step is taken,
     followed by projection onto the ε-ball and [0, 1].
 
+    ``pgd`` is this attack with one EoT iteration; the arguments they share mean the same (here ``model``
+    may be stochastic: CARSO draws new latents on each call; ``random_start`` defaults to the paper's x).
+
     Args:
-        model: x → logits; may be stochastic (CARSO draws new latents on each call).
-        x: clean inputs (B, C, H, W) in [0, 1].
-        y: true labels (B,).
-        eps: ℓ∞ radius, a float or a per-example tensor (B,).
-        steps: number of gradient steps.
-        step_size: size of each sign step.
         eot_iterations: forward/backward passes averaged per step.
-        random_start: start from x + U(-ε, ε) instead of x.
-        generator: source of the random start.
         callback: ``callback(step, x_adv)`` after each step (progress reporting).
         keep_best: return per example the iterate of highest EoT-averaged loss (the start and the last
             iterate included) instead of the last one (stronger; not the paper's).
         normalise: scale each draw's gradient to unit ℓ2 norm before averaging (not the paper's).
-        start_noise: (B, C, H, W) uniform [0, 1) draws of the random start (see ``pgd``).
         return_loss: also return the EoT loss (B,) of the returned point (None without ``keep_best``).
 
     Returns:
         Adversarial inputs (B, C, H, W), detached (and their loss with ``return_loss``).
     """
-    out = _pgd_loop(
-        model,
-        x,
-        y,
-        eps,
-        steps,
-        step_size,
-        eot_iterations,
-        random_start,
-        generator,
-        callback,
-        start_noise,
-        keep_best,
-        normalise,
-    )
-    return out if return_loss else out[0]
+    if steps < 0 or eot_iterations < 1:
+        raise ValueError(f"need steps ≥ 0 and eot_iterations ≥ 1, got {steps} and {eot_iterations}")
+    x = x.detach()
+    eps_ = _per_example(eps, x, "eps")
+    alpha = _per_example(step_size, x, "step_size")
+    x_adv = _uniform_start(x, eps_, generator, start_noise) if random_start else x.clone()
+    best_loss: Tensor | None = None
+    x_best = x_adv
+    for step in range(steps):
+        # Expectation over Transformation: each iteration is a fresh forward of a stochastic model;
+        # the sign of the summed gradient equals the sign of the EoT-averaged gradient.
+        loss, grad = eot_loss_and_gradient(model, x_adv, y, eot_iterations, normalise)
+        if keep_best:
+            best_loss, x_best = (loss, x_adv) if best_loss is None else _better(loss, best_loss, x_adv, x_best)
+        x_adv = _project(x_adv + alpha * grad.sign(), x, eps_).detach()
+        if callback is not None:
+            callback(step, x_adv)
+    if keep_best:
+        # The last iterate's loss: one more EoT estimate, no step (the best is judged afterwards anyway).
+        with torch.no_grad():
+            last = sum(F.cross_entropy(_wide(model(x_adv)), y, reduction="none") for _ in range(eot_iterations))
+        last = torch.as_tensor(last) / eot_iterations
+        best_loss, x_adv = (last, x_adv) if best_loss is None else _better(last, best_loss, x_adv, x_best)
+    return (x_adv, best_loss) if return_loss else x_adv
 
 
 def in_chunks(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from enum import Enum
@@ -52,6 +53,11 @@ AGGREGATION_HELP = (
     "gradients on confident examples), dexp-logsum (the same prediction, attacked through log Σ exp l: no "
     "saturated gradients), logit, prob or vote (ablation, appendix B.2)"
 )
+
+
+AggregationOpt = Annotated[
+    Aggregation | None, typer.Option("--aggregation", help=AGGREGATION_HELP + " (default: the preset's).")
+]
 
 
 def resolve_device(name: str | None) -> torch.device:
@@ -181,3 +187,36 @@ def relaunch_training(
         state = checkpoint_of(found) if found is not None else None
         kept = ckpt.intact_checkpoint(state) if state is not None else None
         raise died.resumable(kept and f"{kept} is intact ({state})", argv) from None
+
+
+def run_training(
+    run: Callable[..., Any],
+    *args: Any,
+    preset: str | None,
+    resume: bool,
+    device: str | None,
+    data_root: Path,
+    seed: int,
+    bf16: bool | None,
+    report: Callable[[Any, Any], None],
+) -> None:
+    """A training's ``run(*args, …)`` with the options both trainings share; then rank 0 prints: the line
+    that says the run had already finished, else ``report(result, console)``."""
+    from carso_cli.cli import console
+
+    result = run(
+        *args,
+        device=resolve_device(device),
+        resume=resume,
+        data_root=data_root,
+        seed=seed,
+        bf16=bf16,
+        console=console,
+        preset=preset if resume else None,
+    )
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    if result.complete is not None:
+        console.print(result.complete, soft_wrap=True, highlight=False, markup=False)
+    else:
+        report(result, console)

@@ -1,4 +1,5 @@
-"""The options of ``carso eval`` (its help texts), kept apart so that ``commands/evaluate.py`` reads as wiring."""
+"""The options of ``carso eval`` (its help texts), kept apart so that ``commands/evaluate.py`` reads as wiring;
+the ones other commands take too (``--run``, ``--aggregation``, …) are in ``commands/_common.py``."""
 
 from __future__ import annotations
 
@@ -8,15 +9,7 @@ from typing import Annotated
 
 import typer
 
-from carso_cli.commands._common import AGGREGATION_HELP, Aggregation
 from carso_cli.evaluation.settings import SINGLE_ATTACKS
-
-# "--run-dir" is what the torchrun workers get: torchrun's own parser takes "--run" for an ambiguous
-# abbreviation of its "--run-path" and stops.
-RunOpt = Annotated[
-    Path | None, typer.Option("--run", "--run-dir", help="Run directory (default: the most recent under ./runs).")
-]
-
 
 # The evaluations, then each attack of the adaptive one alone (settings.SINGLE_ATTACKS, in their order).
 Attack = Enum(  # type: ignore[misc]
@@ -67,10 +60,6 @@ BatchSizeOpt = Annotated[
 
 SamplesOpt = Annotated[
     int | None, typer.Option("--samples", help="Reconstructions per input (default: the preset's, 8).")
-]
-
-AggregationOpt = Annotated[
-    Aggregation | None, typer.Option("--aggregation", help=AGGREGATION_HELP + " (default: the preset's).")
 ]
 
 ResumeOpt = Annotated[

@@ -1,4 +1,5 @@
-"""The options of ``carso sanity`` (its help texts), kept apart so that ``commands/sanity.py`` reads as wiring."""
+"""The options of ``carso sanity`` (its help texts), kept apart so that ``commands/sanity.py`` reads as wiring;
+the ones other commands take too (``--run``, ``--aggregation``, …) are in ``commands/_common.py``."""
 
 from __future__ import annotations
 
@@ -7,16 +8,11 @@ from typing import Annotated
 
 import typer
 
-from carso_cli.commands._common import AGGREGATION_HELP, Aggregation
 from carso_cli.evaluation.checks import CHECKS
 
 NExamplesOpt = Annotated[int, typer.Option("--n-examples", help="First N test examples.")]
 
 SamplesOpt = Annotated[int | None, typer.Option("--samples", help="Reconstructions per input (default: the preset's).")]
-
-AggregationOpt = Annotated[
-    Aggregation | None, typer.Option("--aggregation", help=AGGREGATION_HELP + " (default: the preset's).")
-]
 
 ChecksOpt = Annotated[
     str | None, typer.Option("--checks", help=f"Comma-separated subset of: {', '.join(CHECKS)} (default: all).")

@@ -50,7 +50,7 @@ def cli(
 ) -> None:
     """Measure throughput of the preset's full model on synthetic data (for BENCHMARKS.md)."""
     from carso_cli.cli import console, err_console
-    from carso_cli.commands import train_purifier  # until the purifier's training is a library function
+    from carso_cli.training import purifier
 
     sets = memory_sets(set_, attack_chunk, micro_batch) or []
     cfg = load_preset(preset, [*sets, f"training.compile={compile_}"] if compile_ is not None else sets)
@@ -58,9 +58,7 @@ def cli(
     env = environment(dev)
     if what is What.train:
         # With --json, stdout carries the JSON alone: training progress goes to stderr.
-        result = bench_train(
-            cfg, dev, batch_size, batches, train_purifier.run, console=err_console if json_out else console
-        )
+        result = bench_train(cfg, dev, batch_size, batches, purifier.run, console=err_console if json_out else console)
         headline = (
             f"{result['images_per_s']:,.0f} images/s, peak memory {result['peak_memory']} "
             f"(purifier training, preset {cfg.name})"

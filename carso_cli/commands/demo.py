@@ -87,7 +87,8 @@ def _pipeline(
     cfg: Config, run_dir: Path, dev: torch.device, sizes: DemoSizes, seed: int, data_root: Path, console: Any
 ) -> DemoResult:
     from carso_cli import evaluation as ev
-    from carso_cli.commands import train_classifier, train_purifier
+    from carso_cli.training import classifier as classifier_training
+    from carso_cli.training import purifier as purifier_training
 
     seconds: dict[str, float] = {}
     if console is not None:
@@ -99,7 +100,7 @@ def _pipeline(
 
     step("1/3  carso train-classifier  (PGD adversarial training)")
     t0 = time.perf_counter()
-    classifier = train_classifier.run(
+    classifier = classifier_training.run(
         cfg,
         run_dir / "adversarial-classifier.safetensors",
         device=dev,
@@ -111,7 +112,7 @@ def _pipeline(
 
     step("2/3  carso train-purifier  (adversarially-balanced batches)")
     t0 = time.perf_counter()
-    train_purifier.run(cfg, classifier, run_dir, device=dev, data_root=data_root, seed=seed, console=console)
+    purifier_training.run(cfg, classifier, run_dir, device=dev, data_root=data_root, seed=seed, console=console)
     seconds["train-purifier"] = time.perf_counter() - t0
 
     step(f"3/3  carso eval --attack adaptive  ({sizes.n_examples} examples)")

@@ -19,15 +19,16 @@ import typer
 from carso_cli import distributed
 from carso_cli import evaluation as ev
 from carso_cli.commands._common import (
+    AggregationOpt,
     DataRootOpt,
     DeviceOpt,
     GpusOpt,
+    RunOpt,
     SeedOpt,
     resolve_device,
 )
 from carso_cli.commands._eval_options import (
     AdversarialOpt,
-    AggregationOpt,
     AttackOpt,
     BatchSizeOpt,
     EotNormaliseOpt,
@@ -44,7 +45,6 @@ from carso_cli.commands._eval_options import (
     RepeatsOpt,
     RestartsOpt,
     ResumeOpt,
-    RunOpt,
     SamplesOpt,
     SaturationThresholdOpt,
     SaveAdversarialOpt,

@@ -13,6 +13,7 @@ from typing import Any
 import typer
 
 from carso_cli.commands._common import (
+    AggregationOpt,
     DataRootOpt,
     DeviceOpt,
     RunOpt,
@@ -22,7 +23,6 @@ from carso_cli.commands._common import (
 from carso_cli.commands._sanity_options import (
     AaEotOpt,
     AaStepsOpt,
-    AggregationOpt,
     BatchSizeOpt,
     BlackboxToleranceOpt,
     ChanceToleranceOpt,

@@ -12,7 +12,6 @@ state, for ``--resume``), ``NAME.config.toml``, ``NAME.metrics.jsonl`` and ``NAM
 
 from __future__ import annotations
 
-import os
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
@@ -34,7 +33,7 @@ from carso_cli.commands._common import (
     memory_overrides,
     option_overrides,
     relaunch_training,
-    resolve_device,
+    run_training,
 )
 from carso_cli.config import load_config
 from carso_cli.errors import CarsoError
@@ -84,8 +83,6 @@ def cli(
     micro_batch: ClassifierMicroBatchOpt = None,
 ) -> None:
     """Train the preset's classifier (PGD adversarial or standard); prints the weights' path."""
-    from carso_cli.cli import console
-
     # Every option that stands for a preset key, parsed once into overrides (checked by config.validate);
     # a resumed training keeps its mode (--adversarial is not applied to it).
     resumed = option_overrides(
@@ -107,19 +104,8 @@ def cli(
         raise CarsoError("--preset is required (or --resume with --out)")
     else:
         cfg = load_config(preset, overrides)
-    result = run(
-        cfg,
-        out,
-        device=resolve_device(device),
-        resume=resume,
-        data_root=data_root,
-        seed=seed,
-        bf16=bf16,
-        console=console,
-        preset=preset if resume else None,
-    )
-    if int(os.environ.get("RANK", "0")) == 0:
-        _report(result, console)
+    shared = {"preset": preset, "resume": resume, "device": device, "data_root": data_root, "seed": seed, "bf16": bf16}
+    run_training(run, cfg, out, report=_report, **shared)
 
 
 def _state_file(weights: Path) -> Path:
@@ -128,10 +114,8 @@ def _state_file(weights: Path) -> Path:
 
 
 def _report(result: ClassifierResult, console: Any) -> None:
-    """What rank 0 prints at the end: the clean test accuracy (if measured), then the weights' path."""
-    if result.complete is not None:
-        console.print(result.complete, soft_wrap=True, highlight=False, markup=False)
-        return
+    """What rank 0 prints at the end of the training: the clean test accuracy (if measured), then the
+    weights' path."""
     if result.clean_accuracy == result.clean_accuracy:  # not NaN
         console.print(f"clean test accuracy: {100 * result.clean_accuracy:.2f}%")
     console.print(str(result.weights), soft_wrap=True, highlight=False, markup=False)

@@ -16,7 +16,6 @@ directory must be on a shared file system; only global rank 0 writes to it).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -39,7 +38,7 @@ from carso_cli.commands._common import (
     memory_overrides,
     option_overrides,
     relaunch_training,
-    resolve_device,
+    run_training,
 )
 from carso_cli.config import load_config
 from carso_cli.errors import CarsoError
@@ -112,7 +111,6 @@ def cli(
 ) -> None:
     """Train the purifier against a frozen classifier (adversarially-balanced batches, RAdam+Lookahead)."""
     from carso_cli import zoo
-    from carso_cli.cli import console
 
     set_, classifier = sources.option_sets(set_, classifier, classifier_weights)  # a source sets the architecture
     classifier = zoo.resolve_weights(classifier)  # a path, or a published model's name (carso pull --list)
@@ -132,27 +130,13 @@ def cli(
         raise CarsoError("--preset is required (or --resume to continue a run)")
     else:
         cfg = load_config(preset, overrides)
-    result = run(
-        cfg,
-        classifier,
-        out,
-        device=resolve_device(device),
-        resume=resume,
-        data_root=data_root,
-        seed=seed,
-        bf16=bf16,
-        console=console,
-        preset=preset if resume else None,
-    )
-    if int(os.environ.get("RANK", "0")) == 0:
-        _report(result, console)
+    shared = {"preset": preset, "resume": resume, "device": device, "data_root": data_root, "seed": seed, "bf16": bf16}
+    run_training(run, cfg, classifier, out, report=_report, **shared)
 
 
 def _report(result: PurifierResult, console: Any) -> None:
-    """What rank 0 prints at the end: the bundle and the last epoch's losses, then the run directory."""
-    if result.complete is not None:
-        console.print(result.complete, soft_wrap=True, highlight=False, markup=False)
-        return
+    """What rank 0 prints at the end of the training: the bundle and the last epoch's losses, then the run
+    directory."""
     last = result.records[-1] if result.records else {}
     summary = ", ".join(f"{k} {last[k]:.4g}" for k in ("loss", "bce", "kl") if k in last)
     console.print(

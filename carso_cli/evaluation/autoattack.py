@@ -164,36 +164,17 @@ class _PointRecorder:
 
 
 def autoattack_flags(
-    model: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    *,
-    eps: float,
-    version: str,
-    seed: int,
-    device: torch.device,
-    steps: int = 100,
-    eot: int = 20,
-    square_queries: int = 5000,
-    attacks: Sequence[str] | None = None,
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, seed: int, **settings: Any
 ) -> AutoAttackResult:
     """Run pyautoattack's ``run_standard_evaluation`` on one batch (already on ``device``).
 
-    The global RNG is seeded with ``seed`` first (the library's own clean pass draws from it), and the
-    library re-seeds it with ``seed`` before every attack. As in the library, a sub-attack runs only on
-    the examples the earlier ones did not fool (by its single draw); every sub-attack's point is kept.
+    ``settings``: the rest of ``make_autoattack``'s keywords (eps, version and device; steps, eot,
+    square_queries, attacks). The global RNG is seeded with ``seed`` first (the library's own clean pass
+    draws from it), and the library re-seeds it with ``seed`` before every attack. As in the library, a
+    sub-attack runs only on the examples the earlier ones did not fool (by its single draw); every
+    sub-attack's point is kept.
     """
-    aa = make_autoattack(
-        model,
-        eps=eps,
-        version=version,
-        seed=seed,
-        device=device,
-        steps=steps,
-        eot=eot,
-        square_queries=square_queries,
-        attacks=attacks,
-    )
+    aa = make_autoattack(model, seed=seed, **settings)
     recorder = _PointRecorder(x)
     recorder.wrap_apgd(aa.apgd)
     recorder.wrap_square(aa.square)
@@ -211,13 +192,11 @@ def sub_attack_points(
     x: torch.Tensor,
     y: torch.Tensor,
     *,
-    eps: float,
     attacks: Sequence[str],
     seed: int,
     device: torch.device,
-    steps: int = 100,
     eot: int = 1,
-    square_queries: int = 5000,
+    **settings: Any,
 ) -> AutoAttackResult:
     """Each of ``attacks`` ("apgd-ce", "apgd-dlr", "square") run once on *every* example, independently.
 
@@ -225,20 +204,11 @@ def sub_attack_points(
     attacked surface is already wrong or an earlier sub-attack fooled it: in the adaptive evaluation that
     surface is not the judge (a transfer source, the logsum surface) and its verdict decides nothing.
     One run of the library's ``attack_single_run`` per sub-attack, seeded like the library (its RNG is
-    re-seeded with ``seed`` before each). ``flags`` (information only): the attacked surface was right
-    on every sub-attack's point; ``x_adv``: the candidate of the first sub-attack that fooled it.
+    re-seeded with ``seed`` before each). ``settings``: ``make_autoattack``'s eps, steps, square_queries.
+    ``flags`` (information only): the attacked surface was right on every sub-attack's point; ``x_adv``:
+    the candidate of the first sub-attack that fooled it.
     """
-    aa = make_autoattack(
-        model,
-        eps=eps,
-        version="custom",
-        seed=seed,
-        device=device,
-        steps=steps,
-        eot=eot,
-        square_queries=square_queries,
-        attacks=list(attacks),
-    )
+    aa = make_autoattack(model, version="custom", attacks=list(attacks), seed=seed, device=device, **settings)
     aa.apgd.eot_iter = eot
     recorder = _PointRecorder(x)
     recorder.wrap_apgd(aa.apgd)

@@ -43,7 +43,7 @@ from carso_cli import checkpoint as ckpt
 from carso_cli import evaluation as ev
 from carso_cli.config import Config, parse_eps
 from carso_cli.errors import CarsoError
-from carso_cli.evaluation.settings import AttackBudget, at_least_one
+from carso_cli.evaluation.settings import AttackBudget, at_least_one, in_unit_interval
 
 
 @dataclass
@@ -86,10 +86,8 @@ class SanitySettings(AttackBudget):
         super().validate()
         at_least_one(self, ("draws",))
         parse_checks(",".join(self.checks))
-        if not 0.0 <= self.large_eps <= 1.0:
-            raise CarsoError(f"large eps must lie in [0, 1], got {self.large_eps}")
-        if len(self.eps_list) < 2 or any(b <= a for a, b in itertools.pairwise(self.eps_list)):
-            raise CarsoError("--eps-list needs at least two increasing values, e.g. 2/255,4/255,8/255,16/255")
+        in_unit_interval(self, ("large_eps",))
+        _check_increasing(self.eps_list)
 
 
 @dataclass
@@ -119,9 +117,14 @@ def parse_checks(text: str | None) -> list[str]:
 
 def parse_eps_list(text: str) -> list[float]:
     values = [parse_eps(t.strip(), "--eps-list") for t in text.split(",") if t.strip()]
-    if len(values) < 2 or any(b <= a for a, b in itertools.pairwise(values)):
-        raise CarsoError("--eps-list needs at least two increasing values, e.g. 2/255,4/255,8/255,16/255")
+    _check_increasing(values)
     return values
+
+
+def _check_increasing(eps_list: list[float]) -> None:
+    """The ε sweep of the monotonicity check: at least two radii, strictly increasing."""
+    if len(eps_list) < 2 or any(b <= a for a, b in itertools.pairwise(eps_list)):
+        raise CarsoError("--eps-list needs at least two increasing values, e.g. 2/255,4/255,8/255,16/255")
 
 
 Batches = list[tuple[torch.Tensor, torch.Tensor, range]]

@@ -95,9 +95,7 @@ class AttackBudget:
             raise CarsoError(f"--samples must be ≥ 0, got {self.samples}")
         if self.aggregation not in AGGREGATIONS:
             raise CarsoError(f"unknown aggregation '{self.aggregation}' (choose from {', '.join(AGGREGATIONS)})")
-        for name in ("eps", "saturation_threshold"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise CarsoError(f"{name.replace('_', ' ')} must lie in [0, 1], got {getattr(self, name)}")
+        in_unit_interval(self, ("eps", "saturation_threshold"))
         at_least_one(self, ("batch_size", "aa_steps", "aa_eot", "square_queries", "pgd_steps", "pgd_eot"))
 
     def to_json(self) -> dict[str, Any]:
@@ -108,6 +106,12 @@ def at_least_one(settings: Any, names: tuple[str, ...]) -> None:
     for name in names:
         if getattr(settings, name) < 1:
             raise CarsoError(f"{name.replace('_', '-')} must be at least 1, got {getattr(settings, name)}")
+
+
+def in_unit_interval(settings: Any, names: tuple[str, ...]) -> None:
+    for name in names:
+        if not 0.0 <= getattr(settings, name) <= 1.0:
+            raise CarsoError(f"{name.replace('_', ' ')} must lie in [0, 1], got {getattr(settings, name)}")
 
 
 @dataclass
