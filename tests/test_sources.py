@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -256,6 +257,46 @@ def test_timm_and_python_sources_build_with_preset_normalisation(tmp_path: Path)
     assert "python:test_sources:tiny_resnet" in result.output and "added by carso" in result.output
     assert "stage2.0.shortcut" in result.output and "8×16×16" in result.output
     assert "representation total" in result.output
+
+
+def _console_script() -> Path:
+    """The installed ``carso`` console script (beside this interpreter, else on PATH): what a user runs."""
+    beside = Path(sys.executable).parent / "carso"
+    if beside.is_file():
+        return beside
+    found = shutil.which("carso")
+    if found is None:
+        pytest.skip("no carso console script installed (pip install -e .)")
+    return Path(found)
+
+
+def test_python_source_is_found_in_the_current_directory(tmp_path: Path) -> None:
+    """``carso … python:mymodels:make`` from the folder holding mymodels.py, through the console script (whose
+    sys.path[0] is its bin directory, not the current one): found, as ``python -m carso_cli`` finds it."""
+    (tmp_path / "mymodels.py").write_text(
+        "from torch import nn\n\n\ndef make(num_classes):\n"
+        "    return nn.Sequential(nn.Conv2d(3, 4, 3, 1, 1), nn.ReLU(), nn.Conv2d(4, 4, 3, 1, 1), "
+        "nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, num_classes))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(HERE.parent)}  # carso_cli from this checkout, nothing else
+    done = subprocess.run(
+        [
+            str(_console_script()),
+            "info",
+            "--preset",
+            "smoke",
+            "--no-memory",
+            *set_args('classifier.architecture="python:mymodels:make"', 'purifier.layers=["0", "2"]'),
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "python:mymodels:make" in done.stdout and "representation total" in done.stdout
 
 
 # --------------------------------------------------------------------------------------------------

@@ -50,7 +50,7 @@ ClassifierOpt = Annotated[
         help=(
             "Classifier weights (.safetensors, .pt, .pth), a published model's name (carso pull --list), or a "
             "source: robustbench:NAME, torchvision:NAME, timm:NAME, python:package.module:factory (imports and "
-            "runs that module of yours)."
+            "runs that module of yours, found in the current directory or on PYTHONPATH)."
         ),
     ),
 ]
