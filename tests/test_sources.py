@@ -433,7 +433,8 @@ def test_torchvision_resnet18_end_to_end_resume_and_two_processes(tmp_path: Path
 
 @pytest.mark.slow
 def test_robustbench_preactresnet18_end_to_end(tmp_path: Path) -> None:
-    """RobustBench's PreActResNet-18 through its own loader from its cache layout (written here, no download)."""
+    """RobustBench's PreActResNet-18 through its own loader from its cache layout (written here, no download);
+    --resume extends the run without that cache."""
     if importlib.util.find_spec("robustbench") is None:  # not importorskip: sources imports it without its __init__
         pytest.skip("robustbench is an optional extra (pip install 'carso[robustbench]')")
     cache = tmp_path / "models"
@@ -471,3 +472,8 @@ def test_robustbench_preactresnet18_end_to_end(tmp_path: Path) -> None:
     assert all(any(layer in k for k in tensors) for layer in spec.layers)
     weights.unlink()  # the run rebuilds it without RobustBench's cache
     assert carso_cli.load_classifier(out)(torch.rand(1, 3, 32, 32)).shape == (1, 10)
+    # --resume extends the finished epoch by one, from the run's own copy (RobustBench's cache is gone)
+    resumed = runner.invoke(app, ["train-purifier", "--resume", "--out", str(out), "--epochs", "2", "--device", "cpu"])
+    assert resumed.exit_code == 0 and "resumed" in resumed.output, resumed.output
+    epochs = [json.loads(line)["epoch"] for line in (out / ckpt.METRICS_FILE).read_text().splitlines()]
+    assert epochs == [0, 1]
