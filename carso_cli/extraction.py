@@ -100,15 +100,44 @@ def relative_change(clean: torch.Tensor, adv: torch.Tensor) -> torch.Tensor:
     return torch.where(ref > 0, diff / ref.clamp_min(1e-30), torch.where(diff > 0, torch.inf, 0.0))
 
 
+def classifier_options(
+    run_dir: Path | None,
+    preset: str | None,
+    sets: list[str] | None,
+    classifier: str | Path | None,
+    weights: Path | None,
+) -> tuple[list[str] | None, Path | None]:
+    """``--run`` or ``--preset`` with ``--classifier`` / ``--classifier-weights``, as (``--set`` overrides,
+    the weights file or None): ``--classifier`` is what ``train-purifier`` takes (``sources.option_sets``: a
+    weights file, a published model's name, or a source whose weights come from ``--classifier-weights``).
+    ``--preset`` alone is fine when the source brings its weights (robustbench:, python:); ``load_source``
+    says which source needs a file."""
+    from carso_cli import zoo
+    from carso_cli.models import sources
+
+    if preset is None:
+        given = [option for option, v in (("--classifier", classifier), ("--classifier-weights", weights)) if v]
+        if given:
+            raise CarsoError(f"{given[0]} needs --preset (or use --run DIR: a run keeps its classifier)")
+        return sets, None
+    if run_dir is not None:
+        raise CarsoError("give either --run or --preset (with its classifier), not both")
+    sets, file = sources.option_sets(sets, classifier, weights)  # a source sets classifier.architecture
+    return sets, zoo.resolve_weights(file)  # a path, or a published model's name (carso pull --list)
+
+
 def load_source(
     run_dir: Path | None, cfg: Config | None, classifier_path: Path | None, device: torch.device
 ) -> tuple[Config, torch.nn.Module, str, Path | None]:
-    """(config, classifier, what it came from, the run directory or None): a preset's ``cfg`` with
-    ``classifier_path``, or a run (default: the latest)."""
-    from carso_cli.models import load_classifier, sources
+    """(config, classifier, what it came from, the run directory or None): a preset's ``cfg`` with its
+    classifier (any source: ``classifier_path`` its weights, None when the source brings them), or a run
+    (default: the latest)."""
+    from carso_cli.models import sources
 
-    if cfg is not None and classifier_path is not None:
-        return cfg, load_classifier(cfg, classifier_path, device), str(classifier_path), None
+    if cfg is not None:
+        loaded = sources.load(cfg, classifier_path, device)
+        said = loaded.source if classifier_path is None else f"{loaded.source} ({classifier_path})"
+        return cfg, loaded.model, str(classifier_path) if loaded.source == "wideresnet" else said, None
     run = ckpt.resolve_run(run_dir, require=None)
     cfg = load_config(run / ckpt.CONFIG_FILE)
     return cfg, sources.load_saved(ckpt.classifier_path_of(run), cfg, device), str(run), run  # any source
@@ -147,8 +176,9 @@ def run(
 ) -> ExtractResult:
     """Extract representations to ``out`` (.safetensors); returns the per-layer summary.
 
-    The classifier is ``classifier`` (weights) of the preset ``cfg``, or the run ``run_dir`` (default:
-    the latest under ./runs). ``console`` (a rich Console, or None) receives one line before the work.
+    The classifier is the preset ``cfg``'s (``classifier``: its weights, None when its source brings them;
+    ``classifier_options`` reads the command's options), or the run ``run_dir``'s (default: the latest
+    under ./runs). ``console`` (a rich Console, or None) receives one line before the work.
     """
     from carso_cli.data import build_dataset
 

@@ -190,6 +190,17 @@ def to_csv(rows: list[Row]) -> str:
     return buf.getvalue()
 
 
+def _architecture(net: dict[str, Any]) -> str | None:
+    """RobustBench's ``architecture`` field: the classifier's source (``torchvision:resnet18``, …), or for the
+    WideResNet (the default, and every run older than the sources) its depth and width."""
+    source = net.get("architecture", "wideresnet")
+    if source != "wideresnet":
+        return f"{source} + CARSO purifier"
+    if "depth" in net and "width" in net:
+        return f"WideResNet-{net['depth']}-{net['width']} + CARSO purifier"
+    return None
+
+
 def robustbench_entry(row: Row) -> tuple[dict[str, Any], list[str]]:
     """(model_info, the fields left for the user). CARSO's AutoAttack figure is randAA (section 5.1)."""
     cfg = row.config
@@ -200,9 +211,7 @@ def robustbench_entry(row: Row) -> tuple[dict[str, Any], list[str]]:
         "eps": format_eps(row.eps) or None,
         "clean_acc": percent(row.cells.get("C/Cl")) or None,
         "autoattack_acc": percent(row.cells.get("C/randAA")) or None,
-        "architecture": (
-            f"WideResNet-{net['depth']}-{net['width']} + CARSO purifier" if "depth" in net and "width" in net else None
-        ),
+        "architecture": _architecture(net),
     }
     entry = {k: known.get(k) if known.get(k) is not None else "" for k in ROBUSTBENCH_FIELDS}
     missing = [k for k in ROBUSTBENCH_FIELDS if entry[k] == ""]

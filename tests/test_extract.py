@@ -13,7 +13,7 @@ from carso_cli.cli import app
 from carso_cli.config import load_config
 from carso_cli.data import build_dataset
 from carso_cli.extraction import relative_change
-from carso_cli.models import load_classifier
+from carso_cli.models import build_classifier, load_classifier, sources
 from carso_cli.models.representation import forward_with_representation
 
 runner = CliRunner()
@@ -105,19 +105,79 @@ def test_extract_clean_with_preset_and_classifier(tiny_run: Path, tmp_path: Path
     assert "relative L2" not in result.output and layers[-1] in result.output
 
 
+def test_extract_with_a_classifier_source(tmp_path: Path) -> None:
+    """``--preset`` takes the sources as train-purifier does: ``--classifier SOURCE --classifier-weights F``,
+    and alone when the source brings its weights (a python: factory, set by ``--set``)."""
+    cfg = load_config("smoke", {"classifier.architecture": "torchvision:resnet18", "classifier.small_stem": True})
+    torch.manual_seed(0)
+    weights = tmp_path / "resnet18.pt"
+    torch.save(build_classifier(cfg).state_dict(), weights)
+    out = tmp_path / "tv.safetensors"
+    common = ["--n-examples", "2", "--device", "cpu", "--preset", "smoke"]
+    result = runner.invoke(
+        app,
+        [
+            "extract",
+            *common,
+            "--classifier",
+            "torchvision:resnet18",
+            "--classifier-weights",
+            str(weights),
+            "--set",
+            "classifier.small_stem=true",
+            "--layers",
+            "layer1.0.conv1,layer2.0.downsample.0",
+            "--out",
+            str(out),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    tensors, meta = ckpt.load_tensors(out)
+    assert "torchvision:resnet18" in meta["source"] and str(weights) in meta["source"]
+    with torch.no_grad():  # the representation is the weights file's resnet18, with the preset's normalisation
+        _, rep = forward_with_representation(
+            sources.load(cfg, weights).model, ["layer1.0.conv1"], tensors["inputs"], keep_graph=False
+        )
+    torch.testing.assert_close(tensors["representation/layer1.0.conv1"], rep[0])
+    assert tensors["representation/layer2.0.downsample.0"].shape == (2, 128, 16, 16)
+    # a python: factory needs no weights file: --preset alone
+    out = tmp_path / "py.safetensors"
+    result = runner.invoke(
+        app,
+        [
+            "extract",
+            *common,
+            "--set",
+            'classifier.architecture="python:test_sources:tiny_resnet"',
+            "--set",
+            'purifier.layers="auto"',
+            "--out",
+            str(out),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    tensors, meta = ckpt.load_tensors(out)
+    assert meta["source"] == "python:test_sources:tiny_resnet" and "stage2.0.shortcut" in json.loads(meta["layers"])
+
+
 def test_extract_errors(tiny_run: Path, tmp_path: Path) -> None:
     out = str(tmp_path / "x.safetensors")
     cases = [
         (["--run", str(tiny_run), "--layers", "layer.0.block.0.conv_O"], "no layer 'layer.0.block.0.conv_O'"),
         (["--run", str(tiny_run), "--layers", "layer.0.block.0.conv_O"], "layer.0.block.0.conv_0,"),  # nearest names
-        (["--preset", "smoke"], "--preset and --classifier go together"),
+        (["--preset", "smoke"], "wideresnet needs weights: --classifier FILE"),
+        (["--preset", "smoke", "--classifier", "torchvision:resnet18"], "needs weights: --classifier-weights FILE"),
+        (["--classifier", str(tiny_run / ckpt.CLASSIFIER_FILE)], "--classifier needs --preset"),
+        (["--classifier-weights", str(tiny_run / ckpt.CLASSIFIER_FILE)], "--classifier-weights needs --preset"),
+        (["--run", str(tiny_run), "--preset", "smoke"], "give either --run or --preset"),
         (["--run", str(tiny_run), "--dtype", "int8"], "--dtype"),
         (["--run", str(tiny_run), "--attack", "pgd", "--eps", "9"], "--eps"),
     ]
     for args, text in cases:
         result = runner.invoke(app, ["extract", *args, "--out", out, "--n-examples", "2", "--device", "cpu"])
         assert result.exit_code == 1, args
-        assert text in result.output and "Traceback" not in result.output
+        assert text in " ".join(result.output.split()) and "Traceback" not in result.output, (args, result.output)
+        assert not Path(out).exists()
     bad = runner.invoke(app, ["extract", "--run", str(tiny_run), "--out", str(tmp_path / "x.pt")])
     assert bad.exit_code == 1 and ".safetensors" in bad.output
 

@@ -73,6 +73,7 @@ def test_missing_classifier_with_brackets(tmp_path: Path) -> None:
     )
     assert_clean(result, 1)
     assert f"--classifier: file not found: {weights}" in flat(result.output)
+    assert not (tmp_path / "run").exists()  # refused before the run directory is made
 
 
 def test_library_error_with_brackets(tiny_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -17,11 +17,14 @@ def _metric(correct: int, total: int = 200) -> dict:
     return {"correct": correct, "total": total, "accuracy": correct / total}
 
 
-def _fake_run(root: Path, name: str, metrics: dict, adaptive: object = None, n: int = 200) -> Path:
+def _fake_run(
+    root: Path, name: str, metrics: dict, adaptive: object = None, n: int = 200, architecture: str = ""
+) -> Path:
     """A run directory as carso eval leaves it (config.toml and eval/*/results.json), numbers made up."""
     run = root / name
     (run / "eval" / "autoattack").mkdir(parents=True)
-    (run / "config.toml").write_text('[data]\ndataset = "cifar10"\n[classifier]\ndepth = 28\nwidth = 10\n')
+    source = f'architecture = "{architecture}"\n' if architecture else ""  # older runs have none: the WideResNet
+    (run / "config.toml").write_text(f'[data]\ndataset = "cifar10"\n[classifier]\n{source}depth = 28\nwidth = 10\n')
     results = {"format": "carso-eval/1", "n_examples": n, "settings": {"eps": 8 / 255}, "metrics": metrics}
     if adaptive is not None:
         results["adaptive"] = adaptive
@@ -108,6 +111,23 @@ def test_robustbench_entry_names_the_fields_left_to_fill(tmp_path: Path) -> None
         "fill in name, link, authors, additional_data, number_forward_passes, venue, reported, unreliable"
         in " ".join(result.output.split())
     )
+
+
+def test_robustbench_architecture_names_the_classifier_source(tmp_path: Path) -> None:
+    """Another source than the WideResNet is named as such (its config still holds the unused depth/width)."""
+    metrics = {"C/Cl": _metric(175), "C/randAA": _metric(150)}
+    runs = {
+        "torchvision:resnet18": _fake_run(tmp_path, "tv", metrics, architecture="torchvision:resnet18"),
+        "python:mymodels:make": _fake_run(tmp_path, "py", metrics, architecture="python:mymodels:make"),
+        "wideresnet": _fake_run(tmp_path, "wrn", metrics, architecture="wideresnet"),
+    }
+    out = tmp_path / "entries.json"
+    result = runner.invoke(app, ["report", *map(str, runs.values()), "--format", "robustbench", "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    entries = json.loads(out.read_text())
+    assert entries["tv"]["architecture"] == "torchvision:resnet18 + CARSO purifier"
+    assert entries["py"]["architecture"] == "python:mymodels:make + CARSO purifier"
+    assert entries["wrn"]["architecture"] == "WideResNet-28-10 + CARSO purifier"
 
 
 def test_run_without_results_is_one_clear_error(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -258,12 +259,54 @@ def test_timm_and_python_sources_build_with_preset_normalisation(tmp_path: Path)
     assert "representation total" in result.output
 
 
+def _console_script() -> Path:
+    """The installed ``carso`` console script (beside this interpreter, else on PATH): what a user runs."""
+    beside = Path(sys.executable).parent / "carso"
+    if beside.is_file():
+        return beside
+    found = shutil.which("carso")
+    if found is None:
+        pytest.skip("no carso console script installed (pip install -e .)")
+    return Path(found)
+
+
+def test_python_source_is_found_in_the_current_directory(tmp_path: Path) -> None:
+    """``carso … python:mymodels:make`` from the folder holding mymodels.py, through the console script (whose
+    sys.path[0] is its bin directory, not the current one): found, as ``python -m carso_cli`` finds it."""
+    (tmp_path / "mymodels.py").write_text(
+        "from torch import nn\n\n\ndef make(num_classes):\n"
+        "    return nn.Sequential(nn.Conv2d(3, 4, 3, 1, 1), nn.ReLU(), nn.Conv2d(4, 4, 3, 1, 1), "
+        "nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, num_classes))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(HERE.parent)}  # carso_cli from this checkout, nothing else
+    done = subprocess.run(
+        [
+            str(_console_script()),
+            "info",
+            "--preset",
+            "smoke",
+            "--no-memory",
+            *set_args('classifier.architecture="python:mymodels:make"', 'purifier.layers=["0", "2"]'),
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "python:mymodels:make" in done.stdout and "representation total" in done.stdout
+
+
 # --------------------------------------------------------------------------------------------------
 # End to end: train, evaluate, predict
 # --------------------------------------------------------------------------------------------------
 
 
-def _eval_and_predict(run: Path, source: str) -> None:
+def _eval_and_predict(run: Path, source: str, weights_file: bool = True) -> None:
+    """The default adaptive eval, ``carso_cli.load`` + a differentiable prediction, and what the run
+    records of its classifier (the weights file's sha256; none when the source brought its weights)."""
     result = runner.invoke(app, ["eval", "--run", str(run), *EVAL])  # the default: adaptive
     assert result.exit_code == 0, result.output
     results = json.loads((run / "eval" / "adaptive" / "results.json").read_text())
@@ -275,9 +318,41 @@ def _eval_and_predict(run: Path, source: str) -> None:
     scores.sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
     info = json.loads((run / ckpt.CLASSIFIER_REF_FILE).read_text())
-    assert info["source"] == source and len(info["sha256"]) == 64
+    assert info["source"] == source and len(info.get("sha256", "")) == (64 if weights_file else 0)
     header = ckpt.read_metadata(run / ckpt.CLASSIFIER_FILE)
-    assert header["weights_sha256"] == info["sha256"] and source in header["classifier"]
+    assert header["weights_sha256"] == info.get("sha256", "") and source in header["classifier"]
+
+
+@pytest.mark.slow
+def test_python_factory_end_to_end(tmp_path: Path) -> None:
+    """A python: factory that brings its own weights (no weights file): train one epoch, the default adaptive
+    eval, carso_cli.load + predict, carso report naming the source."""
+    source = "python:test_sources:tiny_resnet"
+    run = tmp_path / "run"
+    result = runner.invoke(
+        app,
+        [
+            "train-purifier",
+            "--preset",
+            "smoke",
+            "--classifier",
+            source,
+            "--out",
+            str(run),
+            "--device",
+            "cpu",
+            *set_args(*TINY, 'purifier.layers=["stage2.0.shortcut"]'),  # one layer: a small purifier, a quick eval
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    _eval_and_predict(run, source, weights_file=False)
+    out = tmp_path / "entry.json"
+    result = runner.invoke(app, ["report", str(run), "--format", "robustbench", "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    entry = json.loads(out.read_text())
+    assert entry["architecture"] == f"{source} + CARSO purifier" and entry["clean_acc"] != ""
+    table = runner.invoke(app, ["report", str(run), "--format", "md"])
+    assert table.exit_code == 0 and "C/Cl" in table.output and "adaptive" in table.output, table.output
 
 
 @pytest.fixture(scope="module")
@@ -291,7 +366,8 @@ def resnet18_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.slow
 def test_torchvision_resnet18_end_to_end_resume_and_two_processes(tmp_path: Path, resnet18_weights: Path) -> None:
     """torchvision resnet18 (32×32 stem) from a weights file: train one epoch, the default adaptive eval,
-    carso_cli.load; --resume from the mid-epoch checkpoint and --gpus 2 --device cpu equal the plain run."""
+    carso_cli.load; a finished one-epoch run extended by --resume --epochs 2 equals a two-epoch run, and
+    --gpus 2 --device cpu equals the plain run."""
     args = [
         "train-purifier",
         "--preset",
@@ -357,7 +433,8 @@ def test_torchvision_resnet18_end_to_end_resume_and_two_processes(tmp_path: Path
 
 @pytest.mark.slow
 def test_robustbench_preactresnet18_end_to_end(tmp_path: Path) -> None:
-    """RobustBench's PreActResNet-18 through its own loader from its cache layout (written here, no download)."""
+    """RobustBench's PreActResNet-18 through its own loader from its cache layout (written here, no download);
+    --resume extends the run without that cache."""
     if importlib.util.find_spec("robustbench") is None:  # not importorskip: sources imports it without its __init__
         pytest.skip("robustbench is an optional extra (pip install 'carso[robustbench]')")
     cache = tmp_path / "models"
@@ -395,3 +472,8 @@ def test_robustbench_preactresnet18_end_to_end(tmp_path: Path) -> None:
     assert all(any(layer in k for k in tensors) for layer in spec.layers)
     weights.unlink()  # the run rebuilds it without RobustBench's cache
     assert carso_cli.load_classifier(out)(torch.rand(1, 3, 32, 32)).shape == (1, 10)
+    # --resume extends the finished epoch by one, from the run's own copy (RobustBench's cache is gone)
+    resumed = runner.invoke(app, ["train-purifier", "--resume", "--out", str(out), "--epochs", "2", "--device", "cpu"])
+    assert resumed.exit_code == 0 and "resumed" in resumed.output, resumed.output
+    epochs = [json.loads(line)["epoch"] for line in (out / ckpt.METRICS_FILE).read_text().splitlines()]
+    assert epochs == [0, 1]

@@ -44,6 +44,24 @@ Bf16Opt = Annotated[
 GpusOpt = Annotated[
     int, typer.Option("--gpus", min=1, help="Processes to run (torchrun); with --device cpu, gloo on CPU.")
 ]
+ClassifierOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--classifier",
+        help=(
+            "Classifier weights (.safetensors, .pt, .pth), a published model's name (carso pull --list), or a "
+            "source: robustbench:NAME, torchvision:NAME, timm:NAME, python:package.module:factory (imports and "
+            "runs that module of yours, found in the current directory or on PYTHONPATH)."
+        ),
+    ),
+]
+ClassifierWeightsOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--classifier-weights",
+        help="Weights for a torchvision:/timm:/python: --classifier (safetensors, or .pt read with weights_only=True).",
+    ),
+]
 
 
 # The aggregation choices of every command, from the one list in carso_cli.aggregation.

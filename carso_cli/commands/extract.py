@@ -16,6 +16,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from carso_cli.commands._common import (
+    ClassifierOpt,
+    ClassifierWeightsOpt,
     DataRootOpt,
     DeviceOpt,
     RunOpt,
@@ -25,8 +27,7 @@ from carso_cli.commands._common import (
     resolve_device,
 )
 from carso_cli.display import format_eps
-from carso_cli.errors import CarsoError
-from carso_cli.extraction import ExtractResult, Perturbation, parse_layers
+from carso_cli.extraction import ExtractResult, Perturbation, classifier_options, parse_layers
 from carso_cli.extraction import run as extract
 
 
@@ -35,12 +36,6 @@ class Split(str, Enum):
     test = "test"
 
 
-ClassifierOpt = Annotated[
-    Path | None,
-    typer.Option(
-        "--classifier", help="Classifier weights (with --preset), or a published model's name (carso pull --list)."
-    ),
-]
 LayersOpt = Annotated[
     list[str] | None,
     typer.Option(
@@ -54,9 +49,10 @@ def cli(
     out: Annotated[Path, typer.Option("--out", help="Output .safetensors file.")],
     run: RunOpt = None,
     preset: Annotated[
-        str | None, typer.Option("--preset", "-p", help="Preset (with --classifier) instead of a run.")
+        str | None, typer.Option("--preset", "-p", help="Preset (with its --classifier) instead of a run.")
     ] = None,
     classifier: ClassifierOpt = None,
+    classifier_weights: ClassifierWeightsOpt = None,
     set_: SetOpt = None,
     split: Annotated[Split, typer.Option("--split", help="Dataset split.")] = Split.test,
     n_examples: Annotated[int | None, typer.Option("--n-examples", help="First N examples of the split.")] = 256,
@@ -74,15 +70,9 @@ def cli(
     data_root: DataRootOpt = Path("data"),
 ) -> None:
     """Save the classifier's representation (one tensor per layer), inputs, labels, and attacked inputs."""
-    from carso_cli import zoo
     from carso_cli.cli import console
 
-    classifier = zoo.resolve_weights(classifier)  # a path, or a published model's name (carso pull --list)
-    if classifier is not None or preset is not None:
-        if run is not None:
-            raise CarsoError("give either --run or --preset with --classifier, not both")
-        if classifier is None or preset is None:
-            raise CarsoError("--preset and --classifier go together (or use --run DIR)")
+    set_, classifier = classifier_options(run, preset, set_, classifier, classifier_weights)  # as train-purifier
     result = extract(
         out,
         run_dir=run,

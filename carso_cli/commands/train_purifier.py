@@ -27,6 +27,8 @@ from carso_cli.commands._common import (
     AttackChunkOpt,
     BatchSizeOpt,
     Bf16Opt,
+    ClassifierOpt,
+    ClassifierWeightsOpt,
     CompileOpt,
     DataRootOpt,
     DeviceOpt,
@@ -62,24 +64,6 @@ def _started_since(since: float) -> Path | None:
     return max(runs, key=lambda p: (p / CHECKPOINT).stat().st_mtime) if runs else None
 
 
-ClassifierOpt = Annotated[
-    Path | None,
-    typer.Option(
-        "--classifier",
-        help=(
-            "Classifier weights (.safetensors, .pt, .pth), a published model's name (carso pull --list), or a "
-            "source: robustbench:NAME, torchvision:NAME, timm:NAME, python:package.module:factory (imports and "
-            "runs that module of yours)."
-        ),
-    ),
-]
-ClassifierWeightsOpt = Annotated[
-    Path | None,
-    typer.Option(
-        "--classifier-weights",
-        help="Weights for a torchvision:/timm:/python: --classifier (safetensors, or .pt read with weights_only=True).",
-    ),
-]
 OutOpt = Annotated[Path | None, typer.Option("--out", help="Run directory (default runs/<preset>-<timestamp>).")]
 EpochsOpt = Annotated[
     int | None,

@@ -10,7 +10,8 @@
 - ``torchvision:NAME`` / ``timm:NAME``: the architecture with ``num_classes`` set, weights from a file
   (``--classifier-weights FILE``: safetensors, or ``.pt`` read with ``weights_only=True``);
 - ``python:package.module:factory``: a callable in the user's code returning an ``nn.Module`` (called
-  with ``num_classes=`` when it takes it); the module is imported only when a preset or option names it.
+  with ``num_classes=`` when it takes it); the module is imported only when a preset or option names it,
+  from the current directory first (as ``python -m`` does), then ``PYTHONPATH`` and the installed packages.
 
 Every classifier takes [0, 1] images. A source without normalisation of its own (torchvision, timm,
 python) gets the preset's mean/std, applied by a forward pre-hook on the model itself so that module
@@ -26,6 +27,7 @@ import importlib
 import importlib.util
 import inspect
 import json
+import os
 import sys
 import types
 from collections.abc import Sequence
@@ -178,12 +180,25 @@ def _timm(name: str, num_classes: int, channels: int) -> nn.Module:
     return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=channels)
 
 
+def _with_current_directory() -> None:
+    """Put the current directory first on ``sys.path`` unless it is there: ``python -m carso_cli`` (and its
+    torchrun workers) find a user's module there, and so must the ``carso`` console script, whose
+    ``sys.path[0]`` is its bin directory."""
+    here = os.path.realpath(os.getcwd())
+    if all(os.path.realpath(entry or os.curdir) != here for entry in sys.path):
+        sys.path.insert(0, here)
+
+
 def _python(target: str, num_classes: int) -> nn.Module:
     module_name, _, attr = target.partition(":")
+    _with_current_directory()
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
-        raise ConfigError(f"python:{target}: cannot import {module_name} ({err}; is it on PYTHONPATH?)") from None
+        raise ConfigError(
+            f"python:{target}: cannot import {module_name} ({err}; run carso from the folder that holds it, "
+            "or put that folder on PYTHONPATH)"
+        ) from None
     factory = getattr(module, attr, None)
     if not callable(factory):
         names = [n for n, v in vars(module).items() if callable(v) and not n.startswith("_")]
