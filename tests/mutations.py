@@ -13,7 +13,7 @@ For each attack of ``--attack adaptive`` three faults an evaluation can have wit
 
 ``apply(monkeypatch, attack, kind)`` installs one, scoped to that attack only, by wrapping the module
 attributes ``adaptive.run_candidates`` / ``adaptive.judge_candidates`` that ``adaptive_attack`` calls
-(and ``indicators.run_candidates``: the indicators re-run the same attacks).
+(the indicators re-run the attacks through the same ``adaptive.run_candidates``).
 ``tests/test_mutations.py`` checks that each is caught by a named test; ``CARSO_MUTATION=attack:kind``
 installs one for a whole pytest session (``tests/conftest.py``) to list every test that catches it.
 """
@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from carso_cli.evaluation import adaptive, indicators
+from carso_cli.evaluation import adaptive
 from carso_cli.evaluation.saturation import paper_surface, surface
 from carso_cli.evaluation.seeding import STREAM_ADV, draw_flags
 
@@ -136,7 +136,6 @@ def apply(monkeypatch: Any, attack: str, kind: str) -> None:
         return judge(judge_model, c, y, idx, s)
 
     monkeypatch.setattr(adaptive, "run_candidates", mutated_run)
-    monkeypatch.setattr(indicators, "run_candidates", mutated_run)  # the indicators re-run the same attacks
     monkeypatch.setattr(adaptive, "judge_candidates", mutated_judge)
 
 
