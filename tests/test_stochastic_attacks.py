@@ -258,7 +258,7 @@ def test_trap_fails_when_the_attack_is_a_noop(attack: str, monkeypatch) -> None:
     monkeypatch.setattr(stochastic_attacks, POINTS[attack], lambda model, x, *a, **k: (x.detach()[None], ["noop"]))
     model, classifier = TRAPS[attack]()
     s = _settings()
-    survivors = _survivors(model, classifier, [attack], stochastic_attacks.run_stochastic, s)
+    survivors = _survivors(model, classifier, [attack], adaptive.run_candidates, s)
     assert survivors.all()  # the trap's breaks come from the attack, not from the toy or the judge
 
 
@@ -363,12 +363,10 @@ def test_every_attack_runs_on_a_real_carso(smoke_cfg) -> None:
     s = _settings(aa_steps=1, aa_eot=1, pgd_steps=1, pgd_eot=1, square_queries=2, repeats=1)
     for name in stochastic_attacks.ATTACKS:
         if name == "fixed-randomness":
-            points, sources = fixed_randomness_points(
-                carso, x, y, eps=s.eps, seed=0, device=CPU, steps=1, square_queries=2, modes=["crn"]
-            )
+            points, sources = fixed_randomness_points(carso, x, y, s, seed=0, device=CPU, modes=["crn"])
             c = adaptive.Candidates(points, sources)
         else:
-            c = stochastic_attacks.run_stochastic(name, carso, classifier, x, y, idx, s, CPU)
+            c = adaptive.run_candidates(name, carso, classifier, x, y, idx, s, CPU)
         assert c.points.shape == (len(c.sources), *x.shape), name
         assert (c.points - x).abs().max() <= EPS + 1e-6 and c.points.min() >= 0 and c.points.max() <= 1, name
     assert carso.latent_sampler is standard_normal_sampler and carso.aggregation == "dexp"  # restored
@@ -380,9 +378,8 @@ def test_the_untargeted_margin_follows_the_decoy() -> None:
 
     model = ToyCARSO(_decoy)
     x, y = torch.full((N, *SHAPE), 0.5), torch.zeros(N, dtype=torch.long)
-    points, sources = pgd_cw_eot_points(
-        model, x, y, range(N), eps=EPS, steps=10, step_size=EPS / 4, eot=1, seed=0, n_targets=0, untargeted=True
-    )
+    s = _settings(pgd_steps=10, pgd_step_size=EPS / 4, pgd_eot=1, seed=0)
+    points, sources = pgd_cw_eot_points(model, x, y, range(N), s, n_targets=0, untargeted=True)
     assert sources == ["cw"] and torch.allclose(_u(points[0]), torch.ones(N))
     assert (model(points[0]).argmax(-1) == 0).all()
 
@@ -393,5 +390,5 @@ def test_selective_eot_without_its_selection_is_plain_eot_and_misses(monkeypatch
 
     monkeypatch.setattr(selective_eot, "selection", lambda m, select=0.0: torch.ones_like(m, dtype=torch.bool))
     model, classifier = TRAPS["selective-eot"]()
-    survivors = _survivors(model, classifier, ["selective-eot"], stochastic_attacks.run_stochastic, _settings())
+    survivors = _survivors(model, classifier, ["selective-eot"], adaptive.run_candidates, _settings())
     assert survivors.all()

@@ -48,11 +48,12 @@ from carso_cli.evaluation.seeding import (
     STREAM_ADV_REPEATS,
     draw_flags,
     example_seed,
+    find_carso,
 )
 from carso_cli.evaluation.settings import ADAPTIVE_ATTACKS, EvalSettings
-from carso_cli.evaluation.stochastic_attacks import ATTACKS as STOCHASTIC_ATTACKS
+from carso_cli.evaluation.stochastic_attacks import NEEDS_CARSO
+from carso_cli.evaluation.stochastic_attacks import RUNNERS as STOCHASTIC_RUNNERS
 from carso_cli.evaluation.stochastic_attacks import TITLES as STOCHASTIC_TITLES
-from carso_cli.evaluation.stochastic_attacks import run_stochastic
 
 ATTACKS = ADAPTIVE_ATTACKS
 TITLES = {
@@ -122,9 +123,12 @@ def run_candidates(
     another surface (logsum, logit averaging, the classifier alone) would count the breaks of another
     model (issue 23).
     """
-    if name in STOCHASTIC_ATTACKS:
-        return run_stochastic(name, model, classifier, x, y, idx, s, device)
     seed = example_seed(s.seed, "carso" if name == "randaa" else name, idx[0], bits=31)
+    if name in NEEDS_CARSO and find_carso(model) is None:  # e.g. the library's attack on another model
+        return Candidates(x.detach().clone()[None], ["none"], warnings=[f"not run: {name} reads a CARSO's parts"])
+    if name in STOCHASTIC_RUNNERS:  # issue 20's attacks (``stochastic_attacks``); the classifier is CARSO's
+        points, sources = STOCHASTIC_RUNNERS[name](model, x, y, idx, s, seed, device)
+        return Candidates(points.to(x.device, x.dtype), sources)
     if name == "randaa":
         with surface(model, paper_surface(s.aggregation)):  # exactly ``--attack autoattack``
             res = autoattack_flags(

@@ -29,6 +29,7 @@ from carso_cli.evaluation.ascent import MIN_CLASSES_TARGETED, N_TARGETS, margin,
 from carso_cli.evaluation.autoattack import make_autoattack
 from carso_cli.evaluation.saturation import LOGSUM_SURFACE, surface
 from carso_cli.evaluation.seeding import example_seed, seed_everything, seeded_latents
+from carso_cli.evaluation.settings import EvalSettings
 
 MODES = ("z0", "crn")
 COMPONENTS = ("apgd-ce", "apgd-t", "fab-t", "square")
@@ -62,34 +63,26 @@ def _largest_margin(model: nn.Module, points: torch.Tensor, y: torch.Tensor) -> 
 
 
 def component_points(
-    model: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    *,
-    eps: float,
-    seed: int,
-    device: torch.device,
-    steps: int,
-    square_queries: int,
-    components: Sequence[str] = COMPONENTS,
-    n_targets: int = N_TARGETS,
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, s: EvalSettings, *, seed: int, device: torch.device
 ) -> tuple[torch.Tensor, list[str]]:
     """AutoAttack's standard components on a deterministic ``model``, each once on every example.
     (K, B, C, H, W), one point per component, and the K component names."""
+    # Square, the dear black-box component, follows --square, as the adaptive evaluation's own Square.
+    components = [c for c in COMPONENTS if c != "square" or s.square]
     aa = make_autoattack(
         model,
-        eps=eps,
+        eps=s.eps,
         version="custom",
-        attacks=list(components),
+        attacks=components,
         seed=seed,
         device=device,
-        steps=steps,
-        square_queries=square_queries,
+        steps=s.aa_steps,
+        square_queries=s.square_queries,
     )
     xf, yf = x.detach().float().to(device), y.detach().long().to(device)
     with torch.no_grad():
         scores = model(xf)
-    targets = top_targets(scores, yf, n_targets)
+    targets = top_targets(scores, yf, N_TARGETS)
     points = []
     for name in components:
         if name == "apgd-t" and scores.shape[1] < MIN_CLASSES_TARGETED:
@@ -109,7 +102,7 @@ def component_points(
                 aa.fab.target_class = k + 2  # FAB-T's own rule: the (k+2)-th highest score
                 seed_everything(seed)
                 adv = aa.fab.attack_single_run(xf, yf, use_rand_start=False, is_targeted=True)
-                tried.append(project(adv, xf, eps))  # FAB minimises the norm: its point may lie beyond ε
+                tried.append(project(adv, xf, s.eps))  # FAB minimises the norm: its point may lie beyond ε
             point = _largest_margin(model, torch.stack(tried), yf) if tried else xf
         elif name == "square":
             aa.square.seed = seed
@@ -134,30 +127,17 @@ def fixed_randomness_points(
     model: nn.Module,
     x: torch.Tensor,
     y: torch.Tensor,
+    s: EvalSettings,
     *,
-    eps: float,
     seed: int,
     device: torch.device,
-    steps: int,
-    square_queries: int,
     modes: Sequence[str] = MODES,
-    components: Sequence[str] = COMPONENTS,
 ) -> tuple[torch.Tensor, list[str]]:
     """Candidates (K, B, C, H, W), sources "MODE/COMPONENT": every component on CARSO with z fixed."""
     points, sources = [], []
     for mode in modes:
         with seeded_latents(model, FixedLatents(mode, seed)), surface(model, LOGSUM_SURFACE):
-            p, names = component_points(
-                model,
-                x,
-                y,
-                eps=eps,
-                seed=seed,
-                device=device,
-                steps=steps,
-                square_queries=square_queries,
-                components=components,
-            )
+            p, names = component_points(model, x, y, s, seed=seed, device=device)
         points.append(p)
         sources += [f"{mode}/{n}" for n in names]
     return torch.cat(points), sources

@@ -26,6 +26,7 @@ from torch import nn
 
 from carso_cli.evaluation.ascent import margin, sign_ascent
 from carso_cli.evaluation.seeding import ExampleSeededSampler, find_carso, seeded_latents, through_wrappers
+from carso_cli.evaluation.settings import EvalSettings
 
 SELECT = 1 / 8  # the fraction of draws (the closest to fooled) ascended on, besides those already fooled
 STREAM_SELECTIVE = 20  # the attack's own z stream (seeding's streams are 0–7)
@@ -77,22 +78,12 @@ def selective_objective(
 
 
 def selective_eot_points(
-    model: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    idx: Sequence[int],
-    *,
-    eps: float,
-    steps: int,
-    step_size: float,
-    eot: int,
-    seed: int,
-    select: float = SELECT,
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, idx: Sequence[int], s: EvalSettings, select: float = SELECT
 ) -> tuple[torch.Tensor, list[str]]:
     """Candidates (1, B, C, H, W), source "selective-eot": PGD from x on the selective objective, the best
     iterate; the draws seeded per example (stream ``STREAM_SELECTIVE``), so batches do not matter."""
-    sampler = ExampleSeededSampler(seed, STREAM_SELECTIVE).bind(idx)
+    sampler = ExampleSeededSampler(s.seed, STREAM_SELECTIVE).bind(idx)
     with seeded_latents(model, sampler), through_wrappers(model) as tick:  # it bypasses the wrappers' forward
-        objective = selective_objective(model, y, eot, select, tick)
-        point, _ = sign_ascent(objective, x, eps=eps, steps=steps, step_size=step_size)
+        objective = selective_objective(model, y, s.pgd_eot, select, tick)
+        point, _ = sign_ascent(objective, x, eps=s.eps, steps=s.pgd_steps, step_size=s.pgd_step_size)
     return point[None], ["selective-eot"]

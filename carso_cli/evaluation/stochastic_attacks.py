@@ -1,7 +1,7 @@
 """The attacks on stochastic purification of issue 20, each with ``adaptive.run_candidates``' shape.
 
-``run_stochastic(name, model, classifier, x, y, idx, s, device) → Candidates`` (one point per
-sub-attack, no verdict): the points are judged afterwards by the model as evaluated
+``RUNNERS[name](model, x, y, idx, s, seed, device) → (points (K, B, C, H, W), K sources)``, one point
+per sub-attack, run by ``adaptive.run_candidates`` and judged afterwards by the model as evaluated
 (``adaptive.judge_candidates``), as every adaptive attack's. In the order cheap to dear (CARSO
 forward+backward passes per example with the paper's budgets: 100 APGD steps, 20 EoT, 200 PGD steps,
 5000 Square queries, ``N_TARGETS`` = 3):
@@ -27,19 +27,18 @@ classes is ``ascent.N_TARGETS``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
-from carso_cli.evaluation.candidates import Candidates
-from carso_cli.evaluation.fixed_randomness import COMPONENTS, fixed_randomness_points
+from carso_cli.evaluation.fixed_randomness import fixed_randomness_points
 from carso_cli.evaluation.representation_attack import representation_points
 from carso_cli.evaluation.saturation import LOGSUM_SURFACE, surface
-from carso_cli.evaluation.seeding import example_seed
 from carso_cli.evaluation.selective_eot import selective_eot_points
 from carso_cli.evaluation.settings import EvalSettings
 from carso_cli.evaluation.targeted_eot import apgd_t_eot_points, pgd_cw_eot_points
 
-ATTACKS = ("representation", "fixed-randomness", "selective-eot", "apgd-t-eot", "pgd-cw-eot")
 TITLES = {
     "representation": "representation: away / towards another class",
     "fixed-randomness": "AutoAttack with z fixed (z = 0, common draws)",
@@ -47,63 +46,32 @@ TITLES = {
     "apgd-t-eot": "APGD-T (EoT) on dexp-logsum",
     "pgd-cw-eot": "PGD+EoT, CW margin, targeted, on dexp-logsum",
 }
+Points = tuple[torch.Tensor, list[str]]
+# (CARSO to attack, x, y, the examples' indices, settings, the attack's seed, device) → points, sources
+Runner = Callable[[nn.Module, torch.Tensor, torch.Tensor, list[int], EvalSettings, int, torch.device], Points]
 
 
-def run_stochastic(
-    name: str,
-    model: nn.Module,
-    classifier: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    idx: list[int],
-    s: EvalSettings,
-    device: torch.device,
-) -> Candidates:
-    """Every adversarial point of the attack ``name`` on the examples ``idx`` (no verdict).
+def _on_logsum(model: nn.Module, attack: Callable[[], Points]) -> Points:
+    """The targeted attacks attack ``dexp-logsum``: the paper's decision, unsaturated."""
+    with surface(model, LOGSUM_SURFACE):
+        return attack()
 
-    ``model`` is the CARSO to attack (its own aggregation; the attacks pick their surfaces), ``classifier``
-    the classifier alone (unused: the representation attack reads CARSO's own classifier).
-    """
-    seed = example_seed(s.seed, name, idx[0], bits=31)
-    if name == "representation":
-        points, sources = representation_points(model, x, y, idx, s)
-    elif name == "apgd-t-eot":
-        with surface(model, LOGSUM_SURFACE):
-            points, sources = apgd_t_eot_points(
-                model, x, y, eps=s.eps, seed=seed, device=device, steps=s.aa_steps, eot=s.aa_eot
-            )
-    elif name == "pgd-cw-eot":
-        with surface(model, LOGSUM_SURFACE):
-            points, sources = pgd_cw_eot_points(
-                model,
-                x,
-                y,
-                idx,
-                eps=s.eps,
-                steps=s.pgd_steps,
-                step_size=s.pgd_step_size,
-                eot=s.pgd_eot,
-                seed=s.seed,
-                normalise=bool(s.eot_normalise),
-            )
-    elif name == "selective-eot":
-        points, sources = selective_eot_points(
-            model, x, y, idx, eps=s.eps, steps=s.pgd_steps, step_size=s.pgd_step_size, eot=s.pgd_eot, seed=s.seed
-        )
-    elif name == "fixed-randomness":
-        # Square, the dear black-box component, follows --square as the adaptive evaluation's own Square.
-        components = [c for c in COMPONENTS if c != "square" or s.square]
-        points, sources = fixed_randomness_points(
-            model,
-            x,
-            y,
-            eps=s.eps,
-            seed=seed,
-            device=device,
-            steps=s.aa_steps,
-            square_queries=s.square_queries,
-            components=components,
-        )
-    else:
-        raise ValueError(f"unknown attack '{name}' (choose from {', '.join(ATTACKS)})")
-    return Candidates(points.to(x.device, x.dtype), sources)
+
+# Looked up at call time (``RUNNERS[name]`` calls the module's functions by name), so a test may replace one.
+RUNNERS: dict[str, Runner] = {
+    "representation": lambda model, x, y, idx, s, seed, device: representation_points(model, x, y, idx, s),
+    "fixed-randomness": lambda model, x, y, idx, s, seed, device: fixed_randomness_points(
+        model, x, y, s, seed=seed, device=device
+    ),
+    "selective-eot": lambda model, x, y, idx, s, seed, device: selective_eot_points(model, x, y, idx, s),
+    "apgd-t-eot": lambda model, x, y, idx, s, seed, device: _on_logsum(
+        model, lambda: apgd_t_eot_points(model, x, y, s, seed=seed, device=device)
+    ),
+    "pgd-cw-eot": lambda model, x, y, idx, s, seed, device: _on_logsum(
+        model, lambda: pgd_cw_eot_points(model, x, y, idx, s)
+    ),
+}
+ATTACKS = tuple(RUNNERS)
+# They read a CARSO's parts (its classifier's representation, its per-draw logits): on any other model
+# (the library's ``adaptive_attack`` on a plain stochastic model) they do not run, and say so.
+NEEDS_CARSO = ("representation", "selective-eot")

@@ -25,6 +25,7 @@ from torch import nn
 from carso_cli.evaluation.ascent import MIN_CLASSES_TARGETED, N_TARGETS, margin, sign_ascent, top_targets, unit
 from carso_cli.evaluation.autoattack import make_autoattack
 from carso_cli.evaluation.seeding import ExampleSeededSampler, seed_everything, seeded_latents
+from carso_cli.evaluation.settings import EvalSettings
 
 STREAM_CW = 21  # the CW attack's own z stream (seeding's streams are 0–7, selective EoT's 20)
 
@@ -40,19 +41,13 @@ def mean_scores(model: nn.Module, x: torch.Tensor, draws: int) -> torch.Tensor:
 
 
 def apgd_t_eot_points(
-    model: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    *,
-    eps: float,
-    seed: int,
-    device: torch.device,
-    steps: int,
-    eot: int,
-    n_targets: int = N_TARGETS,
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, s: EvalSettings, *, seed: int, device: torch.device
 ) -> tuple[torch.Tensor, list[str]]:
     """(K, B, C, H, W) candidates, one per target ("apgd-t:1" the highest non-true class, …)."""
-    aa = make_autoattack(model, eps=eps, version="custom", attacks=["apgd-t"], seed=seed, device=device, steps=steps)
+    eot = s.aa_eot
+    aa = make_autoattack(
+        model, eps=s.eps, version="custom", attacks=["apgd-t"], seed=seed, device=device, steps=s.aa_steps
+    )
     apgd = aa.apgd_targeted
     apgd.eot_iter = eot
     apgd.seed = seed
@@ -61,7 +56,7 @@ def apgd_t_eot_points(
     scores = mean_scores(model, xf, eot)
     if scores.shape[1] < MIN_CLASSES_TARGETED:  # the targeted DLR loss needs 4 classes: nothing to run
         return x.detach()[None], ["apgd-t:none"]
-    targets = top_targets(scores, yf, n_targets)  # (k, B)
+    targets = top_targets(scores, yf, N_TARGETS)  # (k, B)
     points, sources = [], []
     for k, target in enumerate(targets):
         apgd.init_hyperparam(xf)
@@ -97,20 +92,16 @@ def pgd_cw_eot_points(
     x: torch.Tensor,
     y: torch.Tensor,
     idx: Sequence[int],
+    s: EvalSettings,
     *,
-    eps: float,
-    steps: int,
-    step_size: float,
-    eot: int,
-    seed: int,
-    normalise: bool = True,
     n_targets: int = N_TARGETS,
     untargeted: bool = False,
 ) -> tuple[torch.Tensor, list[str]]:
     """(K, B, C, H, W) candidates of PGD+EoT on the CW margin: per target ("cw:1", …), and with
     ``untargeted`` first the untargeted margin ("cw"). From x, the best iterate by the EoT margin."""
     x = x.detach()
-    sampler = ExampleSeededSampler(seed, STREAM_CW)
+    eot, normalise = s.pgd_eot, bool(s.eot_normalise)
+    sampler = ExampleSeededSampler(s.seed, STREAM_CW)
     with seeded_latents(model, sampler.bind(idx)):
         targets = top_targets(mean_scores(model, x, eot), y, n_targets)
     runs: list[tuple[str, torch.Tensor | None]] = [("cw", None)] if untargeted else []
@@ -119,7 +110,11 @@ def pgd_cw_eot_points(
     for name, target in runs:
         with seeded_latents(model, sampler.bind(idx)):  # the same draws for every target: common random numbers
             point, _ = sign_ascent(
-                cw_objective(model, y, target, eot, normalise), x, eps=eps, steps=steps, step_size=step_size
+                cw_objective(model, y, target, eot, normalise),
+                x,
+                eps=s.eps,
+                steps=s.pgd_steps,
+                step_size=s.pgd_step_size,
             )
         points.append(point)
         sources.append(name)
