@@ -203,8 +203,34 @@ def test_eval_sharded_equals_single_process(tiny_run: Path, monkeypatch: pytest.
     one, two = _results(tiny_run, "one"), _results(tiny_run, "two")
     assert two["processes"] == 2 and one["processes"] == 1
     assert one["flags"] == two["flags"]
+    assert all(adaptive.flag_key(a) in one["flags"] for a in adaptive.ATTACKS if a != "square")  # issue 20's too
     assert one["metrics"] == two["metrics"]
     assert {json.loads(p.read_text())["rank"] for p in (tiny_run / "eval" / "two").glob("batch-*.json")} == {0, 1}
+
+
+@pytest.mark.parametrize("attack", ["representation", "selective-eot"])
+def test_eval_one_adaptive_attack_alone_saves_and_resumes(tiny_run: Path, tmp_path: Path, attack: str) -> None:
+    """``--attack NAME`` (issue 20): that attack of the adaptive evaluation alone, its own C/ column, every
+    example's point in ``--save-adversarial``, and a requeued ``--resume`` of the finished run does nothing."""
+    from carso_cli.adversarial import load_adversarial
+
+    saved = tmp_path / "alone.safetensors"
+    args = ["--target", "carso", "--attack", attack, "--n-examples", "4", "--batch-size", "2", "--samples", "2"]
+    code, out = _eval(tiny_run, *args, "--save-adversarial", str(saved))
+    assert code == 0, out
+    assert f"C/{attack}" in out and "C/randAA" not in out
+    r = _results(tiny_run, attack)
+    assert r["settings"]["attack"] == attack
+    assert [a["attack"] for a in r["adaptive"]["attacks"]] == [attack]
+    assert r["metrics"]["C/adaptive"]["correct"] == r["adaptive"]["worst_case"]["correct"]
+    assert "carso_randaa" not in r["flags"] and len(r["flags"][adaptive.flag_key(attack)]) == 4
+    sets = {a.attack: a for a in load_adversarial(saved)}
+    assert {adaptive.flag_key(attack), "carso_adaptive"} <= set(sets)
+    assert sets["carso_adaptive"].x_adv.shape[0] == 4
+    before = (tiny_run / "eval" / attack / "results.json").read_bytes()
+    code, out = _eval(tiny_run, *args, "--resume")
+    assert code == 0 and "is complete" in out, out
+    assert (tiny_run / "eval" / attack / "results.json").read_bytes() == before
 
 
 def test_eval_gpus_without_cuda_is_an_error(tiny_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
