@@ -95,6 +95,17 @@ def _peak(device: torch.device, peak: int) -> dict[str, Any]:
     return {"peak_memory_bytes": peak, "peak_memory": memory.format_bytes(peak), "peak_memory_kind": what}
 
 
+def adaptive_passes_per_example(cfg: Config) -> dict[str, float]:
+    """CARSO forward+backward passes per example of each attack of ``--attack adaptive`` with the preset's
+    budgets (``evaluation.cost.adaptive_passes``; the representation attack's classifier passes count as
+    CARSO's, an overestimate)."""
+    from carso_cli.evaluation.cost import adaptive_passes
+    from carso_cli.evaluation.settings import EvalSettings
+
+    s = EvalSettings.from_options(cfg, attack="adaptive", targets=["carso"])
+    return {name: round(sum(adaptive_passes(name, s)), 1) for name in s.adaptive_attacks}
+
+
 def bench_attack(
     cfg: Config, device: torch.device, batch_size: int, iterations: int, seed: int = 0, bf16: bool = False
 ) -> dict[str, Any]:
@@ -132,11 +143,16 @@ def bench_attack(
     # the initial and final forwards; an upper bound (broken examples are not attacked again).
     per_example = 2 * 100 * cfg.attacks.randaa_eot_iterations
     test_set = 10_000
+    adaptive = adaptive_passes_per_example(cfg)
     out = {
         "example_gradients_per_s": grads_per_s,
         "batch_size": batch_size,
         "samples": cfg.inference.samples,
         "bf16": bf16,
         "randaa_hours_for_10k_upper_bound": test_set * per_example / grads_per_s / 3600,
+        # The default evaluation, every attack on every example (an upper bound: each attack after randAA
+        # runs only on the examples still robust), with its per-attack passes.
+        "adaptive_passes_per_example": adaptive,
+        "adaptive_hours_for_10k_upper_bound": test_set * sum(adaptive.values()) / grads_per_s / 3600,
     }
     return {**out, **_peak(device, memory.peak_bytes(device))}

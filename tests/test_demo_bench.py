@@ -16,6 +16,7 @@ from carso_cli.commands import demo
 from carso_cli.commands._common import load_preset
 from carso_cli.commands.demo import DemoSizes
 from carso_cli.config import list_presets
+from carso_cli.evaluation import adaptive
 
 runner = CliRunner()
 
@@ -114,6 +115,9 @@ def test_bench_attack_reports_throughput() -> None:
     report = json.loads(result.stdout)
     assert report["what"] == "attack" and report["example_gradients_per_s"] > 0
     assert report["randaa_hours_for_10k_upper_bound"] > 0 and report["environment"]["device"] == "cpu"
+    # The default evaluation: every attack of --attack adaptive, issue 20's included, dearer than randAA.
+    assert set(report["adaptive_passes_per_example"]) == {a for a in adaptive.ATTACKS if a != "square"}
+    assert report["adaptive_hours_for_10k_upper_bound"] > report["randaa_hours_for_10k_upper_bound"]
     # CPU: the process's peak RSS, at least what torch itself occupies.
     assert report["peak_memory_kind"] == "cpu_peak_rss" and report["peak_memory_bytes"] > 50 * 2**20
 

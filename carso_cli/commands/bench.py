@@ -67,7 +67,8 @@ def cli(
         result = bench_attack(cfg, dev, batch_size, batches, bf16=bf16)
         headline = (
             f"{result['example_gradients_per_s']:,.1f} end-to-end example-gradients/s → randomized AutoAttack "
-            f"on 10,000 examples ≤ {result['randaa_hours_for_10k_upper_bound']:,.1f} h, "
+            f"on 10,000 examples ≤ {result['randaa_hours_for_10k_upper_bound']:,.1f} h, the adaptive "
+            f"evaluation ≤ {result['adaptive_hours_for_10k_upper_bound']:,.1f} h, "
             f"peak memory {result['peak_memory']} (preset {cfg.name})"
         )
     if json_out:
