@@ -372,6 +372,32 @@ def test_every_attack_runs_on_a_real_carso(smoke_cfg) -> None:
     assert carso.latent_sampler is standard_normal_sampler and carso.aggregation == "dexp"  # restored
 
 
+def test_attacks_that_read_carsos_parts_keep_the_wrappers_precision_and_progress(smoke_cfg) -> None:
+    """The representation attack and selective EoT call CARSO's parts, not the wrapped model: they still
+    run under the evaluation's bf16 autocast (``--precision bfloat16``) and tick its progress bar."""
+    from carso_cli.evaluation.batch import Autocast, CountCalls
+    from carso_cli.models import build_classifier, build_purifier
+    from carso_cli.models.carso import set_eval_frozen
+
+    torch.manual_seed(0)
+    classifier = build_classifier(smoke_cfg)
+    carso = CARSO(classifier, build_purifier(smoke_cfg, classifier), samples=2)
+    set_eval_frozen(classifier, carso.purifier)
+    dtypes: list[torch.dtype] = []
+    classifier.register_forward_hook(lambda _m, _i, out: dtypes.append(out.dtype))
+    calls = [0]
+    model = CountCalls(Autocast(carso, CPU), lambda: calls.__setitem__(0, calls[0] + 1))
+    shape = (smoke_cfg.data.channels, smoke_cfg.data.image_size, smoke_cfg.data.image_size)
+    x, y = torch.rand(2, *shape), torch.tensor([0, 1])
+    s = _settings(pgd_steps=2, pgd_eot=1, repeats=1)
+    for name in stochastic_attacks.NEEDS_CARSO:
+        calls[0] = 0
+        dtypes.clear()
+        c = adaptive.run_candidates(name, model, classifier, x, y, [0, 1], s, CPU)
+        assert c.sources != ["none"] and calls[0] >= s.pgd_steps, (name, calls[0])
+        assert dtypes and all(d == torch.bfloat16 for d in dtypes), (name, set(dtypes))
+
+
 def test_the_untargeted_margin_follows_the_decoy() -> None:
     """Why one run per target: on the decoy trap the untargeted CW margin goes to u = +1, where nothing breaks."""
     from carso_cli.evaluation.targeted_eot import pgd_cw_eot_points
