@@ -136,6 +136,12 @@ def test_eval_adaptive_is_the_default_for_carso_and_resumes(trained_copy: Path) 
     assert [{**a, "wall_s": 0} for a in again["adaptive"]["attacks"]] == [{**a, "wall_s": 0} for a in block["attacks"]]
 
 
+def test_eval_one_adaptive_attack_needs_carso(tiny_run: Path) -> None:
+    code, out = _eval(tiny_run, "--attack", "pgd-cw-eot", "--target", "classifier", "--n-examples", "2")
+    assert code == 1 and "--target carso" in out and "Traceback" not in out
+    assert not (tiny_run / "eval").exists()
+
+
 def test_eval_square_needs_adaptive(tiny_run: Path) -> None:
     code, out = _eval(tiny_run, "--attack", "pgd-eot", "--square", "--n-examples", "2")
     assert code == 1 and "--square" in out and "Traceback" not in out
@@ -227,6 +233,7 @@ def test_eval_one_adaptive_attack_alone_saves_and_resumes(tiny_run: Path, tmp_pa
     sets = {a.attack: a for a in load_adversarial(saved)}
     assert {adaptive.flag_key(attack), "carso_adaptive"} <= set(sets)
     assert sets["carso_adaptive"].x_adv.shape[0] == 4
+    assert f"{attack} alone" in out
     before = (tiny_run / "eval" / attack / "results.json").read_bytes()
     code, out = _eval(tiny_run, *args, "--resume")
     assert code == 0 and "is complete" in out, out

@@ -82,8 +82,13 @@ def saturation_table(saturation: dict[str, Any]) -> Table:
 
 
 def adaptive_table(adaptive: dict[str, Any]) -> Table:
-    a = Table(title="adaptive evaluation — an example is robust only if it survives every attack, in this order")
     alone = len(adaptive["attacks"]) == 1
+    title = (
+        f"{adaptive['attacks'][0]['attack']} alone — an example is robust only if it survives every candidate"
+        if alone
+        else "adaptive evaluation — an example is robust only if it survives every attack, in this order"
+    )
+    a = Table(title=title)
     for col in ("attack", "attacked", "broke first", "robust after", "time"):
         a.add_column(col, justify="left" if col == "attack" else "right")
     for row in adaptive["attacks"]:

@@ -188,6 +188,11 @@ class EvalSettings(AttackBudget):
             raise CarsoError(f"unknown attack '{self.attack}' (choose from {', '.join(ATTACKS)})")
         if not self.targets or any(t not in TARGETS for t in self.targets):
             raise CarsoError(f"targets must be among {', '.join(TARGETS)}, got {self.targets}")
+        if self.attack in SINGLE_ATTACKS and "carso" not in self.targets:
+            raise CarsoError(
+                f"--attack {self.attack} is an attack of the adaptive evaluation on CARSO: it needs --target carso "
+                "or both (the classifier alone: --attack autoattack or pgd-eot)"
+            )
         if self.square and self.attack not in ("adaptive", "fixed-randomness"):
             raise CarsoError(
                 "--square adds the Square attack to --attack adaptive (and to fixed-randomness); it has no effect "
