@@ -347,6 +347,24 @@ def test_representation_toward_moves_to_the_target_classes_example() -> None:
         assert torch.allclose(_u(toward), torch.tensor([0.5, 0.0]), atol=1e-3)  # each reaches the other's u
 
 
+def test_representation_toward_falls_back_to_another_class_when_the_batch_lacks_the_target() -> None:
+    """With 100 or 200 classes a batch holds few of them: no example of the target class → the nearest
+    example of any other class (before: no ``toward`` candidate at all); none of another class → −1."""
+    from carso_cli.evaluation.representation_attack import target_examples
+
+    class Ranking(BlindClassifier):  # the target of class 0 (k = 1) is class 1, absent from the pool
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.tensor([5.0, 4.0, 0.0, 0.0]) + 0.0 * self.feat(x)
+
+    model = QuantisedCARSO()
+    model.classifier = Ranking()
+    x = torch.stack([torch.full(SHAPE, 0.5), torch.full(SHAPE, 0.5 + 0.5 * EPS)])
+    rows = target_examples(model, x, torch.tensor([0, 3]), (x, torch.tensor([0, 3])), "representation", k=1)
+    assert rows.tolist() == [1, 0]
+    alone = target_examples(model, x, torch.tensor([0, 0]), (x, torch.tensor([0, 0])), "representation", k=1)
+    assert alone.tolist() == [-1, -1]
+
+
 def test_every_attack_runs_on_a_real_carso(smoke_cfg) -> None:
     """Shapes, the ε-ball and [0, 1], the model restored: each attack once on an untrained
     smoke CARSO with tiny budgets (fixed randomness with its ``crn`` mode only: ``z0`` runs in its trap)."""

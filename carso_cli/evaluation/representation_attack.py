@@ -13,8 +13,8 @@ The distance is the sum over layers of ‖r_l(x') − r_l(ref)‖² / ‖r_l(ref
 that a wide early layer does not drown a narrow late one. The target class is the one APGD-T would
 try first (the classifier's highest non-true logit, then the next, …, ``N_TARGETS`` of them); its
 example is the one of that class, among ``pool`` (default: the attacked examples themselves), whose
-representation is nearest. An example with no such example in the pool keeps its input as its
-``toward`` candidate.
+representation is nearest; where the pool holds none of the target classes, the nearest example of any
+other class. An example with no other class in the pool keeps its input as its ``toward`` candidate.
 """
 
 from __future__ import annotations
@@ -82,7 +82,9 @@ def target_examples(
     space: str,
     k: int = N_TARGETS,
 ) -> torch.Tensor:
-    """Per example the pool row to move towards (B,), −1 where the pool has no example of a target class."""
+    """Per example the pool row to move towards (B,): the nearest example of the first target class the pool
+    holds, else (CIFAR-100, TinyImageNet: a batch holds few of the classes) the nearest of any other class;
+    −1 where the pool holds no other class at all."""
     px, py = pool
     with torch.no_grad():
         logits, feats = features(model, x, space)
@@ -98,6 +100,10 @@ def target_examples(
             if same.numel():
                 rows[i] = same[nearest[i, same.to(nearest.device)].argmin()]
                 break
+        else:
+            other = (py.to(y.device) != y[i]).nonzero().flatten()
+            if other.numel():
+                rows[i] = other[nearest[i, other.to(nearest.device)].argmin()]
     return rows
 
 
