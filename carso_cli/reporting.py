@@ -17,6 +17,7 @@ from typing import Any
 
 from carso_cli.display import format_eps, percent
 from carso_cli.errors import CarsoError
+from carso_cli.evaluation.settings import SINGLE_ATTACKS
 
 # Table 2's columns (AT = the adversarially-trained classifier alone, C = CARSO), then PGD+EoT (Table 14).
 TABLE2 = ["AT/Cl", "C/Cl", "AT/AA", "C/randAA", "AT/PGD+EoT", "PGD+EoT"]
@@ -75,14 +76,18 @@ def _adaptive(block: Any) -> dict[str, float]:
     return out
 
 
-def read_run(path: Path) -> Row:
-    """One row: every column found in the run's results files (with more examples, or newer, winning)."""
+def read_run(path: Path) -> list[Row]:
+    """The rows of one run: one per ε it was evaluated at (an ``--eps-curve`` or an ``--eps`` evaluation is
+    not the preset's row), each with every column found in that ε's results files (with more examples, or
+    newer, winning). A single adaptive attack (``--attack NAME``) fills ``C/NAME``, never ``C/adaptive``:
+    its worst case is one attack's, not the adaptive evaluation's."""
     files = _results_files(path)
     if not files:
         raise CarsoError(f"{path}: no results (run `carso eval --run {path}` first)")
     run_dir = path if path.is_dir() and (path / "eval").is_dir() else None
-    row = Row(path.name if path.is_dir() and run_dir else str(path))
-    best: dict[str, int] = {}
+    name = path.name if path.is_dir() and run_dir else str(path)
+    rows: dict[float | None, Row] = {}
+    best: dict[tuple[float | None, str], int] = {}
     for f in files:
         try:
             r = json.loads(f.read_text())
@@ -90,27 +95,44 @@ def read_run(path: Path) -> Row:
             raise CarsoError(f"{f} is unreadable ({err})") from None
         if not isinstance(r, dict):
             continue
+        settings = r.get("settings") if isinstance(r.get("settings"), dict) else {}
+        eps = float(settings["eps"]) if isinstance(settings.get("eps"), (int, float)) else None
+        row = rows.setdefault(None if eps is None else round(eps, 9), Row(name, eps))
         n = r.get("n_examples") if isinstance(r.get("n_examples"), int) else 0
-        columns = {c: a for c, m in (r.get("metrics") or {}).items() if (a := _accuracy(m)) is not None}
-        columns.update(_adaptive(r.get("adaptive")))
-        for c, a in columns.items():
-            if n >= best.get(c, -1):
-                best[c] = n
+        for c, a in _columns(r, settings).items():
+            if n >= best.get((row.eps, c), -1):
+                best[(row.eps, c)] = n
                 row.cells[c] = a
-        eps = (r.get("settings") or {}).get("eps")
-        if isinstance(eps, (int, float)):
-            row.eps = float(eps)
         row.n_examples = max(row.n_examples or 0, n) or row.n_examples
         if run_dir is None and r.get("run"):
             run_dir = Path(r["run"])
-    if run_dir is not None and (run_dir / "config.toml").is_file():
-        try:
-            from carso_cli.config import tomllib
+    config = _config(run_dir)
+    for row in rows.values():
+        row.config = config
+    return sorted(rows.values(), key=lambda row: (row.eps is None, row.eps or 0.0))
 
-            row.config = tomllib.loads((run_dir / "config.toml").read_text())
-        except (OSError, ValueError):
-            row.config = {}
-    return row
+
+def _columns(r: dict[str, Any], settings: dict[str, Any]) -> dict[str, float]:
+    """One results file's columns: its metrics and its ``adaptive`` block's."""
+    columns = {c: a for c, m in (r.get("metrics") or {}).items() if (a := _accuracy(m)) is not None}
+    attack = settings.get("attack")
+    if attack in SINGLE_ATTACKS:  # one attack of the adaptive evaluation alone
+        if "C/adaptive" in columns:
+            columns[f"C/{attack}"] = columns.pop("C/adaptive")
+        return columns
+    columns.update(_adaptive(r.get("adaptive")))
+    return columns
+
+
+def _config(run_dir: Path | None) -> dict[str, Any]:
+    if run_dir is None or not (run_dir / "config.toml").is_file():
+        return {}
+    try:
+        from carso_cli.config import tomllib
+
+        return tomllib.loads((run_dir / "config.toml").read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def columns_of(rows: list[Row]) -> list[str]:
@@ -219,10 +241,12 @@ def robustbench_entry(row: Row) -> tuple[dict[str, Any], list[str]]:
 
 
 def robustbench_json(rows: list[Row]) -> tuple[str, dict[str, list[str]]]:
-    """(the JSON text: one entry, or one per run; run → the fields left for the user)."""
+    """(the JSON text: one entry, or one per row; row → the fields left for the user)."""
     entries, missing = {}, {}
+    several = len({r.run for r in rows}) < len(rows)  # a run evaluated at several ε: one entry each
     for r in rows:
-        entries[r.run], left = robustbench_entry(r)
+        key = f"{r.run} (ε = {format_eps(r.eps)})" if several else r.run
+        entries[key], left = robustbench_entry(r)
         if left:
-            missing[r.run] = left
-    return json.dumps(entries[rows[0].run] if len(rows) == 1 else entries, indent=2) + "\n", missing
+            missing[key] = left
+    return json.dumps(next(iter(entries.values())) if len(rows) == 1 else entries, indent=2) + "\n", missing

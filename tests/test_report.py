@@ -130,6 +130,28 @@ def test_robustbench_architecture_names_the_classifier_source(tmp_path: Path) ->
     assert entries["wrn"]["architecture"] == "WideResNet-28-10 + CARSO purifier"
 
 
+def test_each_eps_is_its_own_row_and_one_attack_alone_its_own_column(tmp_path: Path) -> None:
+    """An evaluation at another ε (``--eps``, ``--eps-curve``) is a row of its own, not cells mixed into the
+    preset's row under its ε; ``--attack NAME`` (one adaptive attack) fills C/NAME, not C/adaptive."""
+    run = _fake_run(tmp_path, "r", {"C/Cl": _metric(170), "C/randAA": _metric(150), "C/adaptive": _metric(120)})
+    for name, eps, attack, metrics in (
+        ("small", 2 / 255, "adaptive", {"C/Cl": _metric(170), "C/randAA": _metric(165)}),
+        ("alone", 8 / 255, "representation", {"C/Cl": _metric(170), "C/adaptive": _metric(160)}),
+    ):
+        (run / "eval" / name).mkdir()
+        results = {"n_examples": 200, "settings": {"eps": eps, "attack": attack}, "metrics": metrics}
+        (run / "eval" / name / "results.json").write_text(json.dumps(results))
+    csv = runner.invoke(app, ["report", str(run), "--format", "csv"]).output.splitlines()
+    assert csv == [
+        "run,eps,n,C/Cl,C/randAA,C/adaptive,C/representation",
+        "r,2/255,200,85.00,82.50,,",
+        "r,8/255,200,85.00,75.00,60.00,80.00",
+    ]
+    entries = json.loads(runner.invoke(app, ["report", str(run), "--format", "robustbench"]).stdout)
+    assert set(entries) == {"r (ε = 2/255)", "r (ε = 8/255)"}
+    assert entries["r (ε = 8/255)"]["autoattack_acc"] == "75.00"
+
+
 def test_run_without_results_is_one_clear_error(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     result = runner.invoke(app, ["report", str(tmp_path / "empty")])

@@ -40,7 +40,7 @@ def cli(
     from carso_cli import checkpoint as ckpt
     from carso_cli.cli import console, err_console
 
-    rows = [read_run(p) for p in runs]
+    rows = [row for p in runs for row in read_run(p)]
     if fmt is Format.table:
         header, body = table_cells(rows)
         t = Table(title="carso report — accuracy (%) (Table 2: AT = classifier alone, C = CARSO)")
