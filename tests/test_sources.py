@@ -270,6 +270,15 @@ def _console_script() -> Path:
     return Path(found)
 
 
+def _run(
+    argv: list[str], env: dict[str, str], cwd: Path | None = None, timeout: int = 600
+) -> subprocess.CompletedProcess[str]:
+    """The command in a subprocess; its completed process, once it succeeded (else its output's tails)."""
+    done = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env, check=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
 def test_python_source_is_found_in_the_current_directory(tmp_path: Path) -> None:
     """``carso … python:mymodels:make`` from the folder holding mymodels.py, through the console script (whose
     sys.path[0] is its bin directory, not the current one): found, as ``python -m carso_cli`` finds it."""
@@ -279,23 +288,9 @@ def test_python_source_is_found_in_the_current_directory(tmp_path: Path) -> None
         "nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, num_classes))\n"
     )
     env = {**os.environ, "PYTHONPATH": str(HERE.parent)}  # carso_cli from this checkout, nothing else
-    done = subprocess.run(
-        [
-            str(_console_script()),
-            "info",
-            "--preset",
-            "smoke",
-            "--no-memory",
-            *set_args('classifier.architecture="python:mymodels:make"', 'purifier.layers=["0", "2"]'),
-        ],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-        check=False,
-    )
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    info = ["info", "--preset", "smoke", "--no-memory"]
+    sets = set_args('classifier.architecture="python:mymodels:make"', 'purifier.layers=["0", "2"]')
+    done = _run([str(_console_script()), *info, *sets], env, cwd=tmp_path, timeout=300)
     assert "python:mymodels:make" in done.stdout and "representation total" in done.stdout
 
 
@@ -413,15 +408,7 @@ def test_torchvision_resnet18_end_to_end_resume_and_two_processes(tmp_path: Path
 
     # --gpus 2 --device cpu (torchrun, gloo) = the plain run (float reductions in another order: allclose)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(
-        [sys.executable, "-m", "carso_cli", *args, "--gpus", "2", "--out", str(tmp_path / "two")],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-        check=False,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    _run([sys.executable, "-m", "carso_cli", *args, "--gpus", "2", "--out", str(tmp_path / "two")], env)
     a, b = state_tensors(plain), state_tensors(tmp_path / "two")
     assert a.keys() == b.keys()
     for k in a:
