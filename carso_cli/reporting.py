@@ -17,6 +17,7 @@ from typing import Any
 
 from carso_cli.display import format_eps, percent
 from carso_cli.errors import CarsoError
+from carso_cli.evaluation.report import column_label
 from carso_cli.evaluation.settings import SINGLE_ATTACKS
 
 # Table 2's columns (AT = the adversarially-trained classifier alone, C = CARSO), then PGD+EoT (Table 14).
@@ -116,9 +117,8 @@ def _columns(r: dict[str, Any], settings: dict[str, Any]) -> dict[str, float]:
     """One results file's columns: its metrics and its ``adaptive`` block's."""
     columns = {c: a for c, m in (r.get("metrics") or {}).items() if (a := _accuracy(m)) is not None}
     attack = settings.get("attack")
-    if attack in SINGLE_ATTACKS:  # one attack of the adaptive evaluation alone
-        if "C/adaptive" in columns:
-            columns[f"C/{attack}"] = columns.pop("C/adaptive")
+    columns = {column_label(c, attack): a for c, a in columns.items()}
+    if attack in SINGLE_ATTACKS:  # one attack of the adaptive evaluation alone: its block is not C/adaptive's
         return columns
     columns.update(_adaptive(r.get("adaptive")))
     return columns

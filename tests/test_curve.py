@@ -44,6 +44,15 @@ def test_lines_start_from_the_clean_accuracy_and_a_rise_beyond_the_noise_is_flag
     assert [(r["column"], r["to_eps"]) for r in rises] == [("C/adaptive", 8 / 255)]
 
 
+def test_one_adaptive_attack_alone_draws_its_own_line() -> None:
+    """``--attack NAME --eps-curve``: the line is C/NAME (that attack's worst case), not C/adaptive."""
+    points = [
+        (e, {**_results(C_Cl=(9, 10), C_adaptive=(k, 10)), "settings": {"attack": "representation"}})
+        for e, k in ((2 / 255, 6), (8 / 255, 3))
+    ]
+    assert list(curve_lines(points)) == ["C/representation"]
+
+
 def test_eps_curve_evaluates_each_radius_resumably_and_draws_the_curve(tiny_run: Path) -> None:
     args = [
         "eval",

@@ -23,6 +23,7 @@ from carso_cli.display import format_eps
 from carso_cli.errors import CarsoError
 from carso_cli.evaluation.checks import noise
 from carso_cli.evaluation.job import EvalJob, run_evaluation
+from carso_cli.evaluation.report import column_label
 
 CURVE_FILE = "curve.json"
 CURVE_PLOT = "curve.png"
@@ -54,13 +55,15 @@ def curve_lines(points: list[tuple[float, dict[str, Any]]]) -> dict[str, list[di
     lines: dict[str, list[dict[str, float]]] = {}
     for eps, results in points:
         metrics = results.get("metrics") or {}
+        attack = (results.get("settings") or {}).get("attack")
         for column, m in metrics.items():
             if column.endswith("/Cl") or not isinstance(m, dict) or "accuracy" not in m:
                 continue
-            if column not in lines:
+            label = column_label(column, attack)
+            if label not in lines:
                 clean = metrics.get("AT/Cl" if column.startswith("AT/") else "C/Cl")  # CARSO's: C/…, PGD+EoT
-                lines[column] = [_point(0.0, clean)] if isinstance(clean, dict) else []
-            lines[column].append(_point(eps, m))
+                lines[label] = [_point(0.0, clean)] if isinstance(clean, dict) else []
+            lines[label].append(_point(eps, m))
     return lines
 
 

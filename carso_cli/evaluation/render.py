@@ -12,7 +12,7 @@ from rich.text import Text
 
 from carso_cli.display import accuracy_cell, format_eps
 from carso_cli.evaluation.checks import CHECKS
-from carso_cli.evaluation.report import COLUMNS
+from carso_cli.evaluation.report import COLUMNS, column_label
 from carso_cli.evaluation.saturation import AUTHORS_SURFACE
 from carso_cli.evaluation.settings import SINGLE_ATTACKS
 
@@ -49,10 +49,9 @@ def accuracy_table(results: dict[str, Any]) -> Table:
         shown += () if s.get("attack") == "adaptive" or alone else ("PGD+EoT",)
         columns = [c for c, _ in COLUMNS if c in metrics or c in shown]
         title = f"accuracy (Table 2) — ε = {format_eps(s['eps'])}, {results['n_examples']} examples"
-    headers = {"C/adaptive": f"C/{s['attack']}"} if s.get("attack") in SINGLE_ATTACKS else {}
     t = Table(title=Text(title))
     for c in columns:  # a header is never cut (at 80 columns "C/adaptive" became "C/adapti…"): cells wrap instead
-        header = headers.get(c, c)
+        header = column_label(c, s.get("attack"))
         t.add_column(header, justify="right", min_width=len(header))
     cells = [accuracy_cell(metrics.get(c)) for c in columns]
     if saturation:  # the paper's surface (or the model's own): the worst of the clean and adversarial points
