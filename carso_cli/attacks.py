@@ -228,13 +228,16 @@ def pgd_eot(
         x_adv = _project(x_adv + alpha * grad.sign(), x, eps_).detach()
         if callback is not None:
             callback(step, x_adv)
-    if keep_best:
-        # The last iterate's loss: one more EoT estimate, no step (the best is judged afterwards anyway).
-        with torch.no_grad():
-            last = sum(F.cross_entropy(_wide(model(x_adv)), y, reduction="none") for _ in range(eot_iterations))
-        last = torch.as_tensor(last) / eot_iterations
+    if keep_best:  # the last iterate, by one more EoT estimate, no step (the best is judged afterwards anyway)
+        last = _eot_loss(model, x_adv, y, eot_iterations)
         best_loss, x_adv = (last, x_adv) if best_loss is None else _better(last, best_loss, x_adv, x_best)
     return (x_adv, best_loss) if return_loss else x_adv
+
+
+@torch.no_grad()
+def _eot_loss(model: Model, x: Tensor, y: Tensor, eot_iterations: int) -> Tensor:
+    """The cross-entropy (B,) averaged over ``eot_iterations`` forwards of a stochastic model."""
+    return sum(F.cross_entropy(_wide(model(x)), y, reduction="none") for _ in range(eot_iterations)) / eot_iterations
 
 
 def in_chunks(

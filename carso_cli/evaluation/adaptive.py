@@ -99,6 +99,14 @@ class AttackOutcome:
     library_flags: torch.Tensor | None = None  # randAA only: the library's own single-draw verdict
     repeats: torch.Tensor | None = None  # randAA only: (repeats, B), a draw right on every candidate
 
+    @classmethod
+    def untouched(cls, name: str, x: torch.Tensor) -> AttackOutcome:
+        """The outcome before the attack runs (or where it runs on no example): every flag -1, the input
+        as every point."""
+        b = x.shape[0]
+        none = torch.full((b,), NOT_ATTACKED, dtype=torch.long)
+        return cls(name, none, x.detach().clone()[None], x.detach().clone(), ["none"], torch.full((b,), -1))
+
 
 @dataclass
 class AdaptiveResult:
@@ -213,14 +221,7 @@ def adaptive_attack(
     for k, name in enumerate(attacks_of(s)):
         # randAA runs on the whole batch, exactly as ``--attack autoattack``: same seeds, same flags.
         rows = torch.arange(b) if name == "randaa" else alive.nonzero().flatten()
-        out = AttackOutcome(
-            name,
-            torch.full((b,), NOT_ATTACKED, dtype=torch.long),
-            x.detach().clone()[None],
-            x.detach().clone(),
-            ["none"],
-            torch.full((b,), -1, dtype=torch.long),
-        )
+        out = AttackOutcome.untouched(name, x)
         if rows.numel():
             t0 = time.time()
             sub = [idx[int(r)] for r in rows]
