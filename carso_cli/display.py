@@ -18,6 +18,12 @@ def format_eps(eps: float | None) -> str:
     return f"{k}/255" if abs(k / 255 - eps) < 1e-9 else f"{eps:g}"
 
 
+def column_label(column: str, attack: Any) -> str:
+    """The name a results column is shown under. C/adaptive exists only for ``--attack adaptive`` and for one
+    of its attacks run alone (``--attack NAME``): then it is that attack's worst case, ``C/NAME``."""
+    return f"C/{attack}" if column == "C/adaptive" and attack not in (None, "adaptive") else column
+
+
 def percent(fraction: float | None) -> str:
     """``12.34`` (no sign) for a fraction, "" for None: the cells of ``carso report``'s tables."""
     return "" if fraction is None else f"{100 * fraction:.2f}"

@@ -15,10 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from carso_cli.display import format_eps, percent
+from carso_cli.display import column_label, format_eps, percent
 from carso_cli.errors import CarsoError
-from carso_cli.evaluation.report import column_label
-from carso_cli.evaluation.settings import SINGLE_ATTACKS
 
 # Table 2's columns (AT = the adversarially-trained classifier alone, C = CARSO), then PGD+EoT (Table 14).
 TABLE2 = ["AT/Cl", "C/Cl", "AT/AA", "C/randAA", "AT/PGD+EoT", "PGD+EoT"]
@@ -118,9 +116,8 @@ def _columns(r: dict[str, Any], settings: dict[str, Any]) -> dict[str, float]:
     columns = {c: a for c, m in (r.get("metrics") or {}).items() if (a := _accuracy(m)) is not None}
     attack = settings.get("attack")
     columns = {column_label(c, attack): a for c, a in columns.items()}
-    if attack in SINGLE_ATTACKS:  # one attack of the adaptive evaluation alone: its block is not C/adaptive's
-        return columns
-    columns.update(_adaptive(r.get("adaptive")))
+    if attack in (None, "adaptive"):  # one adaptive attack alone: its block is that attack's, not C/adaptive's
+        columns.update(_adaptive(r.get("adaptive")))
     return columns
 
 

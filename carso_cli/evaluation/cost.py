@@ -77,8 +77,8 @@ def expected_calls(s: EvalSettings) -> int | None:
         if s.attack == "autoattack":
             total += randaa
         elif s.is_adaptive:
-            # An upper bound: every attack on every example, and the re-classifications; later attacks
-            # only see the examples still robust.
+            # An upper bound: every attack on every example (its candidates' judging included), then the
+            # clean draws and the saturation checks; later attacks only see the examples still robust.
             total += int(sum(sum(adaptive_passes(a, s)) for a in s.adaptive_attacks)) + 2 * (s.repeats + 1) * 4
         elif s.attack == "pgd-eot":
             total += s.pgd_steps * s.pgd_eot

@@ -19,11 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from carso_cli import checkpoint as ckpt
-from carso_cli.display import format_eps
+from carso_cli.display import column_label, format_eps
 from carso_cli.errors import CarsoError
 from carso_cli.evaluation.checks import noise
 from carso_cli.evaluation.job import EvalJob, run_evaluation
-from carso_cli.evaluation.report import column_label
 
 CURVE_FILE = "curve.json"
 CURVE_PLOT = "curve.png"

@@ -10,9 +10,9 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from carso_cli.display import accuracy_cell, format_eps
+from carso_cli.display import accuracy_cell, column_label, format_eps
 from carso_cli.evaluation.checks import CHECKS
-from carso_cli.evaluation.report import COLUMNS, column_label
+from carso_cli.evaluation.report import COLUMNS
 from carso_cli.evaluation.saturation import AUTHORS_SURFACE
 from carso_cli.evaluation.settings import SINGLE_ATTACKS
 

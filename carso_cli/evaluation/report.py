@@ -9,7 +9,6 @@ from typing import Any
 import torch
 
 from carso_cli import __version__
-from carso_cli.evaluation.settings import SINGLE_ATTACKS
 
 
 def library_versions() -> dict[str, str]:
@@ -39,12 +38,6 @@ COLUMNS = [
     ("PGD+EoT", "carso_pgd_eot"),
     ("C/adaptive", "carso_adaptive"),  # the per-example worst case over the adaptive attacks (issue 8)
 ]
-
-
-def column_label(column: str, attack: Any) -> str:
-    """The name a column is shown and reported under: with one adaptive attack alone (``--attack NAME``)
-    C/adaptive is that attack's worst case, ``C/NAME``, never the adaptive evaluation's."""
-    return f"C/{attack}" if column == "C/adaptive" and attack in SINGLE_ATTACKS else column
 
 
 def summarize(flags: dict[str, list[Any]]) -> tuple[dict[str, Any], dict[str, Any]]:

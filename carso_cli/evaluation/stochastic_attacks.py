@@ -2,23 +2,22 @@
 
 ``RUNNERS[name](model, x, y, idx, s, seed, device) → (points (K, B, C, H, W), K sources)``, one point
 per sub-attack, run by ``adaptive.run_candidates`` and judged afterwards by the model as evaluated
-(``adaptive.judge_candidates``), as every adaptive attack's. In the order cheap to dear (CARSO
-forward+backward passes per example with the paper's budgets: 100 APGD steps, 20 EoT, 200 PGD steps,
-5000 Square queries, ``N_TARGETS`` = 3):
+(``adaptive.judge_candidates``), as every adaptive attack's. In the order cheap to dear (their passes
+per example: ``cost.adaptive_passes``):
 
 1. ``representation`` — PGD on the classifier's representation as the purifier consumes it (the
    condition encoder's input and its code c): away from the clean input's, and towards that of an
    example of the class APGD-T would target. Deterministic: no draws, no aggregation; classifier passes
-   only, 4 × 201 (``representation_attack``).
+   only (``representation_attack``).
 2. ``fixed-randomness`` — APGD-CE, APGD-T, FAB-T (and Square with ``--square``, as the adaptive
    evaluation's own Square) on CARSO with z held fixed (z = 0, then one seeded draw: common random
-   numbers), judged on fresh draws; no EoT: 2 × 700 passes (and 2 × 5000 forwards) (``fixed_randomness``).
+   numbers), judged on fresh draws; no EoT (``fixed_randomness``).
 3. ``selective-eot`` — DiffHammer's selective EoT: ascend the draws already fooled or closest to it;
-   201 × 20 forwards and at most as many passes (``selective_eot``).
-4. ``apgd-t-eot`` — the library's APGD-T with EoT on ``dexp-logsum``, one run per target class,
-   3 × 100 × 20 passes (``targeted_eot``).
-5. ``pgd-cw-eot`` — PGD+EoT on the CW margin towards each target class, on ``dexp-logsum``,
-   3 × 201 × 20 passes (``targeted_eot``).
+   the draws' margins, then gradients of the selected draws only (``selective_eot``).
+4. ``apgd-t-eot`` — the library's APGD-T with EoT on ``dexp-logsum``, one run per target class
+   (``targeted_eot``).
+5. ``pgd-cw-eot`` — PGD+EoT on the CW margin towards each target class, on ``dexp-logsum``
+   (``targeted_eot``).
 
 Budgets come from ``EvalSettings``: the APGD/FAB steps and EoT of randAA (``aa_steps``, ``aa_eot``),
 PGD+EoT's (``pgd_steps``, ``pgd_step_size``, ``pgd_eot``), Square's queries; the number of target
