@@ -15,6 +15,7 @@ attack the groups of an adversarially-balanced batch (section 4.4) at ε/2 and �
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -137,43 +138,6 @@ def _better(loss: Tensor, best: Tensor, x_new: Tensor, x_best: Tensor) -> tuple[
     return torch.where(take, loss, best), torch.where(mask, x_new, x_best)
 
 
-def pgd(
-    model: Model,
-    x: Tensor,
-    y: Tensor,
-    eps: float | Tensor,
-    steps: int,
-    step_size: float | Tensor,
-    random_start: bool = True,
-    generator: torch.Generator | None = None,
-    start_noise: Tensor | None = None,
-) -> Tensor:
-    """Projected Gradient Descent (Madry et al. 2018), ℓ∞.
-
-    Starts from a uniform random point in the ε-ball (if ``random_start``), then takes ``steps`` sign
-    steps of ``step_size`` on the summed cross-entropy, projecting onto the ε-ball and [0, 1] after each.
-
-    Args:
-        model: x → logits.
-        x: clean inputs (B, C, H, W) in [0, 1].
-        y: true labels (B,).
-        eps: ℓ∞ radius, a float or a per-example tensor (B,).
-        steps: number of gradient steps.
-        step_size: size of each sign step, a float or a per-example tensor (B,).
-        random_start: start from x + U(-ε, ε) instead of x.
-        generator: source of the random start (reproducible attacks).
-        start_noise: (B, C, H, W) uniform [0, 1) draws for the random start, drawn by the caller
-            (start = x + (2·noise − 1)·ε); overrides ``generator``.
-
-    Returns:
-        Adversarial inputs (B, C, H, W), detached, with ‖x_adv − x‖∞ ≤ ε.
-    """
-    x_adv, _ = pgd_eot(
-        model, x, y, eps, steps, step_size, 1, random_start, generator, start_noise=start_noise, return_loss=True
-    )
-    return x_adv
-
-
 def pgd_eot(
     model: Model,
     x: Tensor,
@@ -197,15 +161,24 @@ def pgd_eot(
     ``eot_iterations`` fresh forward passes of the (stochastic) model, and a sign step is taken,
     followed by projection onto the ε-ball and [0, 1].
 
-    ``pgd`` is this attack with one EoT iteration; the arguments they share mean the same (here ``model``
-    may be stochastic: CARSO draws new latents on each call; ``random_start`` defaults to the paper's x).
+    ``pgd`` is this attack with one EoT iteration and a random start.
 
     Args:
+        model: x → logits; may be stochastic (CARSO draws new latents on each call).
+        x: clean inputs (B, C, H, W) in [0, 1].
+        y: true labels (B,).
+        eps: ℓ∞ radius, a float or a per-example tensor (B,).
+        steps: number of gradient steps.
+        step_size: size of each sign step, a float or a per-example tensor (B,).
         eot_iterations: forward/backward passes averaged per step.
+        random_start: start from x + U(-ε, ε) instead of x (the paper's PGD+EoT starts from x).
+        generator: source of the random start (reproducible attacks).
         callback: ``callback(step, x_adv)`` after each step (progress reporting).
         keep_best: return per example the iterate of highest EoT-averaged loss (the start and the last
             iterate included) instead of the last one (stronger; not the paper's).
         normalise: scale each draw's gradient to unit ℓ2 norm before averaging (not the paper's).
+        start_noise: (B, C, H, W) uniform [0, 1) draws for the random start, drawn by the caller
+            (start = x + (2·noise − 1)·ε); overrides ``generator``.
         return_loss: also return the EoT loss (B,) of the returned point (None without ``keep_best``).
 
     Returns:
@@ -232,6 +205,11 @@ def pgd_eot(
         last = _eot_loss(model, x_adv, y, eot_iterations)
         best_loss, x_adv = (last, x_adv) if best_loss is None else _better(last, best_loss, x_adv, x_best)
     return (x_adv, best_loss) if return_loss else x_adv
+
+
+# Projected Gradient Descent (Madry et al. 2018), ℓ∞: PGD+EoT with one draw per step, from a uniform random
+# point of the ε-ball by default (``random_start=False``: from x). Returns the last iterate, detached.
+pgd = functools.partial(pgd_eot, eot_iterations=1, random_start=True)
 
 
 @torch.no_grad()

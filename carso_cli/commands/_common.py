@@ -207,6 +207,18 @@ def relaunch_training(
         raise died.resumable(kept and f"{kept} is intact ({state})", argv) from None
 
 
+def training_config(
+    preset: str | None, overrides: dict[str, Any], resumed: Callable[[], Config] | None, missing: str
+) -> Config:
+    """A training's config: the run's own when resuming (``resumed``), else the preset's with ``overrides``;
+    with neither, ``missing`` is the error."""
+    if resumed is not None:
+        return resumed()
+    if preset is None:
+        raise CarsoError(missing)
+    return load_config(preset, overrides)
+
+
 def run_training(
     run: Callable[..., Any],
     *args: Any,

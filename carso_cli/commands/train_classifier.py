@@ -34,6 +34,7 @@ from carso_cli.commands._common import (
     option_overrides,
     relaunch_training,
     run_training,
+    training_config,
 )
 from carso_cli.config import load_config
 from carso_cli.errors import CarsoError
@@ -96,14 +97,10 @@ def cli(
         if out is None and not resume and preset is not None:  # named here, for the line that says how to resume
             out = default_out(load_config(preset, overrides))
         relaunch_training(ctx, gpus, device, target=out, checkpoint_of=_state_file, out=out)
-    if resume:
-        if out is None:
-            raise CarsoError("--resume needs --out FILE.safetensors (the weights file of the run to continue)")
-        cfg = resume_config(out, resumed)  # --batch-size is checked against the run's
-    elif preset is None:
-        raise CarsoError("--preset is required (or --resume with --out)")
-    else:
-        cfg = load_config(preset, overrides)
+    if resume and out is None:
+        raise CarsoError("--resume needs --out FILE.safetensors (the weights file of the run to continue)")
+    resumed_config = (lambda: resume_config(out, resumed)) if resume else None  # --batch-size checked against the run's
+    cfg = training_config(preset, overrides, resumed_config, "--preset is required (or --resume with --out)")
     shared = {"preset": preset, "resume": resume, "device": device, "data_root": data_root, "seed": seed, "bf16": bf16}
     run_training(run, cfg, out, report=_report, **shared)
 

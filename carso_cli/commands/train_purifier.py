@@ -41,9 +41,8 @@ from carso_cli.commands._common import (
     option_overrides,
     relaunch_training,
     run_training,
+    training_config,
 )
-from carso_cli.config import load_config
-from carso_cli.errors import CarsoError
 from carso_cli.models import build_purifier, sources
 from carso_cli.training import purifier
 from carso_cli.training.purifier import CHECKPOINT, CURVES_FILE, PurifierResult, resume_config
@@ -108,12 +107,8 @@ def cli(
         relaunch_training(
             ctx, gpus, device, target=out, checkpoint_of=lambda run: run / CHECKPOINT, started_out=_started_since
         )
-    if resume:
-        cfg = resume_config(out, overrides)  # --batch-size is checked against the run's when its checkpoint is read
-    elif preset is None:
-        raise CarsoError("--preset is required (or --resume to continue a run)")
-    else:
-        cfg = load_config(preset, overrides)
+    resumed = (lambda: resume_config(out, overrides)) if resume else None  # --batch-size checked against the run's
+    cfg = training_config(preset, overrides, resumed, "--preset is required (or --resume to continue a run)")
     shared = {"preset": preset, "resume": resume, "device": device, "data_root": data_root, "seed": seed, "bf16": bf16}
     run_training(run, cfg, classifier, out, report=_report, **shared)
 

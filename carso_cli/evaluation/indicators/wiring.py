@@ -87,10 +87,10 @@ def batch_indicators(
     """
     t0 = time.time()
     idx = [int(i) for i in indices]
-    rows = torch.tensor([r for r, i in enumerate(idx) if i < s.indicator_examples and bool(clean[r])], dtype=torch.long)
-    sub = [idx[int(r)] for r in rows]
-    dev = rows.to(x.device)
-    xs, ys = x[dev], y[dev.to(y.device)]
+    at = [r for r, i in enumerate(idx) if i < s.indicator_examples and bool(clean[r])]
+    rows = torch.tensor(at, dtype=torch.long)
+    xs, ys, sub = x[rows.to(x.device)], y[rows.to(y.device)], [idx[r] for r in at]
+    b = _Subset(model, judge, classifier, y, idx, rows, xs, ys, sub, s, device)
     out: dict[str, dict[str, Any]] = {}
     cost = dict.fromkeys(INDICATOR_TYPES, 0.0)  # seconds per indicator, over the attacks
 
@@ -101,8 +101,7 @@ def batch_indicators(
         return value
 
     for a in result.attacks:
-        ind = _attack_indicators(a, timed, model, judge, classifier, y, idx, xs, ys, sub, rows, dev, s, device)
-        out[a.name] = {k: asdict(v) for k, v in ind.items()}
+        out[a.name] = {k: asdict(v) for k, v in _attack_indicators(a, timed, b).items()}
     return {
         "attacks": out,
         "wall_s": round(time.time() - t0, 3),
@@ -110,56 +109,51 @@ def batch_indicators(
     }
 
 
-def _attack_indicators(
-    a: Any,
-    timed: Callable[..., _Indicator],
-    model: nn.Module,
-    judge: nn.Module,
-    classifier: nn.Module,
-    y: torch.Tensor,
-    idx: list[int],
-    xs: torch.Tensor,
-    ys: torch.Tensor,
-    sub: list[int],
-    rows: torch.Tensor,
-    dev: torch.Tensor,
-    s: EvalSettings,
-    device: torch.device,
-) -> dict[str, _Indicator]:
+@dataclasses.dataclass(frozen=True)
+class _Subset:
+    """One batch as its indicators see it: the batch's labels and indices (``y``, ``idx``: reproduction
+    judges every example) and the subset the other indicators attack again (``xs``, ``ys``, ``sub``: its
+    clean-correct examples among the evaluation's first ``s.indicator_examples``, at ``rows`` of the batch)."""
+
+    model: nn.Module
+    judge: nn.Module
+    classifier: nn.Module
+    y: torch.Tensor
+    idx: list[int]
+    rows: torch.Tensor
+    xs: torch.Tensor
+    ys: torch.Tensor
+    sub: list[int]
+    s: EvalSettings
+    device: torch.device
+
+    def attack(self, name: str, s: EvalSettings) -> AttackFn:
+        """The adaptive evaluation's attack ``name``, again, with other settings ``s``."""
+        return attack_fn(name, self.model, self.classifier, s, self.device)
+
+
+def _attack_indicators(a: Any, timed: Callable[..., _Indicator], b: _Subset) -> dict[str, _Indicator]:
     """The indicators of one attack ``a`` (an ``AttackOutcome``) of ``batch_indicators``, each ``timed``."""
+    s, rows = b.s, b.rows
+    survived = a.flags[rows] == 1
+    candidates = a.candidates[:, rows.to(a.candidates.device)]
+    unbounded, doubled = b.attack(a.name, unbounded_settings(s)), b.attack(a.name, doubled_settings(s))
     ind: dict[str, _Indicator] = {
         "reproduction": timed(
             "reproduction",
             judge_reproduction,
-            judge,
+            b.judge,
             a.point,
-            y,
-            idx,
+            b.y,
+            b.idx,
             a.flags == 0,
             repeats=s.repeats,
             library_flags=a.library_flags,
         ),
-        "unbounded": timed(
-            "unbounded",
-            unbounded_attack,
-            judge,
-            attack_fn(a.name, model, classifier, unbounded_settings(s), device),
-            xs,
-            ys,
-            sub,
-            repeats=s.repeats,
-        ),
+        # The attack again at a large ε, and with twice its budget (on the subset).
+        "unbounded": timed("unbounded", unbounded_attack, b.judge, unbounded, b.xs, b.ys, b.sub, repeats=s.repeats),
         "convergence": timed(
-            "convergence",
-            non_convergence,
-            judge,
-            attack_fn(a.name, model, classifier, doubled_settings(s), device),
-            xs,
-            a.candidates[:, dev.to(a.candidates.device)],
-            ys,
-            sub,
-            a.flags[rows] == 1,
-            repeats=s.repeats,
+            "convergence", non_convergence, b.judge, doubled, b.xs, candidates, b.ys, b.sub, survived, repeats=s.repeats
         ),
     }
     if a.name in GRADIENT_SURFACES:
@@ -167,8 +161,8 @@ def _attack_indicators(
         if a.name == "randaa":  # randAA attacks what the paper's protocol attacks (the authors' surface)
             aggregation = paper_surface(s.aggregation)
         eot = s.pgd_eot if a.name in PGD_EOT else s.aa_eot
-        with surface(model, aggregation) if aggregation else contextlib.nullcontext():
-            ind["eot_noise"] = timed("eot_noise", eot_noise, model, xs, ys, sub, eot=eot, losses=losses)
+        with surface(b.model, aggregation) if aggregation else contextlib.nullcontext():
+            ind["eot_noise"] = timed("eot_noise", eot_noise, b.model, b.xs, b.ys, b.sub, eot=eot, losses=losses)
     return ind
 
 
