@@ -57,6 +57,8 @@ from carso_cli.config import parse_eps
 from carso_cli.errors import CarsoError
 from carso_cli.evaluation import curve
 
+S = ev.EvalSettings  # the defaults the options show are the settings' own
+
 
 def cli(
     ctx: typer.Context,
@@ -65,27 +67,27 @@ def cli(
     target: TargetOpt = Target.both,
     eps: EpsOpt = None,
     n_examples: NExamplesOpt = None,
-    batch_size: BatchSizeOpt = 64,
+    batch_size: BatchSizeOpt = S.batch_size,
     samples: SamplesOpt = None,
     aggregation: AggregationOpt = None,
     gpus: GpusOpt = 1,
     device: DeviceOpt = None,
-    seed: SeedOpt = 0,
+    seed: SeedOpt = S.seed,
     resume: ResumeOpt = False,
-    repeats: RepeatsOpt = 10,
+    repeats: RepeatsOpt = S.repeats,
     steps: StepsOpt = None,
     eot: EotOpt = None,
-    queries: QueriesOpt = 5000,
+    queries: QueriesOpt = S.square_queries,
     name: NameOpt = None,
     data_root: DataRootOpt = Path("data"),
-    precision: PrecisionOpt = Precision.float32,
+    precision: PrecisionOpt = Precision(S.precision),
     save_adversarial: SaveAdversarialOpt = None,
     adversarial: AdversarialOpt = None,
-    square: SquareOpt = False,
-    saturation_threshold: SaturationThresholdOpt = 0.1,
+    square: SquareOpt = S.square,
+    saturation_threshold: SaturationThresholdOpt = S.saturation_threshold,
     restarts: RestartsOpt = None,
     eot_normalise: EotNormaliseOpt = None,
-    indicator_examples: IndicatorExamplesOpt = 8,
+    indicator_examples: IndicatorExamplesOpt = S.indicator_examples,
     no_indicators: NoIndicatorsOpt = False,
     eps_curve: EpsCurveOpt = None,
 ) -> None:

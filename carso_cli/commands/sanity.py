@@ -45,38 +45,40 @@ from carso_cli.commands._sanity_options import (
     StepsOpt,
 )
 from carso_cli.config import parse_eps
-from carso_cli.evaluation.checks import SanitySettings, parse_checks, parse_eps_list
+from carso_cli.evaluation.checks import EPS_LIST, SanitySettings, parse_checks, parse_eps_list
 from carso_cli.evaluation.sanity import run_sanity
 from carso_cli.evaluation.settings import fields_of_options, run_config
+
+S = SanitySettings  # the defaults the options show are the settings' own
 
 
 def cli(
     run: RunOpt = None,
-    n_examples: NExamplesOpt = 256,
+    n_examples: NExamplesOpt = S.n_examples,
     samples: SamplesOpt = None,
     aggregation: AggregationOpt = None,
     checks: ChecksOpt = None,
-    batch_size: BatchSizeOpt = 64,
+    batch_size: BatchSizeOpt = S.batch_size,
     eps: EpsOpt = None,
-    eps_list: EpsListOpt = "2/255,4/255,8/255,16/255",
+    eps_list: EpsListOpt = EPS_LIST,
     large_eps: LargeEpsOpt = None,
     steps: StepsOpt = None,
     eot: EotOpt = None,
-    aa_steps: AaStepsOpt = 20,
+    aa_steps: AaStepsOpt = S.aa_steps,
     aa_eot: AaEotOpt = None,
-    draws: DrawsOpt = 4,
-    queries: QueriesOpt = 1000,
-    chance_tolerance: ChanceToleranceOpt = 0.05,
-    max_bad_entries: MaxBadEntriesOpt = 0.5,
-    max_bad_gradients: MaxBadGradientsOpt = 0.1,
-    monotonic_tolerance: MonotonicToleranceOpt = 0.05,
-    min_eot_cosine: MinEotCosineOpt = 0.5,
-    blackbox_tolerance: BlackboxToleranceOpt = 0.05,
-    saturation_threshold: SaturationThresholdOpt = 0.1,
-    eval_name: EvalNameOpt = "adaptive",
+    draws: DrawsOpt = S.draws,
+    queries: QueriesOpt = S.square_queries,
+    chance_tolerance: ChanceToleranceOpt = S.chance_tolerance,
+    max_bad_entries: MaxBadEntriesOpt = S.max_bad_entries,
+    max_bad_gradients: MaxBadGradientsOpt = S.max_bad_gradients,
+    monotonic_tolerance: MonotonicToleranceOpt = S.monotonic_tolerance,
+    min_eot_cosine: MinEotCosineOpt = S.min_eot_cosine,
+    blackbox_tolerance: BlackboxToleranceOpt = S.blackbox_tolerance,
+    saturation_threshold: SaturationThresholdOpt = S.saturation_threshold,
+    eval_name: EvalNameOpt = S.eval_name,
     out: OutOpt = None,
     device: DeviceOpt = None,
-    seed: SeedOpt = 0,
+    seed: SeedOpt = S.seed,
     data_root: DataRootOpt = Path("data"),
 ) -> None:
     """Checks an honest robustness claim needs (large ε, gradients, ε-monotonicity, EoT, black-box,

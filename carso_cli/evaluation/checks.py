@@ -45,6 +45,9 @@ from carso_cli.config import Config, parse_eps
 from carso_cli.errors import CarsoError
 from carso_cli.evaluation.settings import AttackBudget, at_least_one, in_unit_interval
 
+# The monotonicity check's ε sweep, as --eps-list writes it.
+EPS_LIST = "2/255,4/255,8/255,16/255"
+
 
 @dataclass
 class SanitySettings(AttackBudget):
@@ -62,7 +65,7 @@ class SanitySettings(AttackBudget):
     max_bad_entries: float = 0.5
     max_bad_gradients: float = 0.1
     # 3./5. short PGD+EoT (the white-box reference: pgd_steps, pgd_eot at eps) and its ε sweep.
-    eps_list: list[float] = field(default_factory=lambda: [2 / 255, 4 / 255, 8 / 255, 16 / 255])
+    eps_list: list[float] = field(default_factory=lambda: parse_eps_list(EPS_LIST))
     pgd_steps: int = 20
     pgd_eot: int = 5
     monotonic_tolerance: float = 0.05
