@@ -156,23 +156,16 @@ def pgd_eot(
 ) -> Tensor | tuple[Tensor, Tensor | None]:
     """PGD with Expectation over Transformation, the evaluation attack of Lee & Kim (2024).
 
-    The paper's settings (Table 14) are 200 steps of size 0.007 with 20 EoT iterations, from x, and the
-    last iterate is returned. At each step the gradient of the cross-entropy is averaged over
-    ``eot_iterations`` fresh forward passes of the (stochastic) model, and a sign step is taken,
-    followed by projection onto the ε-ball and [0, 1].
-
-    ``pgd`` is this attack with one EoT iteration and a random start.
+    The paper's settings (Table 14): 200 steps of 0.007 with 20 EoT iterations, from x, the last iterate
+    returned. Each step averages the cross-entropy's gradient over ``eot_iterations`` fresh forwards of the
+    (stochastic) model, takes a sign step and projects onto the ε-ball and [0, 1]. ``pgd``: one iteration.
 
     Args:
-        model: x → logits; may be stochastic (CARSO draws new latents on each call).
-        x: clean inputs (B, C, H, W) in [0, 1].
-        y: true labels (B,).
-        eps: ℓ∞ radius, a float or a per-example tensor (B,).
-        steps: number of gradient steps.
-        step_size: size of each sign step, a float or a per-example tensor (B,).
-        eot_iterations: forward/backward passes averaged per step.
-        random_start: start from x + U(-ε, ε) instead of x (the paper's PGD+EoT starts from x).
-        generator: source of the random start (reproducible attacks).
+        model, x, y: x → logits (may be stochastic: CARSO draws new latents on each call); clean inputs
+            (B, C, H, W) in [0, 1]; true labels (B,).
+        eps, step_size: ℓ∞ radius and size of each sign step, floats or per-example tensors (B,).
+        steps, eot_iterations: gradient steps; forward/backward passes averaged per step.
+        random_start, generator: start from x + U(-ε, ε) drawn from ``generator``, not x (the paper's).
         callback: ``callback(step, x_adv)`` after each step (progress reporting).
         keep_best: return per example the iterate of highest EoT-averaged loss (the start and the last
             iterate included) instead of the last one (stronger; not the paper's).

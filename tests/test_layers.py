@@ -108,3 +108,42 @@ def test_importing_the_whole_library_loads_no_cli_module() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+# Issue 19's sizes: a command module only parses options and calls the library (under 200 lines), and a
+# function fits on a screen (60 lines, its docstring included). A function allowed more says why here.
+COMMAND_LINES = 200
+FUNCTION_LINES = 60
+LONGER_FUNCTIONS: dict[str, str] = {}
+
+
+def long_functions(source: str, limit: int) -> list[tuple[str, int]]:
+    """(name, lines) of every function or method in ``source`` over ``limit`` lines, decorators excluded."""
+    return [
+        (node.name, node.end_lineno - node.lineno + 1)
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.end_lineno - node.lineno + 1 > limit
+    ]
+
+
+def test_the_size_check_sees_a_long_function() -> None:
+    body = "".join(f"        x{i} = {i}\n" for i in range(FUNCTION_LINES))
+    source = f"def short():\n    pass\n\nclass A:\n    def long(self):\n{body}"
+    assert long_functions(source, FUNCTION_LINES) == [("long", FUNCTION_LINES + 1)]
+
+
+def test_command_modules_are_thin() -> None:
+    commands = sorted((PACKAGE / "commands").glob("*.py"))
+    assert len(commands) > 10
+    over = {p.name: n for p in commands if (n := len(p.read_text().splitlines())) >= COMMAND_LINES}
+    assert not over, f"command modules of {COMMAND_LINES} lines or more: {over}"
+
+
+def test_no_function_is_over_sixty_lines() -> None:
+    found = [
+        f"{p.relative_to(PACKAGE.parent)}: {name} ({n} lines)"
+        for p in sorted(PACKAGE.rglob("*.py"))
+        for name, n in long_functions(p.read_text(), FUNCTION_LINES)
+        if f"{p.relative_to(PACKAGE.parent)}:{name}" not in LONGER_FUNCTIONS
+    ]
+    assert not found, "functions over 60 lines:\n" + "\n".join(found)

@@ -1,5 +1,5 @@
 """The options of ``carso eval`` (its help texts), kept apart so that ``commands/evaluate.py`` reads as wiring;
-the ones other commands take too (``--run``, ``--aggregation``, …) are in ``commands/_common.py``."""
+the ones other commands take too (``--run``, ``--aggregation``, …) are in ``commands/_options.py``."""
 
 from __future__ import annotations
 

@@ -13,17 +13,8 @@ from typing import Annotated
 import typer
 
 from carso_cli.benchmark import bench_attack, bench_train, environment
-from carso_cli.commands._common import (
-    AttackChunkOpt,
-    CompileOpt,
-    DeviceOpt,
-    MicroBatchOpt,
-    PresetOpt,
-    SetOpt,
-    load_preset,
-    memory_sets,
-    resolve_device,
-)
+from carso_cli.commands._common import load_preset, memory_sets, resolve_device
+from carso_cli.commands._options import AttackChunkOpt, CompileOpt, DeviceOpt, MicroBatchOpt, PresetOpt, SetOpt
 
 
 class What(str, Enum):

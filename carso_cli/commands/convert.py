@@ -12,7 +12,8 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from carso_cli.commands._common import PresetOpt, SetOpt, load_preset
+from carso_cli.commands._common import load_preset
+from carso_cli.commands._options import PresetOpt, SetOpt
 from carso_cli.models.convert import ConversionKind, run
 
 

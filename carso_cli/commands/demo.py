@@ -24,7 +24,8 @@ from rich.panel import Panel
 
 from carso_cli import checkpoint as ckpt
 from carso_cli import locking
-from carso_cli.commands._common import DataRootOpt, DeviceOpt, PresetOpt, SeedOpt, SetOpt, load_preset, resolve_device
+from carso_cli.commands._common import load_preset, resolve_device
+from carso_cli.commands._options import DataRootOpt, DeviceOpt, PresetOpt, SeedOpt, SetOpt
 from carso_cli.config import Config
 
 

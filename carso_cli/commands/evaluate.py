@@ -18,15 +18,7 @@ import typer
 
 from carso_cli import distributed
 from carso_cli import evaluation as ev
-from carso_cli.commands._common import (
-    AggregationOpt,
-    DataRootOpt,
-    DeviceOpt,
-    GpusOpt,
-    RunOpt,
-    SeedOpt,
-    resolve_device,
-)
+from carso_cli.commands._common import resolve_device
 from carso_cli.commands._eval_options import (
     AdversarialOpt,
     AttackOpt,
@@ -53,6 +45,7 @@ from carso_cli.commands._eval_options import (
     Target,
     TargetOpt,
 )
+from carso_cli.commands._options import AggregationOpt, DataRootOpt, DeviceOpt, GpusOpt, RunOpt, SeedOpt
 from carso_cli.config import parse_eps
 from carso_cli.errors import CarsoError
 from carso_cli.evaluation import curve

@@ -15,7 +15,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from carso_cli.commands._common import (
+from carso_cli.commands._common import load_preset, resolve_device
+from carso_cli.commands._options import (
     ClassifierOpt,
     ClassifierWeightsOpt,
     DataRootOpt,
@@ -23,8 +24,6 @@ from carso_cli.commands._common import (
     RunOpt,
     SeedOpt,
     SetOpt,
-    load_preset,
-    resolve_device,
 )
 from carso_cli.display import format_eps
 from carso_cli.extraction import ExtractResult, Perturbation, classifier_options, parse_layers

@@ -13,7 +13,8 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from carso_cli.commands._common import PresetOpt, SetOpt, load_preset
+from carso_cli.commands._common import load_preset
+from carso_cli.commands._options import PresetOpt, SetOpt
 from carso_cli.config import Config, config_to_dict
 from carso_cli.models import sources
 from carso_cli.recipes import ModuleSize, candidate_layers, derived, diff, memory_estimate, module_sizes

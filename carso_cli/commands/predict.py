@@ -13,15 +13,8 @@ from typing import Annotated, Any
 import typer
 
 from carso_cli.classnames import label
-from carso_cli.commands._common import (
-    AGGREGATION_HELP,
-    Aggregation,
-    DataRootOpt,
-    DeviceOpt,
-    RunOpt,
-    SeedOpt,
-    resolve_device,
-)
+from carso_cli.commands._common import resolve_device
+from carso_cli.commands._options import AGGREGATION_HELP, Aggregation, DataRootOpt, DeviceOpt, RunOpt, SeedOpt
 from carso_cli.prediction import PredictAttack, PredictResult, run
 
 SamplesOpt = Annotated[

@@ -12,14 +12,8 @@ from typing import Any
 
 import typer
 
-from carso_cli.commands._common import (
-    AggregationOpt,
-    DataRootOpt,
-    DeviceOpt,
-    RunOpt,
-    SeedOpt,
-    resolve_device,
-)
+from carso_cli.commands._common import resolve_device
+from carso_cli.commands._options import AggregationOpt, DataRootOpt, DeviceOpt, RunOpt, SeedOpt
 from carso_cli.commands._sanity_options import (
     AaEotOpt,
     AaStepsOpt,

@@ -20,6 +20,13 @@ import typer
 
 from carso_cli import distributed
 from carso_cli.commands._common import (
+    memory_overrides,
+    option_overrides,
+    relaunch_training,
+    run_training,
+    training_config,
+)
+from carso_cli.commands._options import (
     BatchSizeOpt,
     Bf16Opt,
     ClassifierAttackChunkOpt,
@@ -30,11 +37,6 @@ from carso_cli.commands._common import (
     SeedOpt,
     SetOpt,
     TrainingPresetOpt,
-    memory_overrides,
-    option_overrides,
-    relaunch_training,
-    run_training,
-    training_config,
 )
 from carso_cli.config import load_config
 from carso_cli.errors import CarsoError

@@ -24,6 +24,13 @@ import typer
 from carso_cli import checkpoint as ckpt
 from carso_cli import distributed
 from carso_cli.commands._common import (
+    memory_overrides,
+    option_overrides,
+    relaunch_training,
+    run_training,
+    training_config,
+)
+from carso_cli.commands._options import (
     AttackChunkOpt,
     BatchSizeOpt,
     Bf16Opt,
@@ -37,11 +44,6 @@ from carso_cli.commands._common import (
     SeedOpt,
     SetOpt,
     TrainingPresetOpt,
-    memory_overrides,
-    option_overrides,
-    relaunch_training,
-    run_training,
-    training_config,
 )
 from carso_cli.models import build_purifier, sources
 from carso_cli.training import purifier
