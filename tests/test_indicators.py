@@ -223,7 +223,7 @@ def test_transfer_beats_whitebox_on_a_zero_gradient_model(data) -> None:
     cpu = torch.device("cpu")
 
     def transfer(model_: nn.Module) -> dict[str, ind.Transfer]:
-        result = adaptive.adaptive_attack(model_, model_, model, x, y, idx, clean, s, cpu)
+        result = adaptive.adaptive_attack(adaptive.AttackedBatch(model_, model_, model, x, y, idx, clean, s, cpu))
         return ind.transfer_beats_whitebox({a.name: a.flags.tolist() for a in result.attacks})
 
     masked = transfer(ZeroGradient(model))

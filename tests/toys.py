@@ -91,4 +91,5 @@ def run_adaptive(model: nn.Module, classifier: nn.Module, s: ev.EvalSettings, n:
     y = torch.zeros(n, dtype=torch.long)
     clean = ev.draw_flags(model, x, y, range(n), s.seed, ev.STREAM_CLEAN)[0]
     assert clean.all()
-    return adaptive.adaptive_attack(model, model, classifier, x, y, range(n), clean, s, torch.device("cpu"))
+    batch = adaptive.AttackedBatch(model, model, classifier, x, y, range(n), clean, s, torch.device("cpu"))
+    return adaptive.adaptive_attack(batch)

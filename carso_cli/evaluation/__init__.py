@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from carso_cli.evaluation.adaptive import (
     AdaptiveResult,
+    AttackedBatch,
     AttackOutcome,
     Candidates,
     adaptive_attack,

@@ -198,24 +198,30 @@ def judge_candidates(
     return survived, first, reps_all
 
 
-def adaptive_attack(
-    model: nn.Module,
-    judge: nn.Module,
-    classifier: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    indices: Sequence[int],
-    clean: torch.Tensor,
-    s: EvalSettings,
-    device: torch.device,
-) -> AdaptiveResult:
-    """Run ``attacks_of(s)`` in order on the examples still robust; ``model`` is attacked, ``judge`` decides.
+@dataclass(frozen=True)
+class AttackedBatch:
+    """One batch under the adaptive evaluation (and its indicators): ``model`` is attacked, ``judge`` (the
+    model as evaluated) decides, ``classifier`` is CARSO's (the transfer source); ``indices``: the examples'
+    dataset indices (their seeds); ``clean`` (B,) bool: the single-draw clean correctness."""
 
-    ``clean`` (B,) bool: the single-draw clean correctness (a misclassified example is never robust).
-    """
-    idx = list(indices)
+    model: nn.Module
+    judge: nn.Module
+    classifier: nn.Module
+    x: torch.Tensor
+    y: torch.Tensor
+    indices: Sequence[int]
+    clean: torch.Tensor
+    s: EvalSettings
+    device: torch.device
+
+
+def adaptive_attack(batch: AttackedBatch) -> AdaptiveResult:
+    """Run ``attacks_of(s)`` in order on the examples still robust; the batch's ``model`` is attacked, its
+    ``judge`` decides, and a misclassified example (``clean`` false) is never robust."""
+    x, y, s = batch.x, batch.y, batch.s
+    idx = list(batch.indices)
     b = len(idx)
-    alive = clean.clone().bool()
+    alive = batch.clean.clone().bool()
     worst = x.detach().clone()
     outcomes: list[AttackOutcome] = []
     for k, name in enumerate(attacks_of(s)):
@@ -226,8 +232,8 @@ def adaptive_attack(
             t0 = time.time()
             sub = [idx[int(r)] for r in rows]
             dev_rows = rows.to(x.device)
-            c = run_candidates(name, model, classifier, x[dev_rows], y[dev_rows], sub, s, device)
-            survived, first, reps = judge_candidates(judge, c, y[dev_rows], sub, s)
+            c = run_candidates(name, batch.model, batch.classifier, x[dev_rows], y[dev_rows], sub, s, batch.device)
+            survived, first, reps = judge_candidates(batch.judge, c, y[dev_rows], sub, s)
             points = c.points.to(x.device, x.dtype)
             out.candidates = x.detach().clone()[None].repeat(points.shape[0], *[1] * x.dim())
             out.candidates[:, dev_rows] = points

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from carso_cli.evaluation.adaptive import adaptive_attack, flag_key
+from carso_cli.evaluation.adaptive import AttackedBatch, adaptive_attack, flag_key
 from carso_cli.evaluation.autoattack import autoattack_flags
 from carso_cli.evaluation.gradients import pgd_eot_examples
 from carso_cli.evaluation.indicators import batch_indicators
@@ -221,7 +221,8 @@ def _adaptive_part(
     """``--attack adaptive`` (or one of its attacks alone) on CARSO: its flags (into ``out``); returns the
     worst-case point and the warnings."""
     warnings: list[str] = []
-    result = adaptive_attack(counted_carso, carso, counted_classifier, x, y, idx, clean, s, device)
+    batch = AttackedBatch(counted_carso, carso, counted_classifier, x, y, idx, clean, s, device)
+    result = adaptive_attack(batch)
     first = result.attacks[0]
     if first.name == "randaa":  # randAA on the paper's surface: Table 2's column, as ``autoattack``
         assert first.library_flags is not None and first.repeats is not None
@@ -237,9 +238,7 @@ def _adaptive_part(
     out["adaptive_wall_s"] = {a.name: round(a.wall_s, 3) for a in result.attacks}
     keep["carso_adaptive"] = x_final = result.worst
     if s.indicators:  # attack-failure indicators, on the evaluation's first s.indicator_examples
-        out["indicators"] = batch_indicators(
-            counted_carso, carso, counted_classifier, x, y, idx, result, clean, s, device
-        )
+        out["indicators"] = batch_indicators(batch, result)
     return x_final, warnings
 
 

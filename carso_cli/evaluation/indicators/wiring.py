@@ -68,29 +68,20 @@ def attack_fn(name: str, model: nn.Module, classifier: nn.Module, s: EvalSetting
     return attack
 
 
-def batch_indicators(
-    model: nn.Module,
-    judge: nn.Module,
-    classifier: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    indices: Sequence[int],
-    result: Any,
-    clean: torch.Tensor,
-    s: EvalSettings,
-    device: torch.device,
-) -> dict[str, Any]:
-    """Every indicator but ``transfer`` for every attack of one batch's ``AdaptiveResult``; JSON (raw counts).
+def batch_indicators(batch: adaptive.AttackedBatch, result: Any) -> dict[str, Any]:
+    """Every indicator but ``transfer`` for every attack of the batch's ``AdaptiveResult``; JSON (raw counts).
 
-    ``model`` is attacked, ``judge`` decides (as in ``adaptive_attack``); the subset is the clean-correct
-    examples among the evaluation's first ``s.indicator_examples``.
+    As in ``adaptive_attack``, the batch's ``model`` is attacked and its ``judge`` decides; the subset is
+    the clean-correct examples among the evaluation's first ``s.indicator_examples``.
     """
     t0 = time.time()
-    idx = [int(i) for i in indices]
-    at = [r for r, i in enumerate(idx) if i < s.indicator_examples and bool(clean[r])]
+    s = batch.s
+    idx = [int(i) for i in batch.indices]
+    at = [r for r, i in enumerate(idx) if i < s.indicator_examples and bool(batch.clean[r])]
     rows = torch.tensor(at, dtype=torch.long)
-    xs, ys, sub = x[rows.to(x.device)], y[rows.to(y.device)], [idx[r] for r in at]
-    b = _Subset(model, judge, classifier, y, idx, rows, xs, ys, sub, s, device)
+    b = _Subset(
+        batch, idx, rows, batch.x[rows.to(batch.x.device)], batch.y[rows.to(batch.y.device)], [idx[r] for r in at]
+    )
     out: dict[str, dict[str, Any]] = {}
     cost = dict.fromkeys(INDICATOR_TYPES, 0.0)  # seconds per indicator, over the attacks
 
@@ -111,30 +102,25 @@ def batch_indicators(
 
 @dataclasses.dataclass(frozen=True)
 class _Subset:
-    """One batch as its indicators see it: the batch's labels and indices (``y``, ``idx``: reproduction
-    judges every example) and the subset the other indicators attack again (``xs``, ``ys``, ``sub``: its
-    clean-correct examples among the evaluation's first ``s.indicator_examples``, at ``rows`` of the batch)."""
+    """The batch as its indicators see it: all of it (``batch``, ``idx``: reproduction judges every example)
+    and the subset the other indicators attack again (``xs``, ``ys``, ``sub``: its clean-correct examples
+    among the evaluation's first ``s.indicator_examples``, at ``rows`` of the batch)."""
 
-    model: nn.Module
-    judge: nn.Module
-    classifier: nn.Module
-    y: torch.Tensor
+    batch: adaptive.AttackedBatch
     idx: list[int]
     rows: torch.Tensor
     xs: torch.Tensor
     ys: torch.Tensor
     sub: list[int]
-    s: EvalSettings
-    device: torch.device
 
     def attack(self, name: str, s: EvalSettings) -> AttackFn:
         """The adaptive evaluation's attack ``name``, again, with other settings ``s``."""
-        return attack_fn(name, self.model, self.classifier, s, self.device)
+        return attack_fn(name, self.batch.model, self.batch.classifier, s, self.batch.device)
 
 
 def _attack_indicators(a: Any, timed: Callable[..., _Indicator], b: _Subset) -> dict[str, _Indicator]:
     """The indicators of one attack ``a`` (an ``AttackOutcome``) of ``batch_indicators``, each ``timed``."""
-    s, rows = b.s, b.rows
+    s, rows, judge = b.batch.s, b.rows, b.batch.judge
     survived = a.flags[rows] == 1
     candidates = a.candidates[:, rows.to(a.candidates.device)]
     unbounded, doubled = b.attack(a.name, unbounded_settings(s)), b.attack(a.name, doubled_settings(s))
@@ -142,18 +128,18 @@ def _attack_indicators(a: Any, timed: Callable[..., _Indicator], b: _Subset) -> 
         "reproduction": timed(
             "reproduction",
             judge_reproduction,
-            b.judge,
+            judge,
             a.point,
-            b.y,
+            b.batch.y,
             b.idx,
             a.flags == 0,
             repeats=s.repeats,
             library_flags=a.library_flags,
         ),
         # The attack again at a large ε, and with twice its budget (on the subset).
-        "unbounded": timed("unbounded", unbounded_attack, b.judge, unbounded, b.xs, b.ys, b.sub, repeats=s.repeats),
+        "unbounded": timed("unbounded", unbounded_attack, judge, unbounded, b.xs, b.ys, b.sub, repeats=s.repeats),
         "convergence": timed(
-            "convergence", non_convergence, b.judge, doubled, b.xs, candidates, b.ys, b.sub, survived, repeats=s.repeats
+            "convergence", non_convergence, judge, doubled, b.xs, candidates, b.ys, b.sub, survived, repeats=s.repeats
         ),
     }
     if a.name in GRADIENT_SURFACES:
@@ -161,8 +147,8 @@ def _attack_indicators(a: Any, timed: Callable[..., _Indicator], b: _Subset) -> 
         if a.name == "randaa":  # randAA attacks what the paper's protocol attacks (the authors' surface)
             aggregation = paper_surface(s.aggregation)
         eot = s.pgd_eot if a.name in PGD_EOT else s.aa_eot
-        with surface(b.model, aggregation) if aggregation else contextlib.nullcontext():
-            ind["eot_noise"] = timed("eot_noise", eot_noise, b.model, b.xs, b.ys, b.sub, eot=eot, losses=losses)
+        with surface(b.batch.model, aggregation) if aggregation else contextlib.nullcontext():
+            ind["eot_noise"] = timed("eot_noise", eot_noise, b.batch.model, b.xs, b.ys, b.sub, eot=eot, losses=losses)
     return ind
 
 
