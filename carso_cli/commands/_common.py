@@ -98,13 +98,8 @@ def relaunch_training(
         raise died.resumable(kept and f"{kept} is intact ({state})", argv) from None
 
 
-def training_config(
-    preset: str | None, overrides: dict[str, Any], resumed: Callable[[], Config] | None, missing: str
-) -> Config:
-    """A training's config: the run's own when resuming (``resumed``), else the preset's with ``overrides``;
-    with neither, ``missing`` is the error."""
-    if resumed is not None:
-        return resumed()
+def preset_config(preset: str | None, overrides: dict[str, Any], missing: str) -> Config:
+    """A new training's config: the preset's with ``overrides``; no preset is the error ``missing``."""
     if preset is None:
         raise CarsoError(missing)
     return load_config(preset, overrides)

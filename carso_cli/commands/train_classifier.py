@@ -22,9 +22,9 @@ from carso_cli import distributed
 from carso_cli.commands._common import (
     memory_overrides,
     option_overrides,
+    preset_config,
     relaunch_training,
     run_training,
-    training_config,
 )
 from carso_cli.commands._options import (
     BatchSizeOpt,
@@ -101,8 +101,9 @@ def cli(
         relaunch_training(ctx, gpus, device, target=out, checkpoint_of=_state_file, out=out)
     if resume and out is None:
         raise CarsoError("--resume needs --out FILE.safetensors (the weights file of the run to continue)")
-    resumed_config = (lambda: resume_config(out, resumed)) if resume else None  # --batch-size checked against the run's
-    cfg = training_config(preset, overrides, resumed_config, "--preset is required (or --resume with --out)")
+    # A resumed run keeps its config (its --batch-size is checked against the run's).
+    missing = "--preset is required (or --resume with --out)"
+    cfg = resume_config(out, resumed) if resume else preset_config(preset, overrides, missing)
     shared = {"preset": preset, "resume": resume, "device": device, "data_root": data_root, "seed": seed, "bf16": bf16}
     run_training(run, cfg, out, report=_report, **shared)
 

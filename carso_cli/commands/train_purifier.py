@@ -26,9 +26,9 @@ from carso_cli import distributed
 from carso_cli.commands._common import (
     memory_overrides,
     option_overrides,
+    preset_config,
     relaunch_training,
     run_training,
-    training_config,
 )
 from carso_cli.commands._options import (
     AttackChunkOpt,
@@ -109,8 +109,9 @@ def cli(
         relaunch_training(
             ctx, gpus, device, target=out, checkpoint_of=lambda run: run / CHECKPOINT, started_out=_started_since
         )
-    resumed = (lambda: resume_config(out, overrides)) if resume else None  # --batch-size checked against the run's
-    cfg = training_config(preset, overrides, resumed, "--preset is required (or --resume to continue a run)")
+    # A resumed run keeps its config (its --batch-size is checked against the run's).
+    missing = "--preset is required (or --resume to continue a run)"
+    cfg = resume_config(out, overrides) if resume else preset_config(preset, overrides, missing)
     shared = {"preset": preset, "resume": resume, "device": device, "data_root": data_root, "seed": seed, "bf16": bf16}
     run_training(run, cfg, classifier, out, report=_report, **shared)
 
